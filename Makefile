@@ -1,0 +1,53 @@
+# Everything a fresh machine needs: `make train` and `make test` set up .venv themselves.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Installed before the project so pip never pulls a CUDA build; override for GPUs,
+# e.g. make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev
+DEMO_DIR ?= .cache/demo
+DEMO_SHARDS := $(DEMO_DIR)/shards/index.json
+DEMO_AUTOENCODER := runs/demo-autoencoder/export/model.safetensors
+ARGS ?=
+
+.PHONY: setup train test lint sample shards demo-data demo-autoencoder clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+demo-data: $(DEMO_SHARDS)
+$(DEMO_SHARDS): | $(VENV)/.installed
+	$(PY) -m data.demo --out $(DEMO_DIR)
+
+demo-autoencoder: $(DEMO_AUTOENCODER)
+$(DEMO_AUTOENCODER): | $(DEMO_SHARDS)
+	$(PY) -m train experiment=demo_autoencoder
+
+# The embedded default: demo shards (once), the tiny autoencoder (once), then the tiny DiT.
+train: $(DEMO_AUTOENCODER)
+	$(PY) -m train experiment=demo $(ARGS)
+
+# Generate from the latest demo run: make sample ARGS='prompt="a rabbit in a meadow"'
+sample: | $(VENV)/.installed
+	$(PY) -m train.sample checkpoint=runs/demo $(ARGS)
+
+# Pack your own clips: make shards ARGS='my_videos --captions captions.csv --out my_shards'
+shards: | $(VENV)/.installed
+	$(PY) -m data.shards $(ARGS)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q $(ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf runs .cache outputs multirun
