@@ -1,0 +1,112 @@
+"""The typed configuration of a run.
+
+Each package owns the dataclass of its own part (model/, data/); this module adds the
+trainer's parts and composes them into `Config`, registered in Hydra's ConfigStore as
+`base_config`. Every YAML in conf/ is merged onto this schema, so a misspelt key or a
+wrong type fails with a message naming it before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from data.buckets import BucketConfig
+from data.pipeline import DataConfig
+from model.autoencoder import AutoencoderConfig
+from model.dit import DiTConfig
+from model.flow import FlowConfig
+from model.text import TextEncoderConfig
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # constant | cosine | linear, after the warmup
+    min_lr_ratio: float = 0.1  # the schedule's floor, as a share of lr
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "dit"  # dit | autoencoder
+    steps: int = 1000
+    grad_accum: int = 1
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast where supported on GPU) | fp32 | bf16
+    ema_decay: float = 0.999  # 0 disables the EMA
+    run_dir: str = "runs/${name}"
+    resume: str = "auto"  # auto (latest complete checkpoint of run_dir) | never | <checkpoint dir>
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_last: int = 3  # keep the newest K checkpoints ...
+    keep_every: int = 0  # ... and every M-th step's checkpoint (0: none extra)
+    sample_every: int = 0  # 0: sample only at the end of the run
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_frames: int = 17
+    sample_height: int = 64
+    sample_width: int = 64
+    sample_steps: int = 20
+    sample_fps: float = 8.0
+    eval_batches: int = 0  # reserved for held-out evaluation
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "wandb"  # wandb | none
+    project: str = "tessera"
+    entity: Optional[str] = None
+    mode: str = "auto"  # auto (online with WANDB_API_KEY, else offline) | online | offline
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ParallelConfig:
+    backend: str = "none"  # none: a single process
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    model: DiTConfig = field(default_factory=DiTConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    buckets: BucketConfig = field(default_factory=BucketConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"config key {name}={value!r} is not one of {', '.join(allowed)}")
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """The typed, validated Config of a composed Hydra config."""
+    config: Config = OmegaConf.to_object(cfg)
+    _choice("train.stage", config.train.stage, ("dit", "autoencoder"))
+    _choice("train.precision", config.train.precision, ("auto", "fp32", "bf16"))
+    _choice("train.device", config.train.device, ("auto", "cpu", "cuda"))
+    _choice("optim.schedule", config.optim.schedule, ("constant", "cosine", "linear"))
+    _choice("logger.kind", config.logger.kind, ("wandb", "none"))
+    _choice("logger.mode", config.logger.mode, ("auto", "online", "offline"))
+    _choice("parallel.backend", config.parallel.backend, ("none",))
+    if config.train.steps < 1 or config.train.grad_accum < 1:
+        raise ValueError("config keys train.steps and train.grad_accum must be at least 1")
+    return config

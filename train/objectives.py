@@ -1,0 +1,75 @@
+"""What a training step optimises, per stage: flow matching for the DiT, reconstruction
+plus KL for the autoencoder. Each objective turns one batch into a summed loss and the
+number of samples it covers, so the trainer can normalise over the whole global batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from data.pipeline import Batch
+from model.flow import FlowConfig, drop_captions, sample_timesteps, training_loss
+
+
+@dataclass
+class Loss:
+    """One batch's summed loss and what it covered."""
+
+    total: torch.Tensor  # sum over the batch's samples of each sample's mean loss
+    samples: int
+    tokens: int  # latent tokens (DiT) or pixels per frame position (autoencoder)
+    flops: float = 0.0  # training FLOPs of this batch, for MFU (0 when unknown)
+
+
+def video_to_float(video_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(B, T, H, W, 3) uint8 -> (B, 3, T, H, W) in [-1, 1], converted on the device."""
+    video = video_uint8.to(device, non_blocking=True).permute(0, 4, 1, 2, 3)
+    return video.float().div_(127.5).sub_(1.0)
+
+
+class FlowMatchingObjective:
+    """Text-to-video flow matching on the latents of a frozen autoencoder."""
+
+    def __init__(self, autoencoder: nn.Module, text_encoder: nn.Module, flow: FlowConfig,
+                 patch: list[int], train_flops: Callable[[int], float]):
+        self.train_flops = train_flops  # per sample, from its number of latent tokens
+        self.autoencoder = autoencoder
+        self.text_encoder = text_encoder
+        self.flow = flow
+        self.patch = patch
+        self.null_text, self.null_mask = text_encoder.null_embedding()
+
+    def num_tokens(self, latents: torch.Tensor) -> int:
+        t, h, w = latents.shape[2:]
+        return (t // self.patch[0]) * (h // self.patch[1]) * (w // self.patch[2])
+
+    @torch.no_grad()
+    def encode(self, batch: Batch, device: torch.device):
+        latents = self.autoencoder.encode(video_to_float(batch.video, device))
+        text, mask = self.text_encoder.encode(batch.captions)
+        return latents, text, mask
+
+    def __call__(self, model: nn.Module, batch: Batch, device: torch.device) -> Loss:
+        latents, text, mask = self.encode(batch, device)
+        text, mask = drop_captions(text, mask, self.null_text, self.null_mask,
+                                   self.flow.caption_dropout)
+        batch_size, num_tokens = latents.shape[0], self.num_tokens(latents)
+        t = sample_timesteps(batch_size, num_tokens, self.flow, device=device)
+        noise = torch.randn_like(latents)
+        per_sample = training_loss(model, latents, text, mask, t, noise)
+        return Loss(per_sample.sum(), batch_size, batch_size * num_tokens,
+                    batch_size * self.train_flops(num_tokens))
+
+
+class AutoencoderObjective:
+    """Reconstruction + KL of the video autoencoder being trained."""
+
+    def __call__(self, model: nn.Module, batch: Batch, device: torch.device) -> Loss:
+        video = video_to_float(batch.video, device)
+        losses = model.loss(video)
+        batch_size = video.shape[0]
+        return Loss(losses["loss"] * batch_size, batch_size, video[:, 0].numel())
