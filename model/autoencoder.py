@@ -172,26 +172,29 @@ class CausalConv3d(nn.Conv3d):
         return super().forward(x)
 
 
-class ChannelRMSNorm(nn.Module):
-    """RMS norm over channels at each (t, h, w) position. GroupNorm would pool statistics over time
-    and leak the future into the past; this is per position, hence causal and resolution-free."""
+class FrameGroupNorm(nn.GroupNorm):
+    """GroupNorm applied to each frame on its own. Over a whole clip its statistics would pool
+    time and leak the future into the past; per frame it stays causal."""
 
-    def __init__(self, channels: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.eps = eps
+    def __init__(self, channels: int) -> None:
+        # Up to 32 groups of at least 4 channels, as in the SD VAE at full width.
+        groups = max(
+            (g for g in range(1, 33) if channels % g == 0 and channels >= 4 * g), default=1
+        )
+        super().__init__(groups, channels, eps=1e-6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rms = torch.rsqrt(x.float().square().mean(dim=1, keepdim=True) + self.eps)
-        return (x * rms).to(x.dtype) * self.weight.view(1, -1, 1, 1, 1)
+        frames = x.shape[2]
+        normalised = super().forward(rearrange(x, "b c t h w -> (b t) c h w"))
+        return rearrange(normalised, "(b t) c h w -> b c t h w", t=frames)
 
 
 class ResBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
-        self.norm1 = ChannelRMSNorm(in_channels)
+        self.norm1 = FrameGroupNorm(in_channels)
         self.conv1 = CausalConv3d(in_channels, out_channels)
-        self.norm2 = ChannelRMSNorm(out_channels)
+        self.norm2 = FrameGroupNorm(out_channels)
         self.conv2 = CausalConv3d(out_channels, out_channels)
         # Zero-init: every block starts as the identity, which keeps deep stacks stable early on.
         nn.init.zeros_(self.conv2.weight)
@@ -214,7 +217,7 @@ class FrameAttention(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.norm = ChannelRMSNorm(channels)
+        self.norm = FrameGroupNorm(channels)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj = nn.Linear(channels, channels)
         nn.init.zeros_(self.proj.weight)
@@ -305,7 +308,7 @@ class CausalVideoVAE(VideoAutoencoder):
             if level < len(plan):
                 encoder.append(Downsample(width, *plan[level]))
         encoder += self._bottleneck(width)
-        encoder += [ChannelRMSNorm(width), nn.SiLU(), CausalConv3d(width, 2 * cfg.latent_channels)]
+        encoder += [FrameGroupNorm(width), nn.SiLU(), CausalConv3d(width, 2 * cfg.latent_channels)]
         self.encoder = nn.Sequential(*encoder)
 
         decoder: list[nn.Module] = [CausalConv3d(cfg.latent_channels, width)]
@@ -316,7 +319,7 @@ class CausalVideoVAE(VideoAutoencoder):
                 width = widths[level]
             if level > 0:
                 decoder.append(Upsample(width, *plan[level - 1]))
-        decoder += [ChannelRMSNorm(width), nn.SiLU(), CausalConv3d(width, 3)]
+        decoder += [FrameGroupNorm(width), nn.SiLU(), CausalConv3d(width, 3)]
         self.decoder = nn.Sequential(*decoder)
 
         self._init_normalisation(torch.zeros(cfg.latent_channels), torch.ones(cfg.latent_channels))

@@ -1,4 +1,4 @@
-"""The spacetime diffusion transformer (DiT) that predicts flow-matching velocities for video latents.
+"""The spacetime diffusion transformer (DiT) that predicts flow velocities of video latents.
 
 Latents (B, C, T, H, W) are cut into t×h×w patches, one token each, in frame-major order. Every
 block runs self-attention over all spacetime tokens (RMS-normalised queries/keys, 3D rotary
@@ -11,9 +11,10 @@ time-dependent gate buys little and would cost width² parameters per block; its
 output projection keeps every block the identity at initialisation, like the adaLN-Zero gates.
 
 Sizes follow one rule: head dim 64, ``width = 64 * depth`` and ``num_heads = depth``. Per block this
-is 22·width² parameters (self-attn 4, cross-attn 4, MLP 8, adaLN 6), so depth alone sets the size:
+is 22·width² parameters (self-attn 4, cross-attn 4, MLP 8, adaLN 6), so depth alone sets the size
+(block parameters; embeddings add text_dim·width and a little more):
 
-    tiny 2 (~0.7M)   small 4 (~3M)   base 6 (~20M)   medium 12 (~156M)   large 16 (~369M)
+    tiny 2 (~0.7M)   small 4 (~5.8M) base 6 (~19M)   medium 12 (~156M)   large 16 (~369M)
     1b 22 (~0.96B)   3b 32 (~2.95B)  10b 48 (~10.0B)
 """
 
@@ -97,7 +98,7 @@ def rope_cos_sin(
     Computed from integer grid positions on the fly, so any duration, resolution or aspect works.
     """
     axis_angles = []
-    for length, pairs in zip(grid, rope_axis_pairs(head_dim)):
+    for length, pairs in zip(grid, rope_axis_pairs(head_dim), strict=True):
         frequencies = theta ** (-torch.arange(pairs, device=device, dtype=torch.float32) / pairs)
         positions = torch.arange(length, device=device, dtype=torch.float32)
         axis_angles.append(torch.outer(positions, frequencies))
@@ -115,7 +116,7 @@ def rope_cos_sin(
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate (B, N, H, D) queries or keys: dim i pairs with dim i + D/2 (the "rotate half" layout)."""
+    """Rotate (B, N, H, D) queries or keys; dim i pairs with dim i + D/2 ("rotate half" layout)."""
     x1, x2 = x.float().chunk(2, dim=-1)
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
@@ -170,8 +171,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(dim=2)
-        q = apply_rope(self.q_norm(q), *rope)
-        k = apply_rope(self.k_norm(k), *rope)
+        # Autocast may run the norms in fp32; attention kernels need one dtype.
+        q = apply_rope(self.q_norm(q), *rope).type_as(v)
+        k = apply_rope(self.k_norm(k), *rope).type_as(v)
         return self.proj(attention(q, k, v).flatten(2))
 
 
@@ -189,7 +191,8 @@ class CrossAttention(nn.Module):
     def forward(self, x: Tensor, context: Tensor, context_mask: Tensor) -> Tensor:
         q = self.q(x).unflatten(-1, (self.num_heads, -1))
         k, v = self.kv(context).unflatten(-1, (2, self.num_heads, -1)).unbind(dim=2)
-        out = attention(self.q_norm(q), self.k_norm(k), v, key_mask=context_mask)
+        q, k = self.q_norm(q).type_as(v), self.k_norm(k).type_as(v)
+        out = attention(q, k, v, key_mask=context_mask)
         return self.proj(out.flatten(2))
 
 
@@ -245,18 +248,18 @@ class DiT(nn.Module):
     def __init__(self, cfg: DiTConfig, in_channels: int, text_dim: int):
         super().__init__()
         _check_config(cfg)
+        self.cfg = cfg
         self.in_channels = in_channels
         self.text_dim = text_dim
-        self.patch_size = tuple(cfg.patch_size)
-        self.head_dim = cfg.width // cfg.num_heads
-        self.rope_theta = cfg.rope_theta
-        patch_dim = in_channels * math.prod(self.patch_size)
+        patch_dim = in_channels * math.prod(cfg.patch_size)
 
         # A Linear on flattened patches: same maths as a strided Conv3d, ~2x faster on CPU.
         self.patch_embed = nn.Linear(patch_dim, cfg.width)
         self.time_embed = TimestepEmbedder(cfg.width)
         self.caption_proj = nn.Sequential(
-            nn.Linear(text_dim, cfg.width), nn.GELU(approximate="tanh"), nn.Linear(cfg.width, cfg.width)
+            nn.Linear(text_dim, cfg.width),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(cfg.width, cfg.width),
         )
         self.blocks = nn.ModuleList(
             DiTBlock(cfg.width, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.depth)
@@ -285,7 +288,7 @@ class DiT(nn.Module):
         with text_mask (B, L) bool, True for real tokens.
         """
         self._check_inputs(x, t, text, text_mask)
-        pt, ph, pw = self.patch_size
+        pt, ph, pw = self.cfg.patch_size
         grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
 
         patches = rearrange(
@@ -294,7 +297,8 @@ class DiT(nn.Module):
         tokens = self.patch_embed(patches)
         cond = self.time_embed(self._times_per_token_frame(t, grid[0]))  # (B, 1 or frames, width)
         context = self.caption_proj(text)
-        rope = rope_cos_sin(grid, self.head_dim, self.rope_theta, device=x.device)
+        head_dim = self.cfg.width // self.cfg.num_heads
+        rope = rope_cos_sin(grid, head_dim, self.cfg.rope_theta, device=x.device)
 
         for block in self.blocks:
             tokens = block(tokens, cond, context, text_mask, rope)
@@ -309,17 +313,17 @@ class DiT(nn.Module):
     def _times_per_token_frame(self, t: Tensor, token_frames: int) -> Tensor:
         if t.ndim == 1:
             return t[:, None]
-        return t.unflatten(1, (token_frames, self.patch_size[0])).mean(dim=2)
+        return t.unflatten(1, (token_frames, self.cfg.patch_size[0])).mean(dim=2)
 
     def _check_inputs(self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor) -> None:
         if x.ndim != 5 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"latents must be (B, C={self.in_channels}, T, H, W), got {tuple(x.shape)}"
             )
-        if any(size % patch for size, patch in zip(x.shape[2:], self.patch_size)):
+        if any(size % patch for size, patch in zip(x.shape[2:], self.cfg.patch_size, strict=True)):
             raise ValueError(
                 f"latent (T, H, W) = {tuple(x.shape[2:])} must be divisible by "
-                f"patch_size {list(self.patch_size)}"
+                f"patch_size {list(self.cfg.patch_size)}"
             )
         batch, frames = x.shape[0], x.shape[2]
         if t.shape not in ((batch,), (batch, frames)):

@@ -1,0 +1,208 @@
+"""Rectified flow matching: noising, the training loss, caption dropout and the Euler sampler.
+
+Convention: t = 0 is data, t = 1 is noise, x_t = (1 - t) x0 + t noise, and the model predicts the
+constant velocity dx_t/dt = noise - x0. Times are drawn logit-normal and then shifted towards noise
+for bigger latents (SD3's resolution shift): more latent tokens carry more redundant signal, so the
+same noise level destroys less of the content.
+
+`num_tokens` is the number of spacetime tokens the DiT sees (latent T·H·W / patch volume);
+training and sampling must count it the same way. Everything random takes an explicit generator so
+results are reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class FlowConfig:
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift_base_tokens: int = 256  # num_tokens (DiT tokens) at which the time shift is 1
+    caption_dropout: float = 0.1  # share of captions replaced by the empty caption (for CFG)
+    sample_steps: int = 30
+    cfg_scale: float = 5.0
+
+
+def time_shift(t: Tensor, num_tokens: int, cfg: FlowConfig) -> Tensor:
+    """Map t to s·t / (1 + (s-1)·t) with s = sqrt(num_tokens / shift_base_tokens).
+
+    Monotone, fixes 0 and 1, and pushes t towards noise (1) when s > 1.
+    """
+    shift = math.sqrt(num_tokens / cfg.shift_base_tokens)
+    return t / (t + (1 - t) / shift)  # the same map, written to keep t = 0 and t = 1 exact
+
+
+def sample_timesteps(
+    batch_size: int,
+    num_tokens: int,
+    cfg: FlowConfig,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Training times (batch_size,) in (0, 1): sigmoid of a normal sample, then time-shifted."""
+    sample_device = generator.device if generator is not None else device
+    logits = torch.randn(batch_size, generator=generator, device=sample_device)
+    t = time_shift(torch.sigmoid(logits * cfg.logit_std + cfg.logit_mean), num_tokens, cfg)
+    return t if device is None else t.to(device)
+
+
+def interpolate(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """x_t = (1 - t) x0 + t noise, with t (B,) or per latent frame (B, T)."""
+    t = _broadcast_time(t, x0)
+    return (1 - t) * x0 + t * noise
+
+
+def training_loss(
+    model: nn.Module,
+    x0: Tensor,
+    text: Tensor,
+    text_mask: Tensor,
+    t: Tensor,
+    noise: Tensor,
+    frame_weight: Tensor | None = None,
+) -> Tensor:
+    """Per-sample (B,) mean squared error of the predicted velocity against noise - x0.
+
+    frame_weight (B, T) turns the mean over latent frames into a weighted mean, so frames of weight
+    0 (e.g. given conditioning frames) add nothing to the loss nor to its denominator. The caller
+    reduces over the batch.
+    """
+    velocity = model(interpolate(x0, noise, t), t, text, text_mask)
+    per_frame = (velocity.float() - (noise - x0).float()).square().mean(dim=(1, 3, 4))  # (B, T)
+    if frame_weight is None:
+        return per_frame.mean(dim=1)
+    if frame_weight.shape != per_frame.shape:
+        raise ValueError(
+            f"frame_weight must be (B, T) = {tuple(per_frame.shape)}, "
+            f"got {tuple(frame_weight.shape)}"
+        )
+    weight = frame_weight.to(per_frame.dtype)
+    total_weight = weight.sum(dim=1)
+    return (per_frame * weight).sum(dim=1) / total_weight.masked_fill(total_weight == 0, 1.0)
+
+
+def drop_captions(
+    text: Tensor,
+    text_mask: Tensor,
+    null_text: Tensor,
+    null_mask: Tensor,
+    p: float,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Replace each sample's caption (B, L, D) by the empty caption with probability p.
+
+    null_text is (1, L0, D) or (L0, D) with null_mask (1, L0) or (L0,); it is padded (masked out)
+    or truncated to L.
+    """
+    null_text, null_mask = _null_caption_like(text, null_text, null_mask)
+    sample_device = generator.device if generator is not None else text.device
+    drop = torch.rand(text.shape[0], generator=generator, device=sample_device).to(text.device) < p
+    return (
+        torch.where(drop[:, None, None], null_text, text),
+        torch.where(drop[:, None], null_mask, text_mask),
+    )
+
+
+def guided_velocity(
+    model: nn.Module,
+    x: Tensor,
+    t: Tensor,
+    text: Tensor,
+    text_mask: Tensor,
+    null_text: Tensor,
+    null_mask: Tensor,
+    cfg_scale: float,
+) -> Tensor:
+    """Classifier-free guidance v_uncond + scale (v_cond - v_uncond), both from one batched forward.
+
+    null_text/null_mask must already have text's shape (euler_sample prepares them).
+    """
+    if cfg_scale == 1.0:  # guidance is a no-op: skip the unconditional half
+        return model(x, t, text, text_mask)
+    velocity = model(
+        torch.cat([x, x]),
+        torch.cat([t, t]),
+        torch.cat([text, null_text]),
+        torch.cat([text_mask, null_mask]),
+    )
+    v_cond, v_uncond = velocity.chunk(2)
+    return v_uncond + cfg_scale * (v_cond - v_uncond)
+
+
+@torch.no_grad()
+def euler_sample(
+    model: nn.Module,
+    noise: Tensor,
+    text: Tensor,
+    text_mask: Tensor,
+    null_text: Tensor,
+    null_mask: Tensor,
+    cfg: FlowConfig,
+    steps: int | None = None,
+    cfg_scale: float | None = None,
+    num_tokens: int | None = None,
+) -> Tensor:
+    """Integrate dx/dt = v from t = 1 (noise, (B, C, T, H, W)) to t = 0 with Euler steps on the
+    time-shifted grid; returns the sampled latents.
+
+    num_tokens must be the count training used for this latent shape; None takes every latent
+    position T·H·W as a token (right for patch size 1).
+    """
+    steps = cfg.sample_steps if steps is None else steps
+    cfg_scale = cfg.cfg_scale if cfg_scale is None else cfg_scale
+    num_tokens = math.prod(noise.shape[2:]) if num_tokens is None else num_tokens
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    null_text, null_mask = _null_caption_like(text, null_text, null_mask)
+    times = time_shift(torch.linspace(1.0, 0.0, steps + 1, device=noise.device), num_tokens, cfg)
+
+    x = noise
+    for t, t_next in zip(times[:-1], times[1:], strict=True):
+        t_batch = t.expand(x.shape[0])
+        velocity = guided_velocity(
+            model, x, t_batch, text, text_mask, null_text, null_mask, cfg_scale
+        )
+        x = x + (t_next - t) * velocity
+    return x
+
+
+def _broadcast_time(t: Tensor, x: Tensor) -> Tensor:
+    batch, frames = x.shape[0], x.shape[2]
+    if t.shape == (batch,):
+        return t.to(x.dtype)[:, None, None, None, None]
+    if t.shape == (batch, frames):
+        return t.to(x.dtype)[:, None, :, None, None]
+    raise ValueError(
+        f"t must be (B,) = ({batch},) or (B, T) = ({batch}, {frames}) for latents "
+        f"{tuple(x.shape)}, got {tuple(t.shape)}"
+    )
+
+
+def _null_caption_like(text: Tensor, null_text: Tensor, null_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The empty caption padded/truncated to text's length and expanded to its batch."""
+    if null_text.ndim == 2:
+        null_text, null_mask = null_text[None], null_mask[None]
+    if null_text.ndim != 3 or null_text.shape[0] != 1 or null_text.shape[2] != text.shape[2]:
+        raise ValueError(
+            f"null_text must be (1, L, {text.shape[2]}) or (L, {text.shape[2]}), "
+            f"got {tuple(null_text.shape)}"
+        )
+    if null_mask.shape != null_text.shape[:2]:
+        raise ValueError(
+            f"null_mask must be {tuple(null_text.shape[:2])} to match null_text, "
+            f"got {tuple(null_mask.shape)}"
+        )
+    batch, length = text.shape[:2]
+    null_text = null_text[:, :length].to(device=text.device, dtype=text.dtype)
+    null_mask = null_mask[:, :length].to(device=text.device, dtype=torch.bool)
+    missing = length - null_text.shape[1]
+    if missing > 0:
+        null_text = torch.cat([null_text, null_text.new_zeros(1, missing, text.shape[2])], dim=1)
+        null_mask = torch.cat([null_mask, null_mask.new_zeros(1, missing)], dim=1)
+    return null_text.expand(batch, -1, -1), null_mask.expand(batch, -1)
