@@ -1,0 +1,82 @@
+"""Buckets by resolution, aspect ratio and duration.
+
+A sample goes to the largest bucket it fits without upscaling (and without cropping away
+more than the allowed change of aspect ratio); each bucket's batch size follows a token
+budget, so every batch costs about the same, and every batch has one shape (no padding).
+Token counts use plain integers (compression and patch sizes): this module knows nothing
+of the model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class BucketConfig:
+    # [frames, height, width] in pixels; frames = 1 is an image bucket.
+    buckets: list[list[int]] = field(default_factory=lambda: [[1, 64, 64], [17, 64, 64]])
+    token_budget: int = 4096  # latent tokens per batch
+    max_aspect_change: float = 0.2  # largest |log(bucket aspect / sample aspect)| a crop may make
+
+
+@dataclass(frozen=True)
+class Bucket:
+    frames: int
+    height: int
+    width: int
+    tokens_per_sample: int
+    batch_size: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.frames, self.height, self.width)
+
+    @property
+    def tokens_per_batch(self) -> int:
+        return self.tokens_per_sample * self.batch_size
+
+
+class BucketTable:
+    def __init__(self, cfg: BucketConfig, temporal_compression: int, spatial_compression: int,
+                 patch: tuple[int, int, int]):
+        self.cfg = cfg
+        self.tc, self.sc, self.patch = temporal_compression, spatial_compression, tuple(patch)
+        if not cfg.buckets:
+            raise ValueError("buckets.buckets is empty: give at least one [frames, height, width]")
+        self.buckets = sorted((self._bucket(spec) for spec in cfg.buckets),
+                              key=lambda b: (b.tokens_per_sample, b.shape), reverse=True)
+
+    def _bucket(self, spec: list[int]) -> Bucket:
+        if len(spec) != 3 or min(spec) < 1:
+            raise ValueError(f"bucket {spec}: expected [frames, height, width] of positive ints")
+        frames, height, width = spec
+        pt, ph, pw = self.patch
+        if (frames - 1) % self.tc or ((frames - 1) // self.tc + 1) % pt:
+            raise ValueError(f"bucket {spec}: frames must be 1 + k*{self.tc} (temporal compression) "
+                             f"giving a latent length divisible by the patch {pt}")
+        if height % (self.sc * ph) or width % (self.sc * pw):
+            raise ValueError(f"bucket {spec}: height and width must be multiples of "
+                             f"{self.sc * ph} and {self.sc * pw} (compression x patch)")
+        tokens = ((frames - 1) // self.tc + 1) // pt * (height // self.sc // ph) * (width // self.sc // pw)
+        batch_size = max(1, round(self.cfg.token_budget / tokens))
+        return Bucket(frames, height, width, tokens, batch_size)
+
+    def assign(self, width: int, height: int, frames: int) -> Bucket | None:
+        """The largest bucket a sample of this size fits without upscaling, or None.
+
+        `frames` is the number of frames available at the pipeline's target frame rate.
+        """
+        aspect = width / height
+        for bucket in self.buckets:  # largest first
+            if bucket.frames > frames or bucket.height > height or bucket.width > width:
+                continue
+            # Both sides fit, so resizing to cover the bucket never upscales.
+            if abs(math.log((bucket.width / bucket.height) / aspect)) <= self.cfg.max_aspect_change:
+                return bucket
+        return None
+
+    def budget_deviation(self) -> dict[tuple[int, int, int], float]:
+        """Relative deviation of each bucket's tokens per batch from the budget."""
+        return {b.shape: b.tokens_per_batch / self.cfg.token_budget - 1 for b in self.buckets}

@@ -1,0 +1,135 @@
+"""Decoding: only the frames a sample needs, at a target frame rate, straight to the
+bucket's size.
+
+decord decodes and resizes in one pass (resizing uint8 before any float conversion is far
+cheaper); PyAV is the fallback where decord is not installed or fails on a file. Images
+(1-frame samples) go through Pillow.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import av
+import numpy as np
+from PIL import Image
+
+try:
+    import decord
+
+    decord.bridge.set_bridge("native")
+except ImportError:  # no aarch64 wheel: PyAV decodes everything
+    decord = None
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+VIDEO_EXTS = ("mp4", "mov", "webm", "mkv", "avi")
+
+
+class DecodeError(RuntimeError):
+    """A sample could not be decoded; the message names it and says why."""
+
+
+def frame_indices(total: int, native_fps: float, target_fps: float, num_frames: int,
+                  rng: np.random.Generator) -> np.ndarray:
+    """`num_frames` indices at `target_fps` (never faster than native), from a random start."""
+    stride = max(1.0, native_fps / target_fps)
+    span = (num_frames - 1) * stride
+    if math.floor(span) + 1 > total:
+        raise ValueError(f"{num_frames} frames at stride {stride:.2f} need {math.floor(span) + 1} "
+                         f"frames, the video has {total}")
+    start = rng.uniform(0, total - 1 - span) if total - 1 > span else 0.0
+    return np.minimum(np.round(start + stride * np.arange(num_frames)).astype(int), total - 1)
+
+
+def cover_size(height: int, width: int, target: tuple[int, int]) -> tuple[int, int]:
+    """The smallest (height, width) with this aspect ratio that covers `target`."""
+    scale = max(target[0] / height, target[1] / width)
+    return max(target[0], round(height * scale)), max(target[1], round(width * scale))
+
+
+def random_crop(frames: np.ndarray, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    height, width = frames.shape[1:3]
+    top = int(rng.integers(0, height - size[0] + 1))
+    left = int(rng.integers(0, width - size[1] + 1))
+    return frames[:, top:top + size[0], left:left + size[1]]
+
+
+def _decode_decord(data: bytes, indices_for, out_size: tuple[int, int]) -> np.ndarray:
+    out_h, out_w = out_size
+    reader = decord.VideoReader(io.BytesIO(data), width=out_w, height=out_h)
+    indices = indices_for(len(reader), reader.get_avg_fps())
+    return reader.get_batch(list(indices)).asnumpy()
+
+
+def _decode_pyav(data: bytes, indices_for, out_size: tuple[int, int]) -> np.ndarray:
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        frames = list(container.decode(stream))
+        fps = float(stream.average_rate or 25)
+    indices = indices_for(len(frames), fps)
+    out_h, out_w = out_size
+    return np.stack([frames[i].to_ndarray(format="rgb24", width=out_w, height=out_h)
+                     for i in indices])
+
+
+def _decode_image(data: bytes, out_size: tuple[int, int]) -> np.ndarray:
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    out_h, out_w = out_size
+    return np.asarray(image.resize((out_w, out_h), Image.BILINEAR))[None]
+
+
+def decode_clip(data: bytes, ext: str, num_frames: int, target_fps: float,
+                size: tuple[int, int], source_size: tuple[int, int], rng: np.random.Generator,
+                key: str = "") -> np.ndarray:
+    """uint8 (num_frames, height, width, 3) of one sample, resized (during decoding) to cover
+    `size`, then randomly cropped to it. `source_size` is the sample's probed (height,
+    width). Raises DecodeError naming `key` on any failure."""
+    ext = ext.lower()
+    out_size = cover_size(*source_size, size)
+
+    def indices_for(total: int, fps: float) -> np.ndarray:
+        return frame_indices(total, fps, target_fps, num_frames, rng)
+
+    try:
+        if ext in IMAGE_EXTS:
+            if num_frames != 1:
+                raise ValueError(f"an image gives 1 frame, {num_frames} were asked for")
+            frames = _decode_image(data, out_size)
+        elif decord is not None:
+            try:
+                frames = _decode_decord(data, indices_for, out_size)
+            except (decord.DECORDError, RuntimeError):
+                frames = _decode_pyav(data, indices_for, out_size)
+        else:
+            frames = _decode_pyav(data, indices_for, out_size)
+    except Exception as error:  # decoders raise many types; a sample is skipped either way
+        raise DecodeError(f"cannot decode sample {key!r} ({ext}): {error}") from error
+    return np.ascontiguousarray(random_crop(frames, size, rng))
+
+
+def probe(data: bytes, ext: str, name: str = "") -> dict:
+    """width, height, fps, frames and duration of a video or image; DecodeError otherwise."""
+    ext = ext.lower()
+    try:
+        if ext in IMAGE_EXTS:
+            image = Image.open(io.BytesIO(data))
+            image.verify()
+            return {"width": image.width, "height": image.height, "fps": 0.0, "frames": 1,
+                    "duration": 0.0}
+        if decord is not None:
+            reader = decord.VideoReader(io.BytesIO(data))
+            height, width = reader[0].shape[:2]
+            fps, frames = float(reader.get_avg_fps()), len(reader)
+        else:
+            with av.open(io.BytesIO(data)) as container:
+                stream = container.streams.video[0]
+                width, height = stream.codec_context.width, stream.codec_context.height
+                fps = float(stream.average_rate)
+                frames = sum(1 for _ in container.decode(stream))
+    except Exception as error:
+        raise DecodeError(f"cannot probe {name or 'sample'} ({ext}): {error}") from error
+    if frames < 1 or width < 1 or height < 1 or not fps > 0:
+        raise DecodeError(f"cannot probe {name or 'sample'} ({ext}): no decodable frames")
+    return {"width": int(width), "height": int(height), "fps": fps, "frames": int(frames),
+            "duration": frames / fps}
