@@ -32,9 +32,9 @@ from torch import nn
 
 @dataclass
 class AutoencoderConfig:
-    kind: str = (
-        "causal_vae"  # "causal_vae" (ours, trainable) or "diffusers" (pretrained, local folder)
-    )
+    # "causal_vae" (ours, trainable) or "diffusers" (pretrained, from a local folder; then only
+    # pretrained_path matters: channels and compressions come from the pretrained model's config).
+    kind: str = "causal_vae"
     latent_channels: int = 4
     base_channels: int = 32
     # Width of each resolution level as a multiple of base_channels; one downsample between levels,

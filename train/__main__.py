@@ -115,7 +115,8 @@ def run(config: Config) -> list[float]:
     if restored:
         logger.print(f"resumed from step {progress.step} ({checkpointer.root})")
     if is_dit:
-        sampler = _dit_sampler(config, autoencoder, text_encoder, runtime, run_dir)
+        sampler = (_dit_sampler(config, autoencoder, text_encoder, runtime, run_dir)
+                   if config.train.sample_prompts else None)
     else:
         # A batch of its own, so sampling never takes one from the training stream.
         held_out = build_loader(replace(config.data, num_workers=0), table, 0, 1,
