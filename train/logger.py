@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 from tqdm import tqdm
@@ -44,9 +45,7 @@ class RunLogger:
         """One W&B run per run directory, so a resumed run continues its curves."""
         id_file = run_dir / "wandb_id"
         if not id_file.exists():
-            import wandb
-
-            id_file.write_text(wandb.util.generate_id())
+            id_file.write_text(uuid.uuid4().hex[:12])
         return id_file.read_text().strip()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
