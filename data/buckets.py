@@ -39,14 +39,22 @@ class Bucket:
 
 
 class BucketTable:
-    def __init__(self, cfg: BucketConfig, temporal_compression: int, spatial_compression: int,
-                 patch: tuple[int, int, int]):
+    def __init__(
+        self,
+        cfg: BucketConfig,
+        temporal_compression: int,
+        spatial_compression: int,
+        patch: tuple[int, int, int],
+    ):
         self.cfg = cfg
         self.tc, self.sc, self.patch = temporal_compression, spatial_compression, tuple(patch)
         if not cfg.buckets:
             raise ValueError("buckets.buckets is empty: give at least one [frames, height, width]")
-        self.buckets = sorted((self._bucket(spec) for spec in cfg.buckets),
-                              key=lambda b: (b.tokens_per_sample, b.shape), reverse=True)
+        self.buckets = sorted(
+            (self._bucket(spec) for spec in cfg.buckets),
+            key=lambda b: (b.tokens_per_sample, b.shape),
+            reverse=True,
+        )
 
     def _bucket(self, spec: list[int]) -> Bucket:
         if len(spec) != 3 or min(spec) < 1:
@@ -54,12 +62,21 @@ class BucketTable:
         frames, height, width = spec
         pt, ph, pw = self.patch
         if (frames - 1) % self.tc or ((frames - 1) // self.tc + 1) % pt:
-            raise ValueError(f"bucket {spec}: frames must be 1 + k*{self.tc} (temporal compression) "
-                             f"giving a latent length divisible by the patch {pt}")
+            raise ValueError(
+                f"bucket {spec}: frames must be 1 + k*{self.tc} (temporal compression) "
+                f"giving a latent length divisible by the patch {pt}"
+            )
         if height % (self.sc * ph) or width % (self.sc * pw):
-            raise ValueError(f"bucket {spec}: height and width must be multiples of "
-                             f"{self.sc * ph} and {self.sc * pw} (compression x patch)")
-        tokens = ((frames - 1) // self.tc + 1) // pt * (height // self.sc // ph) * (width // self.sc // pw)
+            raise ValueError(
+                f"bucket {spec}: height and width must be multiples of "
+                f"{self.sc * ph} and {self.sc * pw} (compression x patch)"
+            )
+        tokens = (
+            ((frames - 1) // self.tc + 1)
+            // pt
+            * (height // self.sc // ph)
+            * (width // self.sc // pw)
+        )
         batch_size = max(1, round(self.cfg.token_budget / tokens))
         return Bucket(frames, height, width, tokens, batch_size)
 

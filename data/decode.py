@@ -30,14 +30,17 @@ class DecodeError(RuntimeError):
     """A sample could not be decoded; the message names it and says why."""
 
 
-def frame_indices(total: int, native_fps: float, target_fps: float, num_frames: int,
-                  rng: np.random.Generator) -> np.ndarray:
+def frame_indices(
+    total: int, native_fps: float, target_fps: float, num_frames: int, rng: np.random.Generator
+) -> np.ndarray:
     """`num_frames` indices at `target_fps` (never faster than native), from a random start."""
     stride = max(1.0, native_fps / target_fps)
     span = (num_frames - 1) * stride
     if math.floor(span) + 1 > total:
-        raise ValueError(f"{num_frames} frames at stride {stride:.2f} need {math.floor(span) + 1} "
-                         f"frames, the video has {total}")
+        raise ValueError(
+            f"{num_frames} frames at stride {stride:.2f} need {math.floor(span) + 1} "
+            f"frames, the video has {total}"
+        )
     start = rng.uniform(0, total - 1 - span) if total - 1 > span else 0.0
     return np.minimum(np.round(start + stride * np.arange(num_frames)).astype(int), total - 1)
 
@@ -52,7 +55,7 @@ def random_crop(frames: np.ndarray, size: tuple[int, int], rng: np.random.Genera
     height, width = frames.shape[1:3]
     top = int(rng.integers(0, height - size[0] + 1))
     left = int(rng.integers(0, width - size[1] + 1))
-    return frames[:, top:top + size[0], left:left + size[1]]
+    return frames[:, top : top + size[0], left : left + size[1]]
 
 
 def _decode_decord(data: bytes, indices_for, out_size: tuple[int, int]) -> np.ndarray:
@@ -69,8 +72,9 @@ def _decode_pyav(data: bytes, indices_for, out_size: tuple[int, int]) -> np.ndar
         fps = float(stream.average_rate or 25)
     indices = indices_for(len(frames), fps)
     out_h, out_w = out_size
-    return np.stack([frames[i].to_ndarray(format="rgb24", width=out_w, height=out_h)
-                     for i in indices])
+    return np.stack(
+        [frames[i].to_ndarray(format="rgb24", width=out_w, height=out_h) for i in indices]
+    )
 
 
 def _decode_image(data: bytes, out_size: tuple[int, int]) -> np.ndarray:
@@ -79,9 +83,16 @@ def _decode_image(data: bytes, out_size: tuple[int, int]) -> np.ndarray:
     return np.asarray(image.resize((out_w, out_h), Image.BILINEAR))[None]
 
 
-def decode_clip(data: bytes, ext: str, num_frames: int, target_fps: float,
-                size: tuple[int, int], source_size: tuple[int, int], rng: np.random.Generator,
-                key: str = "") -> np.ndarray:
+def decode_clip(
+    data: bytes,
+    ext: str,
+    num_frames: int,
+    target_fps: float,
+    size: tuple[int, int],
+    source_size: tuple[int, int],
+    rng: np.random.Generator,
+    key: str = "",
+) -> np.ndarray:
     """uint8 (num_frames, height, width, 3) of one sample, resized (during decoding) to cover
     `size`, then randomly cropped to it. `source_size` is the sample's probed (height,
     width). Raises DecodeError naming `key` on any failure."""
@@ -115,8 +126,13 @@ def probe(data: bytes, ext: str, name: str = "") -> dict:
         if ext in IMAGE_EXTS:
             image = Image.open(io.BytesIO(data))
             image.verify()
-            return {"width": image.width, "height": image.height, "fps": 0.0, "frames": 1,
-                    "duration": 0.0}
+            return {
+                "width": image.width,
+                "height": image.height,
+                "fps": 0.0,
+                "frames": 1,
+                "duration": 0.0,
+            }
         if decord is not None:
             reader = decord.VideoReader(io.BytesIO(data))
             height, width = reader[0].shape[:2]
@@ -131,5 +147,10 @@ def probe(data: bytes, ext: str, name: str = "") -> dict:
         raise DecodeError(f"cannot probe {name or 'sample'} ({ext}): {error}") from error
     if frames < 1 or width < 1 or height < 1 or not fps > 0:
         raise DecodeError(f"cannot probe {name or 'sample'} ({ext}): no decodable frames")
-    return {"width": int(width), "height": int(height), "fps": fps, "frames": int(frames),
-            "duration": frames / fps}
+    return {
+        "width": int(width),
+        "height": int(height),
+        "fps": fps,
+        "frames": int(frames),
+        "duration": frames / fps,
+    }

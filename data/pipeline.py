@@ -19,9 +19,9 @@ import glob
 import json
 import logging
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -78,6 +78,7 @@ class PlannedBatch:
 
 # --- the index: every sample's location and metadata ---------------------------------
 
+
 def _local_shards(spec: str, cache_dir: str) -> list[Path]:
     if "://" in spec:
         return [_fetch(url.strip(), Path(cache_dir)) for url in spec.split(",") if url.strip()]
@@ -126,6 +127,7 @@ def load_index(spec: str, cache_dir: str = ".cache/shards") -> list[dict]:
 
 # --- the plan: a seeded global order of batches, the same on any number of ranks -----
 
+
 def frames_at_fps(meta: dict, target_fps: float) -> int:
     """How many frames a sample offers at the target frame rate."""
     if meta["frames"] <= 1:
@@ -134,8 +136,9 @@ def frames_at_fps(meta: dict, target_fps: float) -> int:
     return int((meta["frames"] - 1) // stride) + 1
 
 
-def plan_epoch(samples: list[dict], table: BucketTable, target_fps: float, seed: int,
-               epoch: int) -> tuple[list[PlannedBatch], int]:
+def plan_epoch(
+    samples: list[dict], table: BucketTable, target_fps: float, seed: int, epoch: int
+) -> tuple[list[PlannedBatch], int]:
     """This epoch's batches, and how many samples fit no bucket."""
     by_bucket: dict[Bucket, list[int]] = defaultdict(list)
     unassigned = 0
@@ -151,18 +154,28 @@ def plan_epoch(samples: list[dict], table: BucketTable, target_fps: float, seed:
     for bucket in table.buckets:  # a fixed order, so the shuffles below are reproducible
         ids = rng.permutation(by_bucket.get(bucket, []))
         for start in range(0, len(ids) - bucket.batch_size + 1, bucket.batch_size):
-            batches.append(PlannedBatch(bucket, tuple(int(i) for i in ids[start:start + bucket.batch_size])))
+            batches.append(
+                PlannedBatch(bucket, tuple(int(i) for i in ids[start : start + bucket.batch_size]))
+            )
     order = rng.permutation(len(batches))
     return [batches[i] for i in order], unassigned
 
 
 # --- the stream -------------------------------------------------------------------------
 
+
 class BatchStream(IterableDataset):
     """One data-parallel rank's batches, from a DataState on, forever."""
 
-    def __init__(self, cfg: DataConfig, table: BucketTable, samples: list[dict], dp_rank: int,
-                 dp_world: int, state: DataState):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        table: BucketTable,
+        samples: list[dict],
+        dp_rank: int,
+        dp_world: int,
+        state: DataState,
+    ):
         self.cfg, self.table, self.samples = cfg, table, samples
         self.dp_rank, self.dp_world, self.state = dp_rank, dp_world, state
         self._plans: dict[int, tuple[list[PlannedBatch], list[int]]] = {}
@@ -173,9 +186,13 @@ class BatchStream(IterableDataset):
         if epoch not in self._plans:
             batches, _ = plan_epoch(self.samples, self.table, self.cfg.fps, self.state.seed, epoch)
             if len(batches) < self.dp_world:
-                raise ValueError(f"data.shards={self.cfg.shards!r}: {len(batches)} full batches "
-                                 f"per epoch, fewer than the {self.dp_world} data-parallel ranks")
-            self._plans = {epoch: (batches, np.cumsum([0] + [len(b.sample_ids) for b in batches]).tolist())}
+                raise ValueError(
+                    f"data.shards={self.cfg.shards!r}: {len(batches)} full batches "
+                    f"per epoch, fewer than the {self.dp_world} data-parallel ranks"
+                )
+            self._plans = {
+                epoch: (batches, np.cumsum([0] + [len(b.sample_ids) for b in batches]).tolist())
+            }
         return self._plans[epoch]
 
     def rows(self) -> Iterator[tuple[int, int, DataState]]:
@@ -185,13 +202,18 @@ class BatchStream(IterableDataset):
             batches, cumulative = self.plan(epoch)
             first = bisect.bisect_left(cumulative, consumed)
             if first >= len(cumulative) or cumulative[first] != consumed:
-                raise ValueError(f"data state consumed_samples={consumed} is not a batch boundary "
-                                 f"of epoch {epoch}'s plan (seed {self.state.seed})")
+                raise ValueError(
+                    f"data state consumed_samples={consumed} is not a batch boundary "
+                    f"of epoch {epoch}'s plan (seed {self.state.seed})"
+                )
             num_rows = (len(batches) - first) // self.dp_world
             for row in range(num_rows):
                 end = first + (row + 1) * self.dp_world
-                after = (DataState(self.state.seed, epoch + 1, 0) if row == num_rows - 1
-                         else DataState(self.state.seed, epoch, cumulative[end]))
+                after = (
+                    DataState(self.state.seed, epoch + 1, 0)
+                    if row == num_rows - 1
+                    else DataState(self.state.seed, epoch, cumulative[end])
+                )
                 yield epoch, end - self.dp_world + self.dp_rank, after
             epoch, consumed = epoch + 1, 0
 
@@ -219,9 +241,18 @@ class BatchStream(IterableDataset):
             meta = sample["meta"]
             rng = np.random.default_rng([self.state.seed, epoch, sample_id])
             try:
-                videos.append(decode_clip(self._read(sample), sample["media"], bucket.frames,
-                                          self.cfg.fps, (bucket.height, bucket.width),
-                                          (meta["height"], meta["width"]), rng, sample["key"]))
+                videos.append(
+                    decode_clip(
+                        self._read(sample),
+                        sample["media"],
+                        bucket.frames,
+                        self.cfg.fps,
+                        (bucket.height, bucket.width),
+                        (meta["height"], meta["width"]),
+                        rng,
+                        sample["key"],
+                    )
+                )
             except (DecodeError, OSError) as error:
                 log.warning("skipping sample %s of %s: %s", sample["key"], sample["shard"], error)
                 continue
@@ -229,10 +260,20 @@ class BatchStream(IterableDataset):
             captions.append(meta["recaption"] if use_recaption else meta["caption"])
             keys.append(sample["key"])
             fps.append(min(meta["fps"], self.cfg.fps) if meta["frames"] > 1 else self.cfg.fps)
-        video = (torch.from_numpy(np.stack(videos)) if videos
-                 else torch.empty(0, *bucket.shape, 3, dtype=torch.uint8))
-        return Batch(video, captions, keys, torch.tensor(fps, dtype=torch.float32), bucket.shape,
-                     after.to_dict(), skipped=len(planned.sample_ids) - len(keys))
+        video = (
+            torch.from_numpy(np.stack(videos))
+            if videos
+            else torch.empty(0, *bucket.shape, 3, dtype=torch.uint8)
+        )
+        return Batch(
+            video,
+            captions,
+            keys,
+            torch.tensor(fps, dtype=torch.float32),
+            bucket.shape,
+            after.to_dict(),
+            skipped=len(planned.sample_ids) - len(keys),
+        )
 
 
 def _skip_empty(batches: Iterator[Batch]) -> Iterator[Batch]:
@@ -246,11 +287,18 @@ def _skip_empty(batches: Iterator[Batch]) -> Iterator[Batch]:
         yield batch
 
 
-def build_loader(cfg: DataConfig, table: BucketTable, dp_rank: int, dp_world: int,
-                 state: DataState) -> Iterator[Batch]:
+def build_loader(
+    cfg: DataConfig, table: BucketTable, dp_rank: int, dp_world: int, state: DataState
+) -> Iterator[Batch]:
     """This rank's endless stream of batches from `state` on."""
-    stream = BatchStream(cfg, table, load_index(cfg.shards, cfg.cache_dir), dp_rank, dp_world, state)
-    loader = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
-                        prefetch_factor=4 if cfg.num_workers else None,
-                        persistent_workers=False)
+    stream = BatchStream(
+        cfg, table, load_index(cfg.shards, cfg.cache_dir), dp_rank, dp_world, state
+    )
+    loader = DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=cfg.num_workers,
+        prefetch_factor=4 if cfg.num_workers else None,
+        persistent_workers=False,
+    )
     return _skip_empty(iter(loader))

@@ -66,8 +66,13 @@ def write_index(out_dir: Path) -> dict:
     return index
 
 
-def write_shards(source_dir: str | Path, captions_file: str | Path, out_dir: str | Path,
-                 shard_size_bytes: int = 256 * 2**20, seed: int = 0) -> dict:
+def write_shards(
+    source_dir: str | Path,
+    captions_file: str | Path,
+    out_dir: str | Path,
+    shard_size_bytes: int = 256 * 2**20,
+    seed: int = 0,
+) -> dict:
     """Pack the captioned files of `source_dir` into shards; returns a summary. Missing or
     unreadable files are skipped and listed, never written."""
     source_dir, out_dir = Path(source_dir), Path(out_dir)
@@ -78,8 +83,9 @@ def write_shards(source_dir: str | Path, captions_file: str | Path, out_dir: str
     out_dir.mkdir(parents=True, exist_ok=True)
     skipped: list[str] = []
     written = 0
-    with wds.ShardWriter(str(out_dir / "shard-%06d.tar"), maxsize=shard_size_bytes,
-                         verbose=0) as sink:
+    with wds.ShardWriter(
+        str(out_dir / "shard-%06d.tar"), maxsize=shard_size_bytes, verbose=0
+    ) as sink:
         for row in rows:
             path = source_dir / row["file"]
             ext = path.suffix.lstrip(".").lower()
@@ -89,8 +95,9 @@ def write_shards(source_dir: str | Path, captions_file: str | Path, out_dir: str
             except (OSError, DecodeError) as error:
                 skipped.append(f"{row['file']}: {error}")
                 continue
-            meta.update(caption=row["caption"], recaption=row.get("recaption") or "",
-                        source=row["file"])
+            meta.update(
+                caption=row["caption"], recaption=row.get("recaption") or "", source=row["file"]
+            )
             sink.write({"__key__": f"{written:08d}", ext: data, "json": json.dumps(meta).encode()})
             written += 1
     index = write_index(out_dir)
@@ -109,14 +116,18 @@ def _parse_size(text: str) -> int:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Pack captioned videos and images into shards.")
     parser.add_argument("source", help="folder of videos and images")
-    parser.add_argument("--captions", required=True, help="CSV or JSONL: file, caption[, recaption]")
+    parser.add_argument(
+        "--captions", required=True, help="CSV or JSONL: file, caption[, recaption]"
+    )
     parser.add_argument("--out", required=True, help="folder for the tar shards and index.json")
     parser.add_argument("--shard-size", default="256MB", type=_parse_size)
     parser.add_argument("--seed", default=0, type=int)
     args = parser.parse_args(argv)
     summary = write_shards(args.source, args.captions, args.out, args.shard_size, args.seed)
-    print(f"{summary['samples']} samples in {summary['shards']} shards "
-          f"({summary['bytes'] / 2**20:.1f} MiB) at {args.out}; skipped {len(summary['skipped'])}")
+    print(
+        f"{summary['samples']} samples in {summary['shards']} shards "
+        f"({summary['bytes'] / 2**20:.1f} MiB) at {args.out}; skipped {len(summary['skipped'])}"
+    )
     for reason in summary["skipped"]:
         print(f"  skipped {reason}")
     return summary

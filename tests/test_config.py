@@ -20,7 +20,9 @@ def compose_config(*overrides: str) -> Config:
         return to_config(compose("config", overrides=list(overrides)))
 
 
-@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "conf/experiment").glob("*.yaml")))
+@pytest.mark.parametrize(
+    "experiment", sorted(p.stem for p in (ROOT / "conf/experiment").glob("*.yaml"))
+)
 def test_every_experiment_composes(experiment):
     config = compose_config(f"experiment={experiment}")
     assert isinstance(config, Config)
@@ -49,9 +51,20 @@ def test_typo_inside_a_preset_fails_before_work(tmp_path):
     (tmp_path / "experiment").mkdir()
     (tmp_path / "experiment" / "typo.yaml").write_text("# @package _global_\ntrain:\n  stpes: 3\n")
     result = subprocess.run(
-        [sys.executable, "-m", "train", "--config-dir", str(tmp_path), "experiment=typo",
-         f"train.run_dir={tmp_path / 'run'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "train",
+            "--config-dir",
+            str(tmp_path),
+            "experiment=typo",
+            f"train.run_dir={tmp_path / 'run'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0
     assert "stpes" in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()

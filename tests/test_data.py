@@ -28,10 +28,13 @@ def table_from(cfg: BucketConfig) -> BucketTable:
 
 def demo_table() -> BucketTable:
     values = OmegaConf.load(ROOT / "conf/buckets/demo.yaml")
-    return table_from(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BucketConfig), values)))
+    return table_from(
+        OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BucketConfig), values))
+    )
 
 
 # --- decoding -----------------------------------------------------------------------------
+
 
 def test_decode_at_target_fps_matches_full_decode(clips):
     data = (clips / "bikes.mp4").read_bytes()
@@ -44,23 +47,29 @@ def test_decode_at_target_fps_matches_full_decode(clips):
 
     full = decord.VideoReader(str(clips / "bikes.mp4")).get_batch(list(range(250))).asnumpy()
     # 25 fps sampled at 12.5 fps is every second frame from some start.
-    diffs = [np.abs(full[s:s + 17:2].astype(int) - frames.astype(int)).mean() for s in range(233)]
+    diffs = [
+        np.abs(full[s : s + 17 : 2].astype(int) - frames.astype(int)).mean() for s in range(233)
+    ]
     assert min(diffs) < 1.0
 
 
 def test_decode_resizes_to_cover_then_crops(clips):
     data = (clips / "bigbuckbunny.mp4").read_bytes()
-    frames = decode_clip(data, "mp4", 5, 8.0, (48, 48), (720, 1280), np.random.default_rng(1), "bbb")
+    frames = decode_clip(
+        data, "mp4", 5, 8.0, (48, 48), (720, 1280), np.random.default_rng(1), "bbb"
+    )
     assert frames.shape == (5, 48, 48, 3)
 
 
 def test_corrupt_bytes_raise_naming_the_key():
     with pytest.raises(DecodeError, match="sample 'broken-7'"):
-        decode_clip(b"\x00" * 4096, "mp4", 5, 8.0, (32, 32), (64, 64), np.random.default_rng(0),
-                    "broken-7")
+        decode_clip(
+            b"\x00" * 4096, "mp4", 5, 8.0, (32, 32), (64, 64), np.random.default_rng(0), "broken-7"
+        )
 
 
 # --- buckets ------------------------------------------------------------------------------
+
 
 def test_hand_made_mix_goes_to_the_expected_buckets():
     table = demo_table()
@@ -85,8 +94,9 @@ def test_hand_made_mix_goes_to_the_expected_buckets():
             assert bucket.width <= w and bucket.height <= h and bucket.frames <= f  # no upscaling
 
 
-@pytest.mark.parametrize("table_file", sorted((ROOT / "conf/buckets").glob("*.yaml")),
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "table_file", sorted((ROOT / "conf/buckets").glob("*.yaml")), ids=lambda p: p.stem
+)
 def test_every_bucket_table_keeps_the_token_budget(table_file):
     values = OmegaConf.merge(OmegaConf.structured(BucketConfig), OmegaConf.load(table_file))
     table = table_from(OmegaConf.to_object(values))
@@ -103,6 +113,7 @@ def test_invalid_bucket_is_named():
 
 # --- shards -------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def small_source(tmp_path_factory, clips) -> Path:
     """Two real clips, an image, a corrupt file and a missing one, with captions."""
@@ -116,8 +127,13 @@ def small_source(tmp_path_factory, clips) -> Path:
     with open(source / "captions.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["file", "caption", "recaption"])
         writer.writeheader()
-        writer.writerow({"file": "carphone.mp4", "caption": "a man on the phone in a car",
-                         "recaption": "a man talks on a mobile phone while driving"})
+        writer.writerow(
+            {
+                "file": "carphone.mp4",
+                "caption": "a man on the phone in a car",
+                "recaption": "a man talks on a mobile phone while driving",
+            }
+        )
         writer.writerow({"file": "bikes.mp4", "caption": "cyclists on a street", "recaption": ""})
         writer.writerow({"file": "grey.png", "caption": "a grey image", "recaption": ""})
         writer.writerow({"file": "broken.mp4", "caption": "broken", "recaption": ""})
@@ -128,7 +144,10 @@ def small_source(tmp_path_factory, clips) -> Path:
 def test_writer_skips_bad_files_and_writes_valid_webdataset(small_source, tmp_path):
     summary = write_shards(small_source, small_source / "captions.csv", tmp_path / "shards")
     assert summary["samples"] == 3
-    assert sorted(reason.split(":")[0] for reason in summary["skipped"]) == ["broken.mp4", "missing.mp4"]
+    assert sorted(reason.split(":")[0] for reason in summary["skipped"]) == [
+        "broken.mp4",
+        "missing.mp4",
+    ]
     read = list(wds.WebDataset(str(tmp_path / "shards" / "shard-000000.tar"), shardshuffle=False))
     metas = {json.loads(s["json"])["source"]: s for s in read}
     assert set(metas) == {"carphone.mp4", "bikes.mp4", "grey.png"}
@@ -147,6 +166,7 @@ def test_missing_shard_folder_is_named(tmp_path):
 
 
 # --- the loader ---------------------------------------------------------------------------
+
 
 def take(cfg: DataConfig, table: BucketTable, rank: int, world: int, state: DataState, n: int):
     stream = build_loader(cfg, table, rank, world, state)
@@ -176,14 +196,20 @@ def test_resume_from_a_state_continues_the_stream_exactly(demo_shards):
     straight = take(cfg, table, 0, 1, DataState(0, 0, 0), 12)
     resumed = take(cfg, table, 0, 1, DataState.from_dict(straight[5].state_after), 6)
     assert [b.keys for b in resumed] == [b.keys for b in straight[6:]]
-    assert all(np.array_equal(a.video, b.video) for a, b in zip(resumed, straight[6:]))
+    assert all(
+        np.array_equal(a.video, b.video) for a, b in zip(resumed, straight[6:], strict=False)
+    )
     assert [b.captions for b in resumed] == [b.captions for b in straight[6:]]
 
 
 def test_workers_do_not_change_the_stream(demo_shards):
     table = demo_table()
-    single = take(DataConfig(shards=str(demo_shards), num_workers=0), table, 0, 1, DataState(0, 0, 0), 8)
-    multi = take(DataConfig(shards=str(demo_shards), num_workers=2), table, 0, 1, DataState(0, 0, 0), 8)
+    single = take(
+        DataConfig(shards=str(demo_shards), num_workers=0), table, 0, 1, DataState(0, 0, 0), 8
+    )
+    multi = take(
+        DataConfig(shards=str(demo_shards), num_workers=2), table, 0, 1, DataState(0, 0, 0), 8
+    )
     assert [b.keys for b in single] == [b.keys for b in multi]
 
 
@@ -197,7 +223,7 @@ def test_ranks_split_the_global_plan_and_resume_on_another_world_size(demo_shard
     rank0 = take(cfg, table, 0, 2, DataState(0, 0, 0), rows)
     rank1 = take(cfg, table, 1, 2, DataState(0, 0, 0), rows)
     assert not {k for b in rank0 for k in b.keys} & {k for b in rank1 for k in b.keys}
-    interleaved = [b.keys for pair in zip(rank0, rank1) for b in pair]
+    interleaved = [b.keys for pair in zip(rank0, rank1, strict=False) for b in pair]
     assert interleaved == [b.keys for b in one]
     # Two ranks stop after 3 steps; one rank resumes from their state: nothing repeats or is lost.
     state = DataState.from_dict(rank0[2].state_after)
@@ -216,7 +242,10 @@ def test_corrupt_video_inside_a_shard_is_skipped_and_counted(demo_shards, tmp_pa
     broken_dir = tmp_path / "broken"
     broken_dir.mkdir()
     corrupted = set()
-    with tarfile.open(source) as tar_in, tarfile.open(broken_dir / "shard-000000.tar", "w") as tar_out:
+    with (
+        tarfile.open(source) as tar_in,
+        tarfile.open(broken_dir / "shard-000000.tar", "w") as tar_out,
+    ):
         for member in tar_in:
             data = tar_in.extractfile(member).read()
             if member.name.endswith(".mp4") and len(corrupted) < 40:

@@ -30,8 +30,8 @@ def wandb_records(path: Path):
         if (left := 32768 - pos % 32768) < 7:
             pos += left
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        pending += data[pos + 7:pos + 7 + length]
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a full record, or the last piece of one
             record = wandb_internal_pb2.Record()
@@ -49,9 +49,16 @@ def config(*overrides: str):
 def autoencoder(demo_shards, tmp_path_factory) -> Path:
     """The demo autoencoder stage, short: it trains, calibrates and exports."""
     run_dir = tmp_path_factory.mktemp("ae")
-    losses = run(config("experiment=demo_autoencoder", f"data.shards={demo_shards}",
-                        f"train.run_dir={run_dir}", "train.steps=30", "logger=none",
-                        "train.checkpoint_every=30"))
+    losses = run(
+        config(
+            "experiment=demo_autoencoder",
+            f"data.shards={demo_shards}",
+            f"train.run_dir={run_dir}",
+            "train.steps=30",
+            "logger=none",
+            "train.checkpoint_every=30",
+        )
+    )
     assert len(losses) == 30
     exported = run_dir / "export" / "model.safetensors"
     assert exported.exists()
@@ -60,14 +67,23 @@ def autoencoder(demo_shards, tmp_path_factory) -> Path:
 
 
 def dit_config(demo_shards, autoencoder, run_dir, *overrides):
-    return config("experiment=demo", f"data.shards={demo_shards}",
-                  f"autoencoder.checkpoint={autoencoder}", f"train.run_dir={run_dir}",
-                  "logger=none", "train.sample_prompts=[]", *overrides)
+    return config(
+        "experiment=demo",
+        f"data.shards={demo_shards}",
+        f"autoencoder.checkpoint={autoencoder}",
+        f"train.run_dir={run_dir}",
+        "logger=none",
+        "train.sample_prompts=[]",
+        *overrides,
+    )
 
 
 def test_flow_matching_loss_falls_over_200_steps(demo_shards, autoencoder, tmp_path):
-    losses = run(dit_config(demo_shards, autoencoder, tmp_path, "train.steps=200",
-                            "train.checkpoint_every=1000"))
+    losses = run(
+        dit_config(
+            demo_shards, autoencoder, tmp_path, "train.steps=200", "train.checkpoint_every=1000"
+        )
+    )
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
     print(f"\nflow-matching loss: first 20 steps {first:.4f}, last 20 steps {last:.4f}")
     assert last < 0.8 * first
@@ -75,14 +91,26 @@ def test_flow_matching_loss_falls_over_200_steps(demo_shards, autoencoder, tmp_p
 
 def test_resume_gives_the_same_loss_as_an_uninterrupted_run(demo_shards, autoencoder, tmp_path):
     straight = tmp_path / "straight"
-    losses = run(dit_config(demo_shards, autoencoder, straight, "train.steps=6",
-                            "train.checkpoint_every=3", "train.keep_last=5"))
+    losses = run(
+        dit_config(
+            demo_shards,
+            autoencoder,
+            straight,
+            "train.steps=6",
+            "train.checkpoint_every=3",
+            "train.keep_last=5",
+        )
+    )
     resumed_dir = tmp_path / "resumed"
     (resumed_dir / "checkpoints").mkdir(parents=True)
-    shutil.copytree(straight / "checkpoints" / "step_00000003",
-                    resumed_dir / "checkpoints" / "step_00000003")
-    resumed = run(dit_config(demo_shards, autoencoder, resumed_dir, "train.steps=6",
-                             "train.checkpoint_every=3"))
+    shutil.copytree(
+        straight / "checkpoints" / "step_00000003", resumed_dir / "checkpoints" / "step_00000003"
+    )
+    resumed = run(
+        dit_config(
+            demo_shards, autoencoder, resumed_dir, "train.steps=6", "train.checkpoint_every=3"
+        )
+    )
     print(f"\nuninterrupted steps 4-6: {losses[3:]}\nresumed at 3, steps 4-6: {resumed}")
     assert resumed == losses[3:]
 
@@ -92,8 +120,11 @@ def test_corrupt_checkpoint_is_named_and_auto_resume_falls_back(demo_shards, aut
     latest = tmp_path / "checkpoints" / "step_00000004" / "model.safetensors"
     latest.write_bytes(latest.read_bytes()[:100])  # truncated
     with pytest.raises(CheckpointError, match="step_00000004/model.safetensors"):
-        run(dit_config(demo_shards, autoencoder, tmp_path, "train.steps=5",
-                       f"train.resume={latest.parent}"))
+        run(
+            dit_config(
+                demo_shards, autoencoder, tmp_path, "train.steps=5", f"train.resume={latest.parent}"
+            )
+        )
     # auto skips the broken one, resumes from step 2, and trains on to the end.
     losses = run(dit_config(demo_shards, autoencoder, tmp_path, "train.steps=5"))
     assert len(losses) == 3
@@ -105,16 +136,33 @@ def test_missing_shard_folder_is_named(autoencoder, tmp_path):
 
 
 def test_wandb_offline_run_holds_scalars_and_a_sample_video(demo_shards, autoencoder, tmp_path):
-    run(dit_config(demo_shards, autoencoder, tmp_path, "train.steps=4", "train.log_every=2",
-                   "logger=wandb", "logger.mode=offline", "train.sample_steps=4",
-                   "train.sample_frames=9", "train.sample_height=48", "train.sample_width=80",
-                   "train.sample_prompts=[a rabbit in a meadow]"))
+    run(
+        dit_config(
+            demo_shards,
+            autoencoder,
+            tmp_path,
+            "train.steps=4",
+            "train.log_every=2",
+            "logger=wandb",
+            "logger.mode=offline",
+            "train.sample_steps=4",
+            "train.sample_frames=9",
+            "train.sample_height=48",
+            "train.sample_width=80",
+            "train.sample_prompts=[a rabbit in a meadow]",
+        )
+    )
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    history = [r.history for r in wandb_records(next(runs[0].glob("run-*.wandb")))
-               if r.WhichOneof("record_type") == "history"]
-    logged = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in h.item}
-              for h in history]
+    history = [
+        r.history
+        for r in wandb_records(next(runs[0].glob("run-*.wandb")))
+        if r.WhichOneof("record_type") == "history"
+    ]
+    logged = [
+        {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in h.item}
+        for h in history
+    ]
     assert [entry["_step"] for entry in logged] == [2, 4]
     assert all(entry["train/loss"] > 0 and entry["perf/tokens_per_s"] > 0 for entry in logged)
     assert {"train/lr", "train/grad_norm", "perf/data_wait_share"} <= set(logged[-1])
@@ -125,8 +173,17 @@ def test_wandb_offline_run_holds_scalars_and_a_sample_video(demo_shards, autoenc
         assert (stream.codec_context.width, stream.codec_context.height) == (80, 48)
     from train.sample import main as sample_main
 
-    out = sample_main([f"checkpoint={tmp_path}", "prompt=cyclists on a street", "frames=5",
-                       "height=64", "width=96", "steps=3", f"out={tmp_path / 'cli.mp4'}"])
+    out = sample_main(
+        [
+            f"checkpoint={tmp_path}",
+            "prompt=cyclists on a street",
+            "frames=5",
+            "height=64",
+            "width=96",
+            "steps=3",
+            f"out={tmp_path / 'cli.mp4'}",
+        ]
+    )
     with av.open(str(out)) as container:
         stream = container.streams.video[0]
         frames = sum(1 for _ in container.decode(stream))

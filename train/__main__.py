@@ -36,12 +36,28 @@ def _dit_sampler(config: Config, autoencoder, text_encoder, runtime: Runtime, ru
     cfg = config.train
 
     def sample(model, step: int) -> dict[str, Path]:
-        videos = generate(model, autoencoder, text_encoder, config.flow, cfg.sample_prompts,
-                          cfg.sample_frames, cfg.sample_height, cfg.sample_width, seed=0,
-                          steps=cfg.sample_steps, autocast=runtime.autocast)
-        return {f"prompt_{i}": write_mp4(run_dir / "samples" / f"step_{step:08d}_prompt_{i}.mp4",
-                                         video, cfg.sample_fps, {"prompt": prompt, "step": step})
-                for i, (prompt, video) in enumerate(zip(cfg.sample_prompts, videos))}
+        videos = generate(
+            model,
+            autoencoder,
+            text_encoder,
+            config.flow,
+            cfg.sample_prompts,
+            cfg.sample_frames,
+            cfg.sample_height,
+            cfg.sample_width,
+            seed=0,
+            steps=cfg.sample_steps,
+            autocast=runtime.autocast,
+        )
+        return {
+            f"prompt_{i}": write_mp4(
+                run_dir / "samples" / f"step_{step:08d}_prompt_{i}.mp4",
+                video,
+                cfg.sample_fps,
+                {"prompt": prompt, "step": step},
+            )
+            for i, (prompt, video) in enumerate(zip(cfg.sample_prompts, videos, strict=False))
+        }
 
     return sample
 
@@ -82,10 +98,20 @@ def run(config: Config) -> list[float]:
         autoencoder = frozen(build_autoencoder(config.autoencoder), runtime.device)
         text_encoder = frozen(TextEncoder(config.text_encoder), runtime.device)
         model = build_dit(config, autoencoder, text_encoder).to(runtime.device)
-        flops = partial(dit_train_flops, config.model, autoencoder.latent_channels,
-                        text_encoder.dim, text_tokens=config.text_encoder.max_length)
-        objective = FlowMatchingObjective(autoencoder, text_encoder, config.flow,
-                                          config.model.patch_size, lambda n: flops(num_tokens=n))
+        flops = partial(
+            dit_train_flops,
+            config.model,
+            autoencoder.latent_channels,
+            text_encoder.dim,
+            text_tokens=config.text_encoder.max_length,
+        )
+        objective = FlowMatchingObjective(
+            autoencoder,
+            text_encoder,
+            config.flow,
+            config.model.patch_size,
+            lambda n: flops(num_tokens=n),
+        )
     else:
         autoencoder = model = build_autoencoder(config.autoencoder).to(runtime.device)
         objective = AutoencoderObjective()
@@ -98,8 +124,11 @@ def run(config: Config) -> list[float]:
     if restored:
         trainer_state, rng = restored
         progress = Progress(**{k: trainer_state[k] for k in Progress.__dataclass_fields__})
-    data_state = (DataState.from_dict(progress.data_state) if progress.data_state
-                  else DataState(seed=config.data.seed, epoch=0, consumed_samples=0))
+    data_state = (
+        DataState.from_dict(progress.data_state)
+        if progress.data_state
+        else DataState(seed=config.data.seed, epoch=0, consumed_samples=0)
+    )
     table = build_bucket_table(config, autoencoder)
     batches = iter(build_loader(config.data, table, runtime.rank, runtime.world_size, data_state))
     # The loader's iterator draws its worker seeds from the global RNG: restore after it.
@@ -110,20 +139,46 @@ def run(config: Config) -> list[float]:
 
     config_values = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config_values))
-    logger = RunLogger(config.logger, run_dir, config.name, config_values, config.train.steps,
-                       progress.step, enabled=runtime.is_main)
+    logger = RunLogger(
+        config.logger,
+        run_dir,
+        config.name,
+        config_values,
+        config.train.steps,
+        progress.step,
+        enabled=runtime.is_main,
+    )
     if restored:
         logger.print(f"resumed from step {progress.step} ({checkpointer.root})")
     if is_dit:
-        sampler = (_dit_sampler(config, autoencoder, text_encoder, runtime, run_dir)
-                   if config.train.sample_prompts else None)
+        sampler = (
+            _dit_sampler(config, autoencoder, text_encoder, runtime, run_dir)
+            if config.train.sample_prompts
+            else None
+        )
     else:
         # A batch of its own, so sampling never takes one from the training stream.
-        held_out = build_loader(replace(config.data, num_workers=0), table, 0, 1,
-                                DataState(seed=config.data.seed + 1, epoch=0, consumed_samples=0))
+        held_out = build_loader(
+            replace(config.data, num_workers=0),
+            table,
+            0,
+            1,
+            DataState(seed=config.data.seed + 1, epoch=0, consumed_samples=0),
+        )
         sampler = _reconstruction_sampler(config, next(iter(held_out)), run_dir)
-    trainer = Trainer(config, runtime, engine, objective, batches, checkpointer, logger, ema,
-                      progress, sampler if runtime.is_main else None, peak_flops(runtime.device))
+    trainer = Trainer(
+        config,
+        runtime,
+        engine,
+        objective,
+        batches,
+        checkpointer,
+        logger,
+        ema,
+        progress,
+        sampler if runtime.is_main else None,
+        peak_flops(runtime.device),
+    )
     losses = trainer.fit()
     if runtime.is_main:
         if is_dit:

@@ -31,8 +31,12 @@ def build_dit(config: Config, autoencoder: nn.Module, text_encoder: TextEncoder)
 def build_bucket_table(config: Config, autoencoder: nn.Module) -> BucketTable:
     # The autoencoder stage feeds pixels, but batches keep the DiT's geometry so both
     # stages see the same buckets.
-    return BucketTable(config.buckets, autoencoder.temporal_compression,
-                       autoencoder.spatial_compression, tuple(config.model.patch_size))
+    return BucketTable(
+        config.buckets,
+        autoencoder.temporal_compression,
+        autoencoder.spatial_compression,
+        tuple(config.model.patch_size),
+    )
 
 
 def config_from_dict(values: dict) -> Config:
@@ -57,11 +61,16 @@ def _find_weights(path: Path, weights: str) -> tuple[Path, dict]:
     if (path / "model.safetensors").exists() and (path / "config.json").exists():
         return path / "model.safetensors", json.loads((path / "config.json").read_text())
     if (path / "trainer.json").exists():
-        name = "ema.safetensors" if weights == "ema" and (path / "ema.safetensors").exists() \
+        name = (
+            "ema.safetensors"
+            if weights == "ema" and (path / "ema.safetensors").exists()
             else "model.safetensors"
+        )
         return path / name, json.loads((path / "trainer.json").read_text())["config"]
-    raise CheckpointError(f"checkpoint={path}: not a run directory, export/ folder or checkpoint "
-                          "folder (no export/model.safetensors, checkpoints/latest or trainer.json)")
+    raise CheckpointError(
+        f"checkpoint={path}: not a run directory, export/ folder or checkpoint "
+        "folder (no export/model.safetensors, checkpoints/latest or trainer.json)"
+    )
 
 
 def load_for_sampling(checkpoint: str, weights: str, device: torch.device) -> SamplingParts:
@@ -74,6 +83,8 @@ def load_for_sampling(checkpoint: str, weights: str, device: torch.device) -> Sa
     state = load_tensors(weights_file)
     missing, unexpected = dit.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if k in dict(dit.named_parameters())]:
-        raise CheckpointError(f"{weights_file} does not match the model "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise CheckpointError(
+            f"{weights_file} does not match the model "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return SamplingParts(config, frozen(dit, device), autoencoder, text_encoder, weights_file)

@@ -85,8 +85,9 @@ class Checkpointer:
         tmp.mkdir(parents=True)
         state = engine.state_dict()
         _save_tensors(state["model"], tmp / "model.safetensors")
-        torch.save({"optimizer": state["optimizer"], "scheduler": state["scheduler"]},
-                   tmp / "optimizer.pt")
+        torch.save(
+            {"optimizer": state["optimizer"], "scheduler": state["scheduler"]}, tmp / "optimizer.pt"
+        )
         if ema is not None:
             _save_tensors(ema.state_dict(), tmp / "ema.safetensors")
         torch.save(rng, tmp / "rng_rank0.pt")
@@ -110,7 +111,7 @@ class Checkpointer:
 
     def _apply_retention(self) -> None:
         checkpoints = self.complete_checkpoints()
-        keep = set(checkpoints[-self.keep_last:]) if self.keep_last > 0 else set(checkpoints)
+        keep = set(checkpoints[-self.keep_last :]) if self.keep_last > 0 else set(checkpoints)
         for path in checkpoints:
             step = int(STEP_DIR.match(path.name).group(1))
             if path not in keep and not (self.keep_every and step % self.keep_every == 0):
@@ -131,8 +132,10 @@ class Checkpointer:
         """Restore engine and EMA from `path`; returns (trainer_state, rng_state)."""
         # Read every file before changing anything, so a corrupt file leaves no half-load.
         trainer_state = _read_json(path / "trainer.json")
-        state = {"model": load_tensors(path / "model.safetensors"),
-                 **_load_torch(path / "optimizer.pt")}
+        state = {
+            "model": load_tensors(path / "model.safetensors"),
+            **_load_torch(path / "optimizer.pt"),
+        }
         ema_state = load_tensors(path / "ema.safetensors") if ema is not None else None
         rng = _load_torch(path / "rng_rank0.pt")
         engine.load_state_dict(state)
@@ -166,6 +169,7 @@ def export(run_dir: str | Path, model: torch.nn.Module, ema, config: dict) -> Pa
     tmp = out / "model.safetensors.tmp"
     _save_tensors(weights, tmp)
     os.replace(tmp, out / "model.safetensors")
-    _write_atomic(out / "config.json", json.dumps({**config, "weights": "ema" if ema else "raw"},
-                                                  indent=2))
+    _write_atomic(
+        out / "config.json", json.dumps({**config, "weights": "ema" if ema else "raw"}, indent=2)
+    )
     return out

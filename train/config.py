@@ -9,7 +9,6 @@ wrong type fails with a message naming it before any work starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -63,7 +62,7 @@ class TrainConfig:
 class LoggerConfig:
     kind: str = "wandb"  # wandb | none
     project: str = "tessera"
-    entity: Optional[str] = None
+    entity: str | None = None
     mode: str = "auto"  # auto (online with WANDB_API_KEY, else offline) | online | offline
     tags: list[str] = field(default_factory=list)
 

@@ -13,15 +13,17 @@ from torch import nn
 class EMA:
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.shadow = {name: p.detach().clone() for name, p in model.named_parameters()
-                       if p.requires_grad}
+        self.shadow = {
+            name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad
+        }
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         params = dict(model.named_parameters())
         names = list(self.shadow)
-        torch._foreach_lerp_([self.shadow[n] for n in names],
-                             [params[n].detach() for n in names], 1.0 - self.decay)
+        torch._foreach_lerp_(
+            [self.shadow[n] for n in names], [params[n].detach() for n in names], 1.0 - self.decay
+        )
 
     def copy_to(self, model: nn.Module) -> None:
         """Load the averaged weights into `model` (a module of the same structure)."""

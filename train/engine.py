@@ -23,7 +23,9 @@ def lr_lambda(cfg: OptimConfig, total_steps: int):
         if cfg.schedule == "constant":
             return 1.0
         progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-        decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+        decay = (
+            0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+        )
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
 
     return multiplier
@@ -33,8 +35,10 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.AdamW:
     # Norms, biases and embeddings-like 1-D parameters are not decayed.
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     on_cuda = any(p.is_cuda for p in decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=on_cuda)
 
@@ -46,7 +50,9 @@ class LocalEngine:
         self.model = model
         self.cfg = cfg
         self.optimizer = build_optimizer(cfg, model)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg, total_steps)
+        )
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -65,8 +71,11 @@ class LocalEngine:
         return self.scheduler.get_last_lr()[0]
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict()}
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])

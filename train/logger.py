@@ -23,8 +23,16 @@ def wandb_mode(cfg: LoggerConfig) -> str:
 
 
 class RunLogger:
-    def __init__(self, cfg: LoggerConfig, run_dir: Path, name: str, config: dict,
-                 total_steps: int, start_step: int, enabled: bool = True):
+    def __init__(
+        self,
+        cfg: LoggerConfig,
+        run_dir: Path,
+        name: str,
+        config: dict,
+        total_steps: int,
+        start_step: int,
+        enabled: bool = True,
+    ):
         self.enabled = enabled
         self.run = None
         self.metrics_file = None
@@ -36,9 +44,17 @@ class RunLogger:
         if cfg.kind == "wandb":
             import wandb
 
-            self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=name,
-                                  id=self._run_id(run_dir), resume="allow", dir=str(run_dir),
-                                  mode=wandb_mode(cfg), config=config, tags=cfg.tags)
+            self.run = wandb.init(
+                project=cfg.project,
+                entity=cfg.entity,
+                name=name,
+                id=self._run_id(run_dir),
+                resume="allow",
+                dir=str(run_dir),
+                mode=wandb_mode(cfg),
+                config=config,
+                tags=cfg.tags,
+            )
 
     @staticmethod
     def _run_id(run_dir: Path) -> str:
@@ -55,16 +71,26 @@ class RunLogger:
         self.metrics_file.flush()
         if self.run is not None:
             self.run.log(metrics, step=step)
-        self.bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items()
-                              if k in ("train/loss", "train/lr", "perf/tokens_per_s")})
+        self.bar.set_postfix(
+            {
+                k.split("/")[-1]: f"{v:.4g}"
+                for k, v in metrics.items()
+                if k in ("train/loss", "train/lr", "perf/tokens_per_s")
+            }
+        )
 
     def log_videos(self, step: int, videos: dict[str, Path], fps: float) -> None:
         if self.run is None:
             return
         import wandb
 
-        self.run.log({f"samples/{name}": wandb.Video(str(path), fps=fps, format="mp4")
-                      for name, path in videos.items()}, step=step)
+        self.run.log(
+            {
+                f"samples/{name}": wandb.Video(str(path), fps=fps, format="mp4")
+                for name, path in videos.items()
+            },
+            step=step,
+        )
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:

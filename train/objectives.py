@@ -5,8 +5,8 @@ number of samples it covers, so the trainer can normalise over the whole global 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -34,8 +34,14 @@ def video_to_float(video_uint8: torch.Tensor, device: torch.device) -> torch.Ten
 class FlowMatchingObjective:
     """Text-to-video flow matching on the latents of a frozen autoencoder."""
 
-    def __init__(self, autoencoder: nn.Module, text_encoder: nn.Module, flow: FlowConfig,
-                 patch: list[int], train_flops: Callable[[int], float]):
+    def __init__(
+        self,
+        autoencoder: nn.Module,
+        text_encoder: nn.Module,
+        flow: FlowConfig,
+        patch: list[int],
+        train_flops: Callable[[int], float],
+    ):
         self.train_flops = train_flops  # per sample, from its number of latent tokens
         self.autoencoder = autoencoder
         self.text_encoder = text_encoder
@@ -55,14 +61,19 @@ class FlowMatchingObjective:
 
     def __call__(self, model: nn.Module, batch: Batch, device: torch.device) -> Loss:
         latents, text, mask = self.encode(batch, device)
-        text, mask = drop_captions(text, mask, self.null_text, self.null_mask,
-                                   self.flow.caption_dropout)
+        text, mask = drop_captions(
+            text, mask, self.null_text, self.null_mask, self.flow.caption_dropout
+        )
         batch_size, num_tokens = latents.shape[0], self.num_tokens(latents)
         t = sample_timesteps(batch_size, num_tokens, self.flow, device=device)
         noise = torch.randn_like(latents)
         per_sample = training_loss(model, latents, text, mask, t, noise)
-        return Loss(per_sample.sum(), batch_size, batch_size * num_tokens,
-                    batch_size * self.train_flops(num_tokens))
+        return Loss(
+            per_sample.sum(),
+            batch_size,
+            batch_size * num_tokens,
+            batch_size * self.train_flops(num_tokens),
+        )
 
 
 class AutoencoderObjective:

@@ -60,7 +60,9 @@ def init_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=torch_device if backend == "nccl" else None)
-    return Runtime(rank, world_size, local_rank, torch_device, _pick_autocast(precision, torch_device))
+    return Runtime(
+        rank, world_size, local_rank, torch_device, _pick_autocast(precision, torch_device)
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -75,8 +77,12 @@ def rng_state() -> dict:
     state = {
         "python": list(random.getstate()[1]) + [random.getstate()[2]],
         "python_version": random.getstate()[0],
-        "numpy": {"key": np_state[1].tolist(), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "numpy": {
+            "key": np_state[1].tolist(),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -88,8 +94,15 @@ def set_rng_state(state: dict) -> None:
     internal = tuple(state["python"][:-1])
     random.setstate((state["python_version"], internal, state["python"][-1]))
     np_state = state["numpy"]
-    np.random.set_state(("MT19937", np.array(np_state["key"], dtype=np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["gauss"]))
+    np.random.set_state(
+        (
+            "MT19937",
+            np.array(np_state["key"], dtype=np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["gauss"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

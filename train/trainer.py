@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 from data.pipeline import Batch
 from train.checkpoint import Checkpointer
@@ -32,10 +32,20 @@ class Progress:
 
 
 class Trainer:
-    def __init__(self, config: Config, runtime: Runtime, engine, objective, batches: Iterator[Batch],
-                 checkpointer: Checkpointer, logger: RunLogger, ema=None,
-                 progress: Progress | None = None, sampler: Callable | None = None,
-                 peak_flops: float | None = None):
+    def __init__(
+        self,
+        config: Config,
+        runtime: Runtime,
+        engine,
+        objective,
+        batches: Iterator[Batch],
+        checkpointer: Checkpointer,
+        logger: RunLogger,
+        ema=None,
+        progress: Progress | None = None,
+        sampler: Callable | None = None,
+        peak_flops: float | None = None,
+    ):
         self.config = config
         self.runtime = runtime
         self.engine = engine
@@ -75,12 +85,17 @@ class Trainer:
         p.tokens_seen += tokens
         p.data_state = batches[-1].state_after
         step_time = time.perf_counter() - start + data_wait
-        metrics = {"train/loss": loss_sum / num_samples, "train/lr": self.engine.lr,
-                   "train/grad_norm": grad_norm, "perf/tokens_per_s": tokens / step_time,
-                   "perf/samples_per_s": num_samples / step_time,
-                   "perf/data_wait_share": data_wait / step_time,
-                   "data/skipped_samples": sum(b.skipped for b in batches),
-                   "progress/samples_seen": p.samples_seen, "progress/tokens_seen": p.tokens_seen}
+        metrics = {
+            "train/loss": loss_sum / num_samples,
+            "train/lr": self.engine.lr,
+            "train/grad_norm": grad_norm,
+            "perf/tokens_per_s": tokens / step_time,
+            "perf/samples_per_s": num_samples / step_time,
+            "perf/data_wait_share": data_wait / step_time,
+            "data/skipped_samples": sum(b.skipped for b in batches),
+            "progress/samples_seen": p.samples_seen,
+            "progress/tokens_seen": p.tokens_seen,
+        }
         if self.peak_flops and flops:
             metrics["perf/mfu"] = flops / step_time / self.peak_flops
         return metrics
@@ -96,8 +111,9 @@ class Trainer:
                 self.logger.log(step, metrics)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 self.save()
-            if self.sampler and ((cfg.sample_every and step % cfg.sample_every == 0)
-                                 or step == cfg.steps):
+            if self.sampler and (
+                (cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.steps
+            ):
                 self.sample()
         return self.losses
 
