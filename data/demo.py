@@ -20,6 +20,7 @@ import av
 import numpy as np
 from PIL import Image
 
+from data.mp4 import write_mp4
 from data.shards import write_shards
 
 
@@ -128,17 +129,6 @@ def resize(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     )
 
 
-def encode_mp4(path: Path, frames: np.ndarray, fps: float) -> None:
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=round(fps))
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "23", "preset": "veryfast"}
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-
-
 def cut(
     source: Source,
     frames: np.ndarray,
@@ -182,7 +172,7 @@ def cut(
         start = int(rng.integers(0, len(frames) - length + 1))
         clip = frames[start : start + length, top : top + crop_h, left : left + crop_w]
         file = f"{Path(source.file).stem}_{i:03d}.mp4"
-        encode_mp4(out / file, resize(clip, out_h, out_w), fps)
+        write_mp4(out / file, resize(clip, out_h, out_w), fps, crf=23, preset="veryfast")
         rows.append({"file": file, "caption": caption, "recaption": recaption})
     return rows
 

@@ -16,19 +16,20 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from data.mp4 import write_mp4
 from data.pipeline import DataState, build_loader
 from model.autoencoder import build_autoencoder
 from model.flops import dit_train_flops, peak_flops
 from model.text import TextEncoder
 from train.build import build_bucket_table, build_dit, frozen
 from train.checkpoint import Checkpointer, export
-from train.config import Config, register_configs, to_config
+from train.config import Config, config_to_dict, register_configs, to_config
 from train.ema import EMA
 from train.engine import build_engine
 from train.logger import RunLogger
 from train.objectives import AutoencoderObjective, FlowMatchingObjective, video_to_float
 from train.runtime import Runtime, init_runtime, seed_everything, set_rng_state, shutdown
-from train.sample import generate, write_mp4
+from train.sample import generate
 from train.trainer import Progress, Trainer
 
 
@@ -85,7 +86,7 @@ def _calibrate_and_export(config: Config, trainer: Trainer, batches, run_dir: Pa
     device = next(model.parameters()).device
     model.eval()
     model.calibrate(video_to_float(b.video, device) for b in itertools.islice(batches, 8))
-    export(run_dir, model, None, trainer.config_dict())
+    export(run_dir, model, None, config_to_dict(config))
 
 
 def run(config: Config) -> list[float]:
@@ -137,7 +138,7 @@ def run(config: Config) -> list[float]:
     else:
         seed_everything(config.train.seed + 1_000_003 * runtime.rank)
 
-    config_values = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+    config_values = config_to_dict(config)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config_values))
     logger = RunLogger(
         config.logger,
@@ -182,7 +183,7 @@ def run(config: Config) -> list[float]:
     losses = trainer.fit()
     if runtime.is_main:
         if is_dit:
-            export(run_dir, model, ema, trainer.config_dict())
+            export(run_dir, model, ema, config_values)
         else:
             _calibrate_and_export(config, trainer, batches, run_dir)
     logger.close()

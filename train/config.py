@@ -96,6 +96,11 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"config key {name}={value!r} is not one of {', '.join(allowed)}")
 
 
+def config_to_dict(config: Config) -> dict:
+    """Plain, resolved values: what a checkpoint, an export and W&B record."""
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+
+
 def to_config(cfg: DictConfig) -> Config:
     """The typed, validated Config of a composed Hydra config."""
     config: Config = OmegaConf.to_object(cfg)

@@ -9,17 +9,16 @@ folder, or one checkpoint folder. The run's own config rebuilds the model.
 
 from __future__ import annotations
 
-import json
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from data.mp4 import write_mp4
 from model.flow import FlowConfig, euler_sample
 
 
@@ -80,26 +79,6 @@ def generate(
         video = autoencoder.decode(latents.float())
     video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return video.permute(0, 2, 3, 4, 1).cpu().numpy()
-
-
-def write_mp4(
-    path: str | Path, frames: np.ndarray, fps: float, metadata: dict | None = None
-) -> Path:
-    """Encode uint8 (T, H, W, 3) frames as H.264; `metadata` goes into the container's
-    comment as JSON (a provenance record: model, checkpoint, prompt)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=round(fps))
-        stream.height, stream.width = frames.shape[1], frames.shape[2]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "18"}
-        if metadata:
-            container.metadata["comment"] = json.dumps(metadata)
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    return path
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from data.pipeline import Batch
 from train.checkpoint import Checkpointer
-from train.config import Config
+from train.config import Config, config_to_dict
 from train.logger import RunLogger
 from train.runtime import Runtime, rng_state
 
@@ -118,13 +118,8 @@ class Trainer:
         return self.losses
 
     def save(self) -> Path:
-        state = {**self.progress.__dict__, "config": self.config_dict()}
+        state = {**self.progress.__dict__, "config": config_to_dict(self.config)}
         return self.checkpointer.save(self.progress.step, self.engine, self.ema, state, rng_state())
-
-    def config_dict(self) -> dict:
-        from omegaconf import OmegaConf
-
-        return OmegaConf.to_container(OmegaConf.structured(self.config), resolve=True)
 
     def sample(self) -> None:
         """Sample the fixed prompts with the EMA weights and log the videos."""
