@@ -55,7 +55,6 @@ class TrainConfig:
     sample_width: int = 64
     sample_steps: int = 20
     sample_fps: float = 8.0
-    eval_batches: int = 0  # reserved for held-out evaluation
 
 
 @dataclass
