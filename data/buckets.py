@@ -39,6 +39,8 @@ class Bucket:
 
 
 class BucketTable:
+    """The validated buckets of a table (most tokens first) and the rule assigning samples."""
+
     def __init__(
         self,
         cfg: BucketConfig,
@@ -50,6 +52,13 @@ class BucketTable:
         self.tc, self.sc, self.patch = temporal_compression, spatial_compression, tuple(patch)
         if not cfg.buckets:
             raise ValueError("buckets.buckets is empty: give at least one [frames, height, width]")
+        if cfg.token_budget < 1:
+            raise ValueError(f"buckets.token_budget={cfg.token_budget}: must be a positive int")
+        if cfg.max_aspect_change < 0:
+            raise ValueError(f"buckets.max_aspect_change={cfg.max_aspect_change}: must be >= 0")
+        duplicates = [b for i, b in enumerate(cfg.buckets) if b in cfg.buckets[:i]]
+        if duplicates:
+            raise ValueError(f"buckets.buckets lists bucket {duplicates[0]} twice")
         self.buckets = sorted(
             (self._bucket(spec) for spec in cfg.buckets),
             key=lambda b: (b.tokens_per_sample, b.shape),
@@ -86,13 +95,21 @@ class BucketTable:
         `frames` is the number of frames available at the pipeline's target frame rate.
         """
         aspect = width / height
-        for bucket in self.buckets:  # largest first
-            if bucket.frames > frames or bucket.height > height or bucket.width > width:
-                continue
-            # Both sides fit, so resizing to cover the bucket never upscales.
-            if abs(math.log((bucket.width / bucket.height) / aspect)) <= self.cfg.max_aspect_change:
-                return bucket
-        return None
+
+        def aspect_change(bucket: Bucket) -> float:
+            return abs(math.log((bucket.width / bucket.height) / aspect))
+
+        # Both sides fit, so resizing to cover the bucket never upscales.
+        fitting = [
+            b
+            for b in self.buckets
+            if b.frames <= frames
+            and b.height <= height
+            and b.width <= width
+            and aspect_change(b) <= self.cfg.max_aspect_change
+        ]
+        # Most tokens first; between equal token counts, the least cropping.
+        return max(fitting, key=lambda b: (b.tokens_per_sample, -aspect_change(b)), default=None)
 
     def budget_deviation(self) -> dict[tuple[int, int, int], float]:
         """Relative deviation of each bucket's tokens per batch from the budget."""

@@ -65,16 +65,37 @@ def _decode_decord(data: bytes, indices_for, out_size: tuple[int, int]) -> np.nd
     return reader.get_batch(list(indices)).asnumpy()
 
 
+def _pyav_info(container: av.container.InputContainer) -> tuple[int, int, float, int]:
+    """(width, height, fps, frames) of a container's first video stream."""
+    stream = container.streams.video[0]
+    fps = stream.average_rate or stream.guessed_rate
+    if not fps:
+        raise ValueError("the video stream has no frame rate")
+    # mp4/mov store the frame count; webm/mkv may not, so count packets (no decoding).
+    frames = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+    return stream.codec_context.width, stream.codec_context.height, float(fps), frames
+
+
 def _decode_pyav(data: bytes, indices_for, out_size: tuple[int, int]) -> np.ndarray:
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.video[0]
-        frames = list(container.decode(stream))
-        fps = float(stream.average_rate or 25)
-    indices = indices_for(len(frames), fps)
+    """Streams through the video and converts (and resizes) only the wanted frames, so a
+    long video never sits in memory."""
     out_h, out_w = out_size
-    return np.stack(
-        [frames[i].to_ndarray(format="rgb24", width=out_w, height=out_h) for i in indices]
-    )
+    with av.open(io.BytesIO(data)) as container:
+        _, _, fps, total = _pyav_info(container)
+    indices = indices_for(total, fps)
+    wanted: dict[int, list[int]] = {}
+    for position, index in enumerate(indices):
+        wanted.setdefault(int(index), []).append(position)
+    frames: list[np.ndarray | None] = [None] * len(indices)
+    with av.open(io.BytesIO(data)) as container:
+        for index, frame in enumerate(container.decode(video=0)):
+            for position in wanted.get(index, ()):
+                frames[position] = frame.to_ndarray(format="rgb24", width=out_w, height=out_h)
+            if index >= indices[-1]:
+                break
+    if any(frame is None for frame in frames):
+        raise ValueError(f"the video ended before frame {int(indices[-1])} of {total}")
+    return np.stack(frames)
 
 
 def _decode_image(data: bytes, out_size: tuple[int, int]) -> np.ndarray:
@@ -139,10 +160,7 @@ def probe(data: bytes, ext: str, name: str = "") -> dict:
             fps, frames = float(reader.get_avg_fps()), len(reader)
         else:
             with av.open(io.BytesIO(data)) as container:
-                stream = container.streams.video[0]
-                width, height = stream.codec_context.width, stream.codec_context.height
-                fps = float(stream.average_rate)
-                frames = sum(1 for _ in container.decode(stream))
+                width, height, fps, frames = _pyav_info(container)
     except Exception as error:
         raise DecodeError(f"cannot probe {name or 'sample'} ({ext}): {error}") from error
     if frames < 1 or width < 1 or height < 1 or not fps > 0:

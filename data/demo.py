@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,57 +26,157 @@ from data.shards import write_shards
 
 
 @dataclass(frozen=True)
+class Shot:
+    """Frames [start, end) of a source clip showing one scene, and what is in it."""
+
+    start: int
+    end: int
+    captions: tuple[str, ...]  # short noun phrases: "a close-up of ..." may precede them
+    recaption: str  # a longer, detailed description
+
+
+@dataclass(frozen=True)
 class Source:
     file: str
-    captions: tuple[str, ...]
-    recaption: str
     work_height: int  # frames are downscaled to this height once, on load
+    shots: tuple[Shot, ...]
 
 
+RABBIT_SCENE = (
+    "a scene from a computer-animated short film. Grey boulders lie at the foot of the hill; "
+    "tall trees, a low stone wall and a pale pink morning sky are behind. The light is soft "
+    "and warm and the grass sways a little."
+)
+STREET = "Real footage from the streets of a European city."
+CAR = (
+    "He wears a dark suit jacket, a white shirt and a red bow tie, and he looks into the camera "
+    "with lively expressions while his head moves. Behind him are a blue and white striped seat "
+    "and a side window through which trees and fields pass."
+)
 SOURCES = (
     Source(
         "bigbuckbunny.mp4",
-        (
-            "a big white cartoon rabbit in a green meadow",
-            "an animated fat bunny standing in a sunny forest clearing",
-            "a cartoon rabbit near trees and grass on a bright morning",
-        ),
-        "a computer-animated scene of a large, round white rabbit with long ears standing in "
-        "a lush green meadow at the edge of a forest, soft morning light, gentle motion",
         216,
+        (
+            Shot(
+                0,
+                40,
+                (
+                    "a big white cartoon rabbit crawling out of his burrow in a green meadow",
+                    "an animated fat bunny climbing out of a hole under a grassy hill",
+                    "a cartoon rabbit with long ears coming out of the ground near trees",
+                ),
+                "A large, round, grey-white cartoon rabbit with long ears pulls himself out of a "
+                "dark burrow under a grassy hill and looks around; " + RABBIT_SCENE,
+            ),
+            Shot(
+                40,
+                132,
+                (
+                    "a big white cartoon rabbit stretching and yawning in front of his burrow",
+                    "an animated fat bunny standing in a sunny meadow with his arms out",
+                    "a cartoon rabbit waking up and stretching on the grass near a forest",
+                ),
+                "A large, round, grey-white cartoon rabbit stands upright on the grass in front "
+                "of his burrow, stretches his arms wide, yawns with his mouth open and rubs his "
+                "eyes; " + RABBIT_SCENE,
+            ),
+        ),
     ),
     Source(
         "bikes.mp4",
-        (
-            "people riding bicycles past on a city street",
-            "cyclists passing by on a street",
-            "a street scene with bikes riding through the frame",
-        ),
-        "a real-world street scene in daylight where several cyclists ride their bicycles "
-        "from one side of the frame to the other past buildings, filmed from a fixed camera",
         160,
+        (
+            Shot(
+                0,
+                30,
+                (
+                    "a street seen from straight above with a red car driving past",
+                    "a top-down view of asphalt and a white painted road marking",
+                ),
+                "Looking straight down from above at grey asphalt, a wide white painted stripe "
+                "with a brown square on it and a kerb; a red car drives into the corner of the "
+                "frame. " + STREET,
+            ),
+            Shot(
+                30,
+                76,
+                (
+                    "a traffic jam of cars with their headlights on in a city street",
+                    "queued cars in traffic and the roof sign of a taxi",
+                ),
+                "A man in a dark suit and tie walks between rows of stopped cars; then out-of-focus "
+                "traffic with headlights and chrome shining, and the white TAXI sign on the roof "
+                "of a car close to the camera. " + STREET,
+            ),
+            Shot(
+                76,
+                137,
+                (
+                    "a cyclist in a helmet on his bicycle next to a grey van",
+                    "a man on a bike waiting beside a van in the street",
+                ),
+                "The back of a grey van with its brake light on fills the left of the frame; "
+                "next to it a cyclist in a helmet, black shirt and shorts sits on his bicycle by "
+                "a shop front and a parked motorbike, and a white van passes in front. " + STREET,
+            ),
+            Shot(
+                137,
+                187,
+                (
+                    "a bicycle parked behind green railings at a city crossroads",
+                    "cars driving along a street past a parked bike and a metal fence",
+                ),
+                "A bicycle stands behind dark green metal railings at a crossroads; white and "
+                "dark cars drive past along a wide street lined with brick townhouses under a "
+                "grey sky. " + STREET,
+            ),
+            Shot(
+                187,
+                242,
+                (
+                    "a man walking past a bicycle leaning against a stone wall",
+                    "a black bicycle parked on a cobbled pavement beside a building",
+                ),
+                "A black bicycle with a grey bag leans against the stone base of a building on a "
+                "cobbled pavement next to a metal bollard; a man in dark trousers walks past it "
+                "and out of the frame. " + STREET,
+            ),
+        ),
     ),
     Source(
         "carphone_pristine.mp4",
-        (
-            "a man talking on a phone inside a moving car",
-            "a driver speaking on a mobile phone in a car",
-            "a man in a car talking on the phone, trees passing by the window",
-        ),
-        "a head-and-shoulders shot of a man sitting in a car and talking into a mobile "
-        "phone while the landscape moves past the side window, handheld camera",
         144,
+        (
+            Shot(
+                0,
+                120,
+                (
+                    "a man in a suit and red bow tie talking inside a moving car",
+                    "a young man with a bow tie speaking to the camera in a car",
+                    "a man talking in the passenger seat of a car, fields passing by the window",
+                ),
+                "A head-and-shoulders shot of a young man with short brown hair talking inside a "
+                "moving car. " + CAR + " A small, sharp standard-definition test video.",
+            ),
+        ),
     ),
     Source(
         "carphone_distorted.mp4",
-        (
-            "a low quality video of a man talking on a phone in a car",
-            "a blurry, blocky clip of a driver on the phone",
-            "a compressed video of a man in a car talking on a mobile phone",
-        ),
-        "a heavily compressed, blocky low-bitrate video of a man sitting in a car and "
-        "talking into a mobile phone while the scenery passes behind the window",
         144,
+        (
+            Shot(
+                0,
+                120,
+                (
+                    "a blurry low quality video of a man talking inside a moving car",
+                    "a heavily compressed, blocky clip of a man in a suit in a car",
+                    "a smeared, low bitrate video of a man with a red bow tie in a car",
+                ),
+                "A heavily compressed, blurry and blocky low-bitrate video: a young man talking "
+                "inside a moving car, his face smeared by compression artefacts. " + CAR,
+            ),
+        ),
     ),
 )
 ASPECTS = {
@@ -138,9 +239,11 @@ def cut(
     out: Path,
     rng: np.random.Generator,
 ) -> list[dict]:
+    """`count` sub-clips and `images` stills of random shot, crop, size and duration."""
     rows = []
     height, width = frames.shape[1:3]
     for i in range(count + images):
+        shot = source.shots[i % len(source.shots)]
         name = rng.choice(list(ASPECTS))
         aspect = ASPECTS[name]
         top, left, crop_h, crop_w, scale = crop_box(height, width, aspect, rng)
@@ -150,11 +253,13 @@ def cut(
             if aspect >= 1
             else (round(short / aspect / 2) * 2, short)
         )
-        framing = "a close-up of " if scale < 0.7 else ""
-        caption = framing + source.captions[i % len(source.captions)]
-        recaption = f"{source.recaption}; {name} framing"
+        close_up = scale < 0.7
+        caption = ("a close-up of " if close_up else "") + shot.captions[
+            i // len(source.shots) % len(shot.captions)
+        ]
+        recaption = f"{shot.recaption} {'A close-up' if close_up else 'A wide view'}, {name}."
         if i >= count:  # a still image
-            index = int(rng.integers(0, len(frames)))
+            index = int(rng.integers(shot.start, shot.end))
             still = resize(
                 frames[index : index + 1, top : top + crop_h, left : left + crop_w], out_h, out_w
             )
@@ -164,12 +269,12 @@ def cut(
                 {
                     "file": file,
                     "caption": "a still image of " + caption,
-                    "recaption": "a single frame: " + recaption,
+                    "recaption": "A single frame. " + recaption,
                 }
             )
             continue
-        length = min(len(frames), round(float(rng.choice(DURATIONS_S)) * fps))
-        start = int(rng.integers(0, len(frames) - length + 1))
+        length = min(shot.end - shot.start, round(float(rng.choice(DURATIONS_S)) * fps))
+        start = int(rng.integers(shot.start, shot.end - length + 1))
         clip = frames[start : start + length, top : top + crop_h, left : left + crop_w]
         file = f"{Path(source.file).stem}_{i:03d}.mp4"
         write_mp4(out / file, resize(clip, out_h, out_w), fps, crf=23, preset="veryfast")
@@ -185,6 +290,7 @@ def build_demo(
     shards = out / "shards"
     if (shards / "index.json").exists():
         return shards
+    shutil.rmtree(shards, ignore_errors=True)  # what an interrupted build left behind
     raw = out / "clips"
     raw.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

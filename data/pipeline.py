@@ -3,9 +3,11 @@
 The data position is one explicit, JSON-serialisable state: `DataState(seed, epoch,
 consumed_samples)`. For each epoch a seeded global plan of batches is built that does not
 depend on the number of ranks: each bucket's samples are shuffled and cut into batches of
-that bucket's size, then the batches are shuffled. Global batch j goes to data-parallel
-rank j % world, and `consumed_samples` counts the samples of every plan batch before the
-current position, so a run resumes exactly where it stopped, on any number of ranks.
+that bucket's size, then the batches are shuffled. From the current position the plan is
+read in rows of `world` batches, rank r taking the r-th of each row (batch j goes to rank
+j % world in a fresh epoch), and `consumed_samples` counts the samples of every plan batch
+before the position, so a run resumes exactly where it stopped, on any number of ranks.
+An epoch ends when fewer than `world` batches are left.
 
 Per-sample randomness (clip start, crop, caption or recaption) is seeded by (seed, epoch,
 sample id), so it does not depend on the rank or the loader worker either. Workers take
@@ -16,12 +18,18 @@ from __future__ import annotations
 
 import bisect
 import glob
+import hashlib
 import json
 import logging
+import os
+import shlex
+import shutil
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -56,7 +64,10 @@ class DataState:
 
     @classmethod
     def from_dict(cls, values: dict) -> DataState:
-        return cls(**values)
+        names = {f.name for f in fields(cls)}
+        if set(values) != names:
+            raise ValueError(f"data state {values}: expected exactly the keys {sorted(names)}")
+        return cls(**{name: int(values[name]) for name in names})
 
 
 @dataclass
@@ -69,6 +80,10 @@ class Batch:
     state_after: dict  # the DataState once every rank has consumed this batch's row
     skipped: int = 0  # samples that failed to decode since the previous batch
 
+    def pin_memory(self) -> Batch:
+        """Called by the DataLoader (pin_memory=True) for fast, asynchronous host-to-GPU copies."""
+        return replace(self, video=self.video.pin_memory(), fps=self.fps.pin_memory())
+
 
 @dataclass(frozen=True)
 class PlannedBatch:
@@ -79,46 +94,60 @@ class PlannedBatch:
 # --- the index: every sample's location and metadata ---------------------------------
 
 
-def _local_shards(spec: str, cache_dir: str) -> list[Path]:
-    if "://" in spec:
-        return [_fetch(url.strip(), Path(cache_dir)) for url in spec.split(",") if url.strip()]
-    if any(c in spec for c in "*?["):
-        paths = sorted(Path(p) for p in glob.glob(spec))
-        if not paths:
-            raise FileNotFoundError(f"data.shards={spec!r}: the glob matches no file")
-        return paths
-    folder = Path(spec)
-    if not spec or not folder.is_dir():
-        raise FileNotFoundError(f"data.shards={spec!r}: no such shard folder")
-    paths = sorted(folder.glob("*.tar"))
-    if not paths:
-        raise FileNotFoundError(f"data.shards={spec!r}: the folder holds no .tar shards")
+def shard_paths(spec: str, cache_dir: str | Path) -> list[Path]:
+    """Local tar paths of `data.shards`: comma-separated folders, globs, tar paths and URLs
+    (remote shards are copied into `cache_dir` first)."""
+    entries = [entry.strip() for entry in spec.split(",") if entry.strip()]
+    if not entries:
+        raise FileNotFoundError("data.shards is empty: give a shard folder, a glob or tar paths")
+    paths: list[Path] = []
+    for entry in entries:
+        if "://" in entry:
+            paths.append(_fetch(entry, Path(cache_dir)))
+        elif any(c in entry for c in "*?["):
+            matched = sorted(Path(p) for p in glob.glob(entry) if p.endswith(".tar"))
+            if not matched:
+                raise FileNotFoundError(f"data.shards={spec!r}: {entry!r} matches no .tar file")
+            paths += matched
+        elif Path(entry).is_dir():
+            tars = sorted(Path(entry).glob("*.tar"))
+            if not tars:
+                raise FileNotFoundError(f"data.shards={spec!r}: folder {entry} holds no .tar")
+            paths += tars
+        elif Path(entry).is_file():
+            paths.append(Path(entry))
+        else:
+            raise FileNotFoundError(f"data.shards={spec!r}: no such shard folder or file {entry}")
     return paths
 
 
 def _fetch(url: str, cache_dir: Path) -> Path:
-    """Copy a remote shard into the cache once; later reads are local seeks."""
-    target = cache_dir / url.split("://", 1)[1].replace("/", "_")
+    """Copy a remote shard into the cache once (atomically, as ranks may race); later reads
+    are local seeks."""
+    digest = hashlib.sha1(url.encode()).hexdigest()[:12]
+    target = cache_dir / f"{digest}-{Path(urlparse(url).path).name}"
     if not target.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".part")
-        with wds.gopen(url, "rb") as source, open(tmp, "wb") as sink:
-            while chunk := source.read(1 << 20):
-                sink.write(chunk)
+        # webdataset's gopen has no s3 scheme; its documented route is the AWS CLI.
+        source = f"pipe:aws s3 cp {shlex.quote(url)} -" if url.startswith("s3://") else url
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.part")
+        with wds.gopen(source, "rb") as reader, open(tmp, "wb") as writer:
+            shutil.copyfileobj(reader, writer, 1 << 20)
         tmp.replace(target)
     return target
 
 
-def load_index(spec: str, cache_dir: str = ".cache/shards") -> list[dict]:
-    """All samples, each with its shard path; ordered by shard then position."""
-    paths = _local_shards(spec, cache_dir)
-    index_file = paths[0].parent / INDEX_NAME
-    written = {}
-    if index_file.exists():
-        written = {s["file"]: s["samples"] for s in json.loads(index_file.read_text())["shards"]}
+def load_index(spec: str, cache_dir: str | Path = ".cache/shards") -> list[dict]:
+    """All samples, each with its shard path; ordered by shard then position. A shard is
+    looked up in the index.json beside it, or indexed by scanning its tar headers."""
+    written: dict[Path, dict[str, list[dict]]] = {}  # folder -> shard file name -> samples
     samples = []
-    for path in paths:
-        for entry in written.get(path.name) or index_tar(path):
+    for path in shard_paths(spec, cache_dir):
+        if path.parent not in written:
+            index_file = path.parent / INDEX_NAME
+            shards = json.loads(index_file.read_text())["shards"] if index_file.exists() else []
+            written[path.parent] = {shard["file"]: shard["samples"] for shard in shards}
+        for entry in written[path.parent].get(path.name) or index_tar(path):
             samples.append({**entry, "shard": str(path)})
     if not samples:
         raise FileNotFoundError(f"data.shards={spec!r}: the shards hold no samples")
@@ -136,10 +165,11 @@ def frames_at_fps(meta: dict, target_fps: float) -> int:
     return int((meta["frames"] - 1) // stride) + 1
 
 
-def plan_epoch(
-    samples: list[dict], table: BucketTable, target_fps: float, seed: int, epoch: int
-) -> tuple[list[PlannedBatch], int]:
-    """This epoch's batches, and how many samples fit no bucket."""
+def assign_buckets(
+    samples: list[dict], table: BucketTable, target_fps: float
+) -> tuple[dict[Bucket, list[int]], int]:
+    """Sample ids by bucket (the same every epoch, so computed once), and how many samples
+    fit no bucket."""
     by_bucket: dict[Bucket, list[int]] = defaultdict(list)
     unassigned = 0
     for sample_id, sample in enumerate(samples):
@@ -149,6 +179,14 @@ def plan_epoch(
             unassigned += 1
         else:
             by_bucket[bucket].append(sample_id)
+    return by_bucket, unassigned
+
+
+def shuffle_plan(
+    by_bucket: dict[Bucket, list[int]], table: BucketTable, seed: int, epoch: int
+) -> list[PlannedBatch]:
+    """One epoch's batches: each bucket shuffled and cut (dropping a last, partial batch),
+    then the batches shuffled, all seeded by (seed, epoch)."""
     rng = np.random.default_rng([seed, epoch])
     batches = []
     for bucket in table.buckets:  # a fixed order, so the shuffles below are reproducible
@@ -158,7 +196,15 @@ def plan_epoch(
                 PlannedBatch(bucket, tuple(int(i) for i in ids[start : start + bucket.batch_size]))
             )
     order = rng.permutation(len(batches))
-    return [batches[i] for i in order], unassigned
+    return [batches[i] for i in order]
+
+
+def plan_epoch(
+    samples: list[dict], table: BucketTable, target_fps: float, seed: int, epoch: int
+) -> tuple[list[PlannedBatch], int]:
+    """This epoch's batches, and how many samples fit no bucket."""
+    by_bucket, unassigned = assign_buckets(samples, table, target_fps)
+    return shuffle_plan(by_bucket, table, seed, epoch), unassigned
 
 
 # --- the stream -------------------------------------------------------------------------
@@ -178,34 +224,46 @@ class BatchStream(IterableDataset):
     ):
         self.cfg, self.table, self.samples = cfg, table, samples
         self.dp_rank, self.dp_world, self.state = dp_rank, dp_world, state
+        self.by_bucket, self.unassigned = assign_buckets(samples, table, cfg.fps)
+        self.batches_per_epoch = sum(
+            len(ids) // bucket.batch_size for bucket, ids in self.by_bucket.items()
+        )
+        if self.batches_per_epoch < dp_world:
+            raise ValueError(
+                f"data.shards={cfg.shards!r}: {self.batches_per_epoch} full batches per "
+                f"epoch, fewer than the {dp_world} data-parallel ranks"
+            )
         self._plans: dict[int, tuple[list[PlannedBatch], list[int]]] = {}
-        self._files: dict[str, object] = {}
+        self._files: dict[str, BinaryIO] = {}
+        # A bad state fails here, in the trainer's process, not later inside a worker.
+        self.first_batch(state.epoch, state.consumed_samples)
 
     def plan(self, epoch: int) -> tuple[list[PlannedBatch], list[int]]:
-        """(batches, cumulative sample counts before each batch) of an epoch, cached."""
+        """(batches, cumulative sample counts before each batch) of an epoch; the latest
+        epoch's is kept."""
         if epoch not in self._plans:
-            batches, _ = plan_epoch(self.samples, self.table, self.cfg.fps, self.state.seed, epoch)
-            if len(batches) < self.dp_world:
-                raise ValueError(
-                    f"data.shards={self.cfg.shards!r}: {len(batches)} full batches "
-                    f"per epoch, fewer than the {self.dp_world} data-parallel ranks"
-                )
-            self._plans = {
-                epoch: (batches, np.cumsum([0] + [len(b.sample_ids) for b in batches]).tolist())
-            }
+            batches = shuffle_plan(self.by_bucket, self.table, self.state.seed, epoch)
+            cumulative = np.cumsum([0] + [len(b.sample_ids) for b in batches]).tolist()
+            self._plans = {epoch: (batches, cumulative)}
         return self._plans[epoch]
+
+    def first_batch(self, epoch: int, consumed: int) -> int:
+        """The plan index after `consumed` samples of an epoch."""
+        cumulative = self.plan(epoch)[1]
+        first = bisect.bisect_left(cumulative, consumed)
+        if first >= len(cumulative) or cumulative[first] != consumed:
+            raise ValueError(
+                f"data state consumed_samples={consumed} is not a batch boundary "
+                f"of epoch {epoch}'s plan (seed {self.state.seed})"
+            )
+        return first
 
     def rows(self) -> Iterator[tuple[int, int, DataState]]:
         """(epoch, plan index of this rank's batch, state after the row) for every row on."""
         epoch, consumed = self.state.epoch, self.state.consumed_samples
         while True:
+            first = self.first_batch(epoch, consumed)
             batches, cumulative = self.plan(epoch)
-            first = bisect.bisect_left(cumulative, consumed)
-            if first >= len(cumulative) or cumulative[first] != consumed:
-                raise ValueError(
-                    f"data state consumed_samples={consumed} is not a batch boundary "
-                    f"of epoch {epoch}'s plan (seed {self.state.seed})"
-                )
             num_rows = (len(batches) - first) // self.dp_world
             for row in range(num_rows):
                 end = first + (row + 1) * self.dp_world
@@ -294,11 +352,18 @@ def build_loader(
     stream = BatchStream(
         cfg, table, load_index(cfg.shards, cfg.cache_dir), dp_rank, dp_world, state
     )
+    log.info(
+        "%d samples, %d of them in no bucket; %d batches an epoch in %d buckets",
+        len(stream.samples),
+        stream.unassigned,
+        stream.batches_per_epoch,
+        len(stream.by_bucket),
+    )
     loader = DataLoader(
         stream,
         batch_size=None,
         num_workers=cfg.num_workers,
         prefetch_factor=4 if cfg.num_workers else None,
-        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
     )
     return _skip_empty(iter(loader))

