@@ -79,6 +79,8 @@ class Batch:
     bucket: tuple[int, int, int]  # (frames, height, width)
     state_after: dict  # the DataState once every rank has consumed this batch's row
     skipped: int = 0  # samples that failed to decode since the previous batch
+    epoch: int = 0  # with plan_index, names this batch in the global plan: training seeds
+    plan_index: int = 0  # its noise from it, so randomness follows the data, not the rank
 
     def pin_memory(self) -> Batch:
         """Called by the DataLoader (pin_memory=True) for fast, asynchronous host-to-GPU copies."""
@@ -280,7 +282,7 @@ class BatchStream(IterableDataset):
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
         for row, (epoch, plan_index, after) in enumerate(self.rows()):
             if row % num_workers == worker_id:
-                yield self.load(self.plan(epoch)[0][plan_index], epoch, after)
+                yield self.load(self.plan(epoch)[0][plan_index], epoch, plan_index, after)
 
     def _read(self, sample: dict) -> bytes:
         file = self._files.get(sample["shard"])
@@ -289,7 +291,7 @@ class BatchStream(IterableDataset):
         file.seek(sample["offset"])
         return file.read(sample["size"])
 
-    def load(self, planned: PlannedBatch, epoch: int, after: DataState) -> Batch:
+    def load(self, planned: PlannedBatch, epoch: int, plan_index: int, after: DataState) -> Batch:
         """Decode a planned batch; samples that fail are dropped and counted (the batch may
         come out empty: the loader skips it, and keeps the count)."""
         bucket = planned.bucket
@@ -331,6 +333,8 @@ class BatchStream(IterableDataset):
             bucket.shape,
             after.to_dict(),
             skipped=len(planned.sample_ids) - len(keys),
+            epoch=epoch,
+            plan_index=plan_index,
         )
 
 

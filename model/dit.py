@@ -168,13 +168,14 @@ class SelfAttention(nn.Module):
         self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(width, width)
+        self.attend = attention  # sequence parallelism swaps in a distributed attention
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(dim=2)
         # Autocast may run the norms in fp32; attention kernels need one dtype.
         q = apply_rope(self.q_norm(q), *rope).type_as(v)
         k = apply_rope(self.k_norm(k), *rope).type_as(v)
-        return self.proj(attention(q, k, v).flatten(2))
+        return self.proj(self.attend(q, k, v).flatten(2))
 
 
 class CrossAttention(nn.Module):

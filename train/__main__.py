@@ -7,6 +7,7 @@ of a frozen autoencoder) and `autoencoder` (the video VAE itself).
 
 from __future__ import annotations
 
+import copy
 import itertools
 from dataclasses import replace
 from functools import partial
@@ -25,18 +26,21 @@ from train.build import build_bucket_table, build_dit, frozen
 from train.checkpoint import Checkpointer, export
 from train.config import Config, config_to_dict, register_configs, to_config
 from train.ema import EMA
-from train.engine import build_engine
 from train.logger import RunLogger
 from train.objectives import AutoencoderObjective, FlowMatchingObjective, video_to_float
+from train.parallel import ParallelDims, build_engine
 from train.runtime import Runtime, init_runtime, seed_everything, set_rng_state, shutdown
 from train.sample import generate
 from train.trainer import Progress, Trainer
 
 
 def _dit_sampler(config: Config, autoencoder, text_encoder, runtime: Runtime, run_dir: Path):
+    """Samples the fixed prompts with consolidated weights on an unsharded copy of the DiT."""
     cfg = config.train
+    model = frozen(build_dit(config, autoencoder, text_encoder), runtime.device)
 
-    def sample(model, step: int) -> dict[str, Path]:
+    def sample(weights: dict, step: int) -> dict[str, Path]:
+        model.load_state_dict(weights)
         videos = generate(
             model,
             autoencoder,
@@ -63,11 +67,13 @@ def _dit_sampler(config: Config, autoencoder, text_encoder, runtime: Runtime, ru
     return sample
 
 
-def _reconstruction_sampler(config: Config, batch, run_dir: Path):
+def _reconstruction_sampler(config: Config, model, batch, run_dir: Path):
     """Originals beside their reconstructions, for the autoencoder stage."""
+    model = copy.deepcopy(model).eval()
 
     @torch.no_grad()
-    def sample(model, step: int) -> dict[str, Path]:
+    def sample(weights: dict, step: int) -> dict[str, Path]:
+        model.load_state_dict(weights, strict=False)  # buffers (calibration) stay as they are
         video = video_to_float(batch.video, next(model.parameters()).device)
         recon = model.decode(model.encode(video)).clamp(-1, 1)
         pair = torch.cat([video, recon], dim=-1)  # side by side
@@ -80,17 +86,32 @@ def _reconstruction_sampler(config: Config, batch, run_dir: Path):
 
 def _calibrate_and_export(config: Config, trainer: Trainer, batches, run_dir: Path) -> None:
     """Autoencoder stage: set the latent normalisation on training data, then export."""
-    model = trainer.engine.model
-    if trainer.ema is not None:
-        trainer.ema.copy_to(model)
+    model = trainer.engine.module
+    model.load_state_dict(trainer.consolidated_weights(), strict=False)
     device = next(model.parameters()).device
     model.eval()
     model.calibrate(video_to_float(b.video, device) for b in itertools.islice(batches, 8))
-    export(run_dir, model, None, config_to_dict(config))
+    kind = "ema" if trainer.ema is not None else "raw"
+    export(run_dir, model.state_dict(), config_to_dict(config), kind)
+
+
+def _setup_parallel(config: Config, runtime: Runtime) -> ParallelDims:
+    dims = ParallelDims.resolve(config.parallel, runtime.world_size, runtime.rank)
+    if config.train.stage == "dit":
+        dims.check_model(config.model.num_heads)
+    elif dims.backend not in ("none", "ddp"):
+        raise ValueError(
+            f"parallel.backend={dims.backend}: the autoencoder stage trains with none or ddp"
+        )
+    dims.build_mesh(runtime.device.type)
+    return dims
 
 
 def run(config: Config) -> list[float]:
-    runtime = init_runtime(config.train.device, config.train.precision)
+    runtime = init_runtime(
+        config.train.device, config.train.precision, config.parallel.backend != "none"
+    )
+    dims = _setup_parallel(config, runtime)
     run_dir = Path(config.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config.train.seed)  # identical initial weights on every rank
@@ -112,13 +133,22 @@ def run(config: Config) -> list[float]:
             config.flow,
             config.model.patch_size,
             lambda n: flops(num_tokens=n),
+            config.train.seed,
         )
     else:
         autoencoder = model = build_autoencoder(config.autoencoder).to(runtime.device)
         objective = AutoencoderObjective()
 
-    engine = build_engine(config.parallel.backend, model, config.optim, config.train.steps)
-    ema = EMA(model, config.train.ema_decay) if config.train.ema_decay > 0 else None
+    engine = build_engine(
+        model,
+        config.parallel,
+        config.optim,
+        dims,
+        config.train.grad_accum,
+        config.train.steps,
+        runtime.autocast_dtype,
+    )
+    ema = EMA(engine.local_params(), config.train.ema_decay) if config.train.ema_decay > 0 else None
     checkpointer = Checkpointer(run_dir, config.train.keep_last, config.train.keep_every)
     restored = checkpointer.load_latest(config.train.resume, engine, ema)
     progress = Progress()
@@ -131,9 +161,9 @@ def run(config: Config) -> list[float]:
         else DataState(seed=config.data.seed, epoch=0, consumed_samples=0)
     )
     table = build_bucket_table(config, autoencoder)
-    batches = iter(build_loader(config.data, table, runtime.rank, runtime.world_size, data_state))
+    batches = iter(build_loader(config.data, table, dims.dp_rank, dims.dp_size, data_state))
     # The loader's iterator draws its worker seeds from the global RNG: restore after it.
-    if restored:
+    if restored and rng is not None:
         set_rng_state(rng)
     else:
         seed_everything(config.train.seed + 1_000_003 * runtime.rank)
@@ -149,6 +179,7 @@ def run(config: Config) -> list[float]:
         progress.step,
         enabled=runtime.is_main,
     )
+    logger.print(dims.describe())
     if restored:
         logger.print(f"resumed from step {progress.step} ({checkpointer.root})")
     if is_dit:
@@ -166,10 +197,11 @@ def run(config: Config) -> list[float]:
             1,
             DataState(seed=config.data.seed + 1, epoch=0, consumed_samples=0),
         )
-        sampler = _reconstruction_sampler(config, next(iter(held_out)), run_dir)
+        sampler = _reconstruction_sampler(config, model, next(iter(held_out)), run_dir)
     trainer = Trainer(
         config,
         runtime,
+        dims,
         engine,
         objective,
         batches,
@@ -177,15 +209,16 @@ def run(config: Config) -> list[float]:
         logger,
         ema,
         progress,
-        sampler if runtime.is_main else None,
+        sampler,
         peak_flops(runtime.device),
     )
     losses = trainer.fit()
-    if runtime.is_main:
-        if is_dit:
-            export(run_dir, model, ema, config_values)
-        else:
-            _calibrate_and_export(config, trainer, batches, run_dir)
+    if is_dit:
+        weights = trainer.consolidated_weights()
+        if runtime.is_main:
+            export(run_dir, weights, config_values, "ema" if ema is not None else "raw")
+    elif runtime.is_main:
+        _calibrate_and_export(config, trainer, batches, run_dir)
     logger.close()
     shutdown()
     return losses

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -28,7 +29,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated or corrupt; the message names it."""
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
 
 
@@ -39,7 +40,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read checkpoint file {path}: {error}") from error
 
 
-def _load_torch(path: Path) -> dict:
+def load_torch(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
@@ -70,8 +71,22 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 class Checkpointer:
-    """Owns `<run_dir>/checkpoints/`: which checkpoints exist, and how they are written."""
+    """Owns `<run_dir>/checkpoints/`: which checkpoints exist, and how they are written.
+
+    Saving and loading are collective: every rank calls them. The engine writes its own state
+    (one file set for a single process or DDP, sharded files for FSDP and ZeRO); the EMA is
+    consolidated into one safetensors file; each rank keeps its own RNG state.
+    """
 
     def __init__(self, run_dir: str | Path, keep_last: int = 3, keep_every: int = 0):
         self.root = Path(run_dir) / "checkpoints"
@@ -81,25 +96,31 @@ class Checkpointer:
     def save(self, step: int, engine, ema, trainer_state: dict, rng: dict) -> Path:
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f".tmp_step_{step:08d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        state = engine.state_dict()
-        _save_tensors(state["model"], tmp / "model.safetensors")
-        torch.save(
-            {"optimizer": state["optimizer"], "scheduler": state["scheduler"]}, tmp / "optimizer.pt"
-        )
+        main = _rank() == 0
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        engine.save(tmp)
         if ema is not None:
-            _save_tensors(ema.state_dict(), tmp / "ema.safetensors")
-        torch.save(rng, tmp / "rng_rank0.pt")
-        (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
-        for file in tmp.iterdir():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _fsync_dir(self.root)
-        _write_atomic(self.root / "latest", final.name)
-        self._apply_retention()
+            ema_weights = engine.full_tensors(ema.shadow)
+            if main:
+                save_tensors(ema_weights, tmp / "ema.safetensors")
+        torch.save(rng, tmp / f"rng_rank{_rank()}.pt")
+        if main:
+            (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
+        _barrier()
+        if main:
+            for file in tmp.rglob("*"):
+                if file.is_file():
+                    with open(file, "rb") as f:
+                        os.fsync(f.fileno())
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            _write_atomic(self.root / "latest", final.name)
+            self._apply_retention()
+        _barrier()
         return final
 
     def complete_checkpoints(self) -> list[Path]:
@@ -128,22 +149,20 @@ class Checkpointer:
             return [path]
         return list(reversed(self.complete_checkpoints()))
 
-    def load(self, path: Path, engine, ema) -> tuple[dict, dict]:
-        """Restore engine and EMA from `path`; returns (trainer_state, rng_state)."""
-        # Read every file before changing anything, so a corrupt file leaves no half-load.
+    def load(self, path: Path, engine, ema) -> tuple[dict, dict | None]:
+        """Restore engine and EMA from `path`; returns (trainer_state, this rank's RNG state or
+        None when the checkpoint was written by fewer ranks)."""
+        # Read the small files first, so a corrupt one fails before anything changes.
         trainer_state = _read_json(path / "trainer.json")
-        state = {
-            "model": load_tensors(path / "model.safetensors"),
-            **_load_torch(path / "optimizer.pt"),
-        }
         ema_state = load_tensors(path / "ema.safetensors") if ema is not None else None
-        rng = _load_torch(path / "rng_rank0.pt")
-        engine.load_state_dict(state)
+        rng_file = path / f"rng_rank{_rank()}.pt"
+        rng = load_torch(rng_file) if rng_file.exists() else None
+        engine.load(path)
         if ema is not None:
-            ema.load_state_dict(ema_state)
+            ema.load_full(engine, ema_state)
         return trainer_state, rng
 
-    def load_latest(self, resume: str, engine, ema) -> tuple[dict, dict] | None:
+    def load_latest(self, resume: str, engine, ema) -> tuple[dict, dict | None] | None:
         """Load the newest readable checkpoint; a corrupt one is reported and skipped."""
         candidates = self.resume_candidates(resume)
         for path in candidates:
@@ -158,18 +177,13 @@ class Checkpointer:
         return None
 
 
-def export(run_dir: str | Path, model: torch.nn.Module, ema, config: dict) -> Path:
-    """Write `<run_dir>/export/`: one safetensors file (EMA weights when there is an EMA) and
-    the run's config as JSON, which the sampling command and later stages load."""
+def export(run_dir: str | Path, weights: dict[str, torch.Tensor], config: dict, kind: str) -> Path:
+    """Write `<run_dir>/export/`: one consolidated safetensors file (`kind`: "ema" or "raw"
+    weights) and the run's config as JSON, which the sampling command and later stages load."""
     out = Path(run_dir) / "export"
     out.mkdir(parents=True, exist_ok=True)
-    weights = model.state_dict()
-    if ema is not None:
-        weights.update(ema.state_dict())
     tmp = out / "model.safetensors.tmp"
-    _save_tensors(weights, tmp)
+    save_tensors(weights, tmp)
     os.replace(tmp, out / "model.safetensors")
-    _write_atomic(
-        out / "config.json", json.dumps({**config, "weights": "ema" if ema else "raw"}, indent=2)
-    )
+    _write_atomic(out / "config.json", json.dumps({**config, "weights": kind}, indent=2))
     return out

@@ -66,9 +66,25 @@ class LoggerConfig:
     tags: list[str] = field(default_factory=list)
 
 
+PARALLEL_BACKENDS = ("none", "ddp", "fsdp", "zero1", "zero2", "zero3")
+
+
 @dataclass
 class ParallelConfig:
-    backend: str = "none"  # none: a single process
+    """How the DiT is spread over ranks. Degrees multiply to the world size; one may be -1
+    (inferred). dp_replicate x dp_shard is the data-parallel world; sp splits one sample's
+    tokens (Ulysses) over a group of ranks that all work on the same batch."""
+
+    backend: str = "none"  # none | ddp | fsdp | zero1 | zero2 | zero3
+    dp_replicate: int = 1  # FSDP: > 1 with dp_shard > 1 is hybrid sharding (HSDP)
+    dp_shard: int = -1  # data-parallel ranks in a shard group (ddp: its replicas)
+    sp: int = 1  # sequence-parallel degree; must divide the number of attention heads
+    activation_checkpointing: str = "none"  # none | full (every block) | every_k
+    checkpoint_every_k: int = 2  # with every_k: recompute blocks 0, k, 2k, ...
+    compile: bool = False  # torch.compile each transformer block
+    reshard_after_forward: bool = True  # FSDP: free gathered params after forward (ZeRO-3 style)
+    zero_offload: str = "none"  # ZeRO on GPU: none | optimizer | params (zero3 only)
+    deepspeed_config: str | None = None  # a user JSON merged over the generated DeepSpeed config
 
 
 @dataclass
@@ -109,7 +125,13 @@ def to_config(cfg: DictConfig) -> Config:
     _choice("optim.schedule", config.optim.schedule, ("constant", "cosine", "linear"))
     _choice("logger.kind", config.logger.kind, ("wandb", "none"))
     _choice("logger.mode", config.logger.mode, ("auto", "online", "offline"))
-    _choice("parallel.backend", config.parallel.backend, ("none",))
+    _choice("parallel.backend", config.parallel.backend, PARALLEL_BACKENDS)
+    _choice(
+        "parallel.activation_checkpointing",
+        config.parallel.activation_checkpointing,
+        ("none", "full", "every_k"),
+    )
+    _choice("parallel.zero_offload", config.parallel.zero_offload, ("none", "optimizer", "params"))
     if config.train.steps < 1 or config.train.grad_accum < 1:
         raise ValueError("config keys train.steps and train.grad_accum must be at least 1")
     return config

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -41,7 +42,9 @@ class FlowMatchingObjective:
         flow: FlowConfig,
         patch: list[int],
         train_flops: Callable[[int], float],
+        seed: int,
     ):
+        self.seed = seed
         self.train_flops = train_flops  # per sample, from its number of latent tokens
         self.autoencoder = autoencoder
         self.text_encoder = text_encoder
@@ -59,14 +62,21 @@ class FlowMatchingObjective:
         text, mask = self.text_encoder.encode(batch.captions)
         return latents, text, mask
 
+    def generator(self, batch: Batch, device: torch.device) -> torch.Generator:
+        """Randomness seeded by the batch's place in the global data plan, so a batch gets the
+        same times, noise and caption dropout on any number of ranks and after a resume."""
+        seed = np.random.SeedSequence([self.seed, batch.epoch, batch.plan_index])
+        return torch.Generator(device).manual_seed(int(seed.generate_state(1, np.uint64)[0]))
+
     def __call__(self, model: nn.Module, batch: Batch, device: torch.device) -> Loss:
         latents, text, mask = self.encode(batch, device)
+        generator = self.generator(batch, device)
         text, mask = drop_captions(
-            text, mask, self.null_text, self.null_mask, self.flow.caption_dropout
+            text, mask, self.null_text, self.null_mask, self.flow.caption_dropout, generator
         )
         batch_size, num_tokens = latents.shape[0], self.num_tokens(latents)
-        t = sample_timesteps(batch_size, num_tokens, self.flow, device=device)
-        noise = torch.randn_like(latents)
+        t = sample_timesteps(batch_size, num_tokens, self.flow, generator, device)
+        noise = torch.randn(latents.shape, generator=generator, device=device)
         per_sample = training_loss(model, latents, text, mask, t, noise)
         return Loss(
             per_sample.sum(),
@@ -81,6 +91,6 @@ class AutoencoderObjective:
 
     def __call__(self, model: nn.Module, batch: Batch, device: torch.device) -> Loss:
         video = video_to_float(batch.video, device)
-        losses = model.loss(video)
+        losses = model(video)
         batch_size = video.shape[0]
         return Loss(losses["loss"] * batch_size, batch_size, video[:, 0].numel())

@@ -52,14 +52,22 @@ def _pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def init_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
+def init_runtime(
+    device: str = "auto", precision: str = "auto", distributed: bool = False
+) -> Runtime:
+    """This process's place in the run. A process group is created when torchrun/SLURM start
+    several ranks, or when a distributed backend runs alone (a world of size one)."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     torch_device = _pick_device(device, local_rank)
-    if world_size > 1 and not dist.is_initialized():
+    if (world_size > 1 or distributed) and not dist.is_initialized():
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=torch_device if backend == "nccl" else None)
+        # A lone rank needs no rendezvous: an in-process store will do.
+        store = {"store": dist.HashStore(), "rank": 0, "world_size": 1} if world_size == 1 else {}
+        dist.init_process_group(
+            backend, device_id=torch_device if backend == "nccl" else None, **store
+        )
     return Runtime(
         rank, world_size, local_rank, torch_device, _pick_autocast(precision, torch_device)
     )

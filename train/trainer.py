@@ -1,14 +1,18 @@
 """The training loop, and nothing a backend could own.
 
-One step draws `grad_accum` batches, normalises the loss over every sample of the step
-(so a sample weighs the same whatever bucket or micro-batch it came in), lets the
-engine reduce, clip and apply the gradients, updates the EMA, and then logs, checkpoints
-and samples on their schedules.
+One step draws `grad_accum` batches on every data-parallel rank, normalises the loss over every
+sample of the global step (so a sample weighs the same whatever bucket, micro-batch or rank it
+came in), lets the engine reduce, clip and apply the gradients, updates the EMA, and then logs,
+checkpoints and samples on their schedules.
+
+Loss normalisation: engines average gradients over all ranks, so each rank scales its summed
+per-sample losses by world_size / (samples in the global step). The average is then exactly the
+gradient of the mean per-sample loss over the global batch. Averaging each rank's own mean first
+would over-weight samples of ranks that drew small batches (big-resolution buckets).
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,6 +22,7 @@ from data.pipeline import Batch
 from train.checkpoint import Checkpointer
 from train.config import Config, config_to_dict
 from train.logger import RunLogger
+from train.parallel import ParallelDims
 from train.runtime import Runtime, rng_state
 
 
@@ -36,6 +41,7 @@ class Trainer:
         self,
         config: Config,
         runtime: Runtime,
+        dims: ParallelDims,
         engine,
         objective,
         batches: Iterator[Batch],
@@ -48,6 +54,7 @@ class Trainer:
     ):
         self.config = config
         self.runtime = runtime
+        self.dims = dims
         self.engine = engine
         self.objective = objective
         self.batches = batches
@@ -64,40 +71,53 @@ class Trainer:
         batches = [next(self.batches) for _ in range(self.config.train.grad_accum)]
         return batches, time.perf_counter() - start
 
-    def train_step(self) -> dict[str, float]:
-        batches, data_wait = self._draw()
-        start = time.perf_counter()
+    def accumulate_gradients(self, batches: list[Batch]) -> dict[str, float]:
+        """Forward and backward every micro-batch of a step; returns global sums."""
         num_samples = sum(len(b.keys) for b in batches)
+        (global_samples,) = self.dims.sum_over_dp([num_samples])
+        scale = self.dims.world_size / global_samples
         loss_sum, tokens, flops = 0.0, 0, 0.0
         for batch in batches:
             with self.runtime.autocast():
                 loss = self.objective(self.engine.model, batch, self.runtime.device)
-            self.engine.backward(loss.total / num_samples)
+            self.engine.backward(loss.total * scale)
             loss_sum += loss.total.item()
             tokens += loss.tokens
             flops += loss.flops
+        skipped = sum(b.skipped for b in batches)
+        totals = self.dims.sum_over_dp([loss_sum, tokens, flops, skipped])
+        return dict(zip(["loss_sum", "tokens", "flops", "skipped"], totals, strict=True)) | {
+            "samples": global_samples
+        }
+
+    def train_step(self) -> dict[str, float]:
+        batches, data_wait = self._draw()
+        start = time.perf_counter()
+        sums = self.accumulate_gradients(batches)
         grad_norm = self.engine.step()
         if self.ema is not None:
-            self.ema.update(self.engine.model)
+            self.ema.update(self.engine.local_params())
         p = self.progress
         p.step += 1
-        p.samples_seen += num_samples
-        p.tokens_seen += tokens
+        p.samples_seen += int(sums["samples"])
+        p.tokens_seen += int(sums["tokens"])
         p.data_state = batches[-1].state_after
         step_time = time.perf_counter() - start + data_wait
         metrics = {
-            "train/loss": loss_sum / num_samples,
+            "train/loss": sums["loss_sum"] / sums["samples"],
             "train/lr": self.engine.lr,
             "train/grad_norm": grad_norm,
-            "perf/tokens_per_s": tokens / step_time,
-            "perf/samples_per_s": num_samples / step_time,
+            "perf/tokens_per_s": sums["tokens"] / step_time,
+            "perf/samples_per_s": sums["samples"] / step_time,
             "perf/data_wait_share": data_wait / step_time,
-            "data/skipped_samples": sum(b.skipped for b in batches),
+            "data/skipped_samples": sums["skipped"],
             "progress/samples_seen": p.samples_seen,
             "progress/tokens_seen": p.tokens_seen,
         }
-        if self.peak_flops and flops:
-            metrics["perf/mfu"] = flops / step_time / self.peak_flops
+        if self.peak_flops and sums["flops"]:
+            metrics["perf/mfu"] = (
+                sums["flops"] / step_time / (self.peak_flops * self.dims.world_size)
+            )
         return metrics
 
     def fit(self) -> list[float]:
@@ -121,14 +141,14 @@ class Trainer:
         state = {**self.progress.__dict__, "config": config_to_dict(self.config)}
         return self.checkpointer.save(self.progress.step, self.engine, self.ema, state, rng_state())
 
+    def consolidated_weights(self) -> dict:
+        """Full EMA weights (raw ones without an EMA), gathered on every rank (collective)."""
+        pieces = self.ema.shadow if self.ema is not None else self.engine.local_params()
+        return self.engine.full_tensors(pieces)
+
     def sample(self) -> None:
-        """Sample the fixed prompts with the EMA weights and log the videos."""
-        model = self.engine.model
-        if self.ema is not None:
-            model = copy.deepcopy(model)
-            self.ema.copy_to(model)
-        was_training = model.training
-        model.eval()
-        videos = self.sampler(model, self.progress.step)
-        model.train(was_training)
-        self.logger.log_videos(self.progress.step, videos, self.config.train.sample_fps)
+        """Sample the fixed prompts with the consolidated weights (on rank 0) and log them."""
+        weights = self.consolidated_weights()
+        if self.runtime.is_main:
+            videos = self.sampler(weights, self.progress.step)
+            self.logger.log_videos(self.progress.step, videos, self.config.train.sample_fps)

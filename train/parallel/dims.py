@@ -1,0 +1,141 @@
+"""The one object that owns the device mesh: how many ranks replicate, shard and split sequences.
+
+The mesh has three dimensions, outermost first: `dp_replicate` (HSDP replicas, usually across
+nodes), `dp_shard` (FSDP / ZeRO shard group) and `sp` (Ulysses sequence parallelism, innermost so
+that its all-to-alls stay on fast intra-node links). The data-parallel rank is a rank's position
+over (dp_replicate, dp_shard): every rank of an sp group reads the same batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from train.config import ParallelConfig
+
+MESH_DIMS = ("dp_replicate", "dp_shard", "sp")
+
+
+@dataclass
+class ParallelDims:
+    backend: str  # ddp and zero* count their data-parallel ranks in dp_shard
+    dp_replicate: int
+    dp_shard: int
+    sp: int
+    world_size: int
+    rank: int = 0
+    mesh: DeviceMesh | None = None
+
+    @classmethod
+    def resolve(cls, cfg: ParallelConfig, world_size: int, rank: int = 0) -> ParallelDims:
+        """Degrees with the -1 inferred, checked against the world size and the backend."""
+        degrees = {"dp_replicate": cfg.dp_replicate, "dp_shard": cfg.dp_shard, "sp": cfg.sp}
+        if cfg.backend != "fsdp" and cfg.dp_replicate != 1:
+            raise ValueError(
+                f"parallel.dp_replicate={cfg.dp_replicate} (hybrid sharding) needs "
+                f"parallel.backend=fsdp; {cfg.backend} counts its data-parallel ranks in "
+                "parallel.dp_shard"
+            )
+        degrees = _infer(degrees, world_size)
+        dims = cls(cfg.backend, **degrees, world_size=world_size, rank=rank)
+        dims.check(cfg)
+        return dims
+
+    def check(self, cfg: ParallelConfig) -> None:
+        if self.backend == "none" and self.world_size > 1:
+            raise ValueError(
+                f"parallel.backend=none trains in one process, but WORLD_SIZE={self.world_size}: "
+                "choose parallel=ddp, fsdp, zero1, zero2 or zero3"
+            )
+        if self.sp > 1 and self.backend.startswith("zero"):
+            raise ValueError(
+                f"parallel.sp={self.sp} is not supported with parallel.backend={self.backend}: "
+                "sequence parallelism runs with ddp or fsdp"
+            )
+        if cfg.zero_offload != "none" and not self.backend.startswith("zero"):
+            raise ValueError(
+                f"parallel.zero_offload={cfg.zero_offload} needs a ZeRO backend, "
+                f"not parallel.backend={self.backend}"
+            )
+        if cfg.zero_offload == "params" and self.backend != "zero3":
+            raise ValueError(
+                f"parallel.zero_offload=params needs parameter partitioning (zero3); "
+                f"parallel.backend={self.backend} keeps full parameters on every rank"
+            )
+        if cfg.deepspeed_config and not self.backend.startswith("zero"):
+            raise ValueError(
+                f"parallel.deepspeed_config={cfg.deepspeed_config} is only read by the ZeRO "
+                f"backends, not parallel.backend={self.backend}"
+            )
+
+    def check_model(self, num_heads: int) -> None:
+        if num_heads % self.sp:
+            raise ValueError(
+                f"parallel.sp={self.sp} must divide the DiT's {num_heads} attention heads "
+                "(Ulysses gives each sequence-parallel rank whole heads)"
+            )
+
+    @property
+    def dp_size(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.sp
+
+    @property
+    def sp_rank(self) -> int:
+        return self.rank % self.sp
+
+    def build_mesh(self, device_type: str) -> DeviceMesh | None:
+        """The (dp_replicate, dp_shard, sp) mesh; None for a single process without a group."""
+        if dist.is_initialized():
+            self.mesh = init_device_mesh(
+                device_type, (self.dp_replicate, self.dp_shard, self.sp), mesh_dim_names=MESH_DIMS
+            )
+        return self.mesh
+
+    def sum_over_dp(self, values: list[float]) -> list[float]:
+        """Sum per-rank values over the data-parallel ranks (an sp group counts once)."""
+        if self.world_size == 1:
+            return list(values)
+        totals = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(totals)
+        return (totals / self.sp).tolist()
+
+    def describe(self) -> str:
+        return (
+            f"{self.backend}: world {self.world_size} = dp_replicate {self.dp_replicate} x "
+            f"dp_shard {self.dp_shard} x sp {self.sp}"
+        )
+
+
+def _infer(degrees: dict[str, int], world_size: int) -> dict[str, int]:
+    unknown = [name for name, value in degrees.items() if value == -1]
+    bad = [name for name, value in degrees.items() if value == 0 or value < -1]
+    if bad or len(unknown) > 1:
+        raise ValueError(
+            f"parallel degrees {degrees}: each must be a positive int, at most one -1 (inferred)"
+        )
+    known = 1
+    for value in degrees.values():
+        known *= value if value > 0 else 1
+    if unknown:
+        if world_size % known:
+            raise ValueError(
+                f"parallel degrees {degrees}: the world size {world_size} is not divisible by "
+                f"the product {known} of the given degrees, so parallel.{unknown[0]} cannot be "
+                "inferred"
+            )
+        degrees = {**degrees, unknown[0]: world_size // known}
+    product = degrees["dp_replicate"] * degrees["dp_shard"] * degrees["sp"]
+    if product != world_size:
+        raise ValueError(
+            f"parallel degrees dp_replicate {degrees['dp_replicate']} x dp_shard "
+            f"{degrees['dp_shard']} x sp {degrees['sp']} = {product} must equal the world size "
+            f"{world_size}"
+        )
+    return degrees

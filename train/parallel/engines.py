@@ -1,0 +1,228 @@
+"""The engines behind the trainer's one interface, whatever the backend:
+
+    engine.model                 what the forward pass is called on
+    engine.backward(loss)        accumulate gradients of one micro-batch
+    engine.step() -> grad norm   reduce, clip, apply and clear the gradients (once per step)
+    engine.lr                    the learning rate of the step just taken
+    engine.local_params()        this rank's piece of every trainable parameter, by name
+    engine.full_tensors(pieces)  the full tensors of such pieces (collective)
+    engine.load_full(pieces, full)  copy full tensors into such pieces
+    engine.save(dir) / load(dir) checkpoint state (collective)
+
+`LocalEngine` serves one process and DDP (full parameters everywhere), `FSDPEngine` FSDP2
+(DTensor shards), `DeepSpeedEngine` ZeRO stages 1-3. Gradients are averaged over every rank;
+the trainer scales each rank's loss so that this average is the global batch's mean.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from train.checkpoint import CheckpointError, load_tensors, load_torch, save_tensors
+from train.config import OptimConfig
+
+
+def lr_lambda(cfg: OptimConfig, total_steps: int):
+    """Multiplier of cfg.lr at each step: linear warmup, then the chosen decay to a floor."""
+
+    def multiplier(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        decay = (
+            0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+        )
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
+
+    return multiplier
+
+
+def param_groups(cfg: OptimConfig, model: nn.Module) -> list[dict]:
+    # Norms, biases and other 1-D parameters are not decayed.
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.AdamW:
+    on_cuda = any(p.is_cuda for p in model.parameters())
+    return torch.optim.AdamW(
+        param_groups(cfg, model), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=on_cuda
+    )
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+class TorchEngine:
+    """A torch optimizer and LR schedule over `module`, whose forward runs through `model`."""
+
+    def __init__(self, model: nn.Module, module: nn.Module, cfg: OptimConfig, total_steps: int):
+        self.model, self.module, self.cfg = model, module, cfg
+        self.optimizer = build_optimizer(cfg, module)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg, total_steps)
+        )
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def local_params(self) -> dict[str, Tensor]:
+        return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+
+
+class LocalEngine(TorchEngine):
+    """Full parameters on every rank: one process, or DDP (whose wrapper is `model`)."""
+
+    def full_tensors(self, pieces: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {name: piece.detach() for name, piece in pieces.items()}
+
+    def load_full(self, pieces: dict[str, Tensor], full: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            for name, piece in pieces.items():
+                piece.copy_(full[name])
+
+    def save(self, folder: Path) -> None:
+        if _is_main():
+            save_tensors(self.module.state_dict(), folder / "model.safetensors")
+            torch.save(
+                {
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                },
+                folder / "optimizer.pt",
+            )
+
+    def load(self, folder: Path) -> None:
+        # Read every file before changing anything, so a corrupt file leaves no half-load.
+        weights = load_tensors(folder / "model.safetensors")
+        state = load_torch(folder / "optimizer.pt")
+        self.module.load_state_dict(weights)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+class FSDPEngine(TorchEngine):
+    """FSDP2: parameters, gradients and optimizer state are DTensor shards; checkpoints are
+    sharded through torch.distributed.checkpoint, which reshards on load."""
+
+    def full_tensors(self, pieces: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {name: piece.detach().full_tensor() for name, piece in pieces.items()}
+
+    def load_full(self, pieces: dict[str, Tensor], full: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            for name, piece in pieces.items():
+                value = full[name].to(piece.device, piece.dtype)
+                piece.copy_(distribute_tensor(value, piece.device_mesh, piece.placements))
+
+    def save(self, folder: Path) -> None:
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=folder / "dcp")
+        if _is_main():
+            (folder / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
+
+    def load(self, folder: Path) -> None:
+        if not (folder / "dcp" / ".metadata").exists():
+            raise CheckpointError(f"checkpoint file {folder / 'dcp' / '.metadata'} is missing")
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        state = {"model": model_state, "optimizer": optim_state}
+        try:
+            dcp.load(state, checkpoint_id=folder / "dcp")
+            scheduler = json.loads((folder / "scheduler.json").read_text())
+        except (OSError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"cannot read checkpoint {folder / 'dcp'}: {error}") from error
+        set_state_dict(
+            self.module,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+        )
+        self.scheduler.load_state_dict(scheduler)
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO 1-3. Its own gradient accumulation counts micro-batches: the update is
+    applied inside the last micro-batch's step call, so `step()` only reports the norm."""
+
+    def __init__(self, ds_engine, stage: int):
+        self.model = self.ds = ds_engine
+        self.stage = stage
+
+    def backward(self, loss: Tensor) -> None:
+        self.ds.backward(loss, scale_wrt_gas=False)  # the trainer already normalised the loss
+        self.ds.step()
+
+    def step(self) -> float:
+        norm = self.ds.get_global_grad_norm()
+        self.ds.optimizer.zero_grad()
+        return float(norm) if norm is not None else float("nan")
+
+    @property
+    def lr(self) -> float:
+        return self.ds.get_lr()[0]
+
+    def local_params(self) -> dict[str, Tensor]:
+        params = self.ds.module.named_parameters()
+        if self.stage == 3:  # each rank holds a flat, padded partition of every parameter
+            return {n: p.ds_tensor for n, p in params if p.requires_grad}
+        return {n: p for n, p in params if p.requires_grad}
+
+    def full_tensors(self, pieces: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.stage != 3:
+            return {name: piece.detach() for name, piece in pieces.items()}
+        params = dict(self.ds.module.named_parameters())
+        full = {}
+        for name, piece in pieces.items():
+            parts = [torch.empty_like(piece) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, piece.detach().contiguous())
+            param = params[name]
+            full[name] = torch.cat(parts)[: param.ds_numel].view(param.ds_shape)
+        return full
+
+    def load_full(self, pieces: dict[str, Tensor], full: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            for name, piece in pieces.items():
+                value = full[name].to(piece.device, piece.dtype).flatten()
+                if self.stage == 3:  # this rank's slice of the flat, zero-padded tensor
+                    size = piece.numel()
+                    value = torch.nn.functional.pad(value, (0, size * dist.get_world_size()))
+                    value = value[dist.get_rank() * size : (dist.get_rank() + 1) * size]
+                piece.copy_(value.view_as(piece))
+
+    def save(self, folder: Path) -> None:
+        self.ds.save_checkpoint(str(folder), tag="deepspeed", save_latest=False)
+
+    def load(self, folder: Path) -> None:
+        if not (folder / "deepspeed").is_dir():
+            raise CheckpointError(f"checkpoint folder {folder / 'deepspeed'} is missing")
+        path, _ = self.ds.load_checkpoint(str(folder), tag="deepspeed")
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load the checkpoint in {folder}")

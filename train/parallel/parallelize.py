@@ -1,0 +1,77 @@
+"""Parallelism applied to an unmodified model as plain function calls, in this order:
+
+1. sequence parallelism (hooks that split tokens over the sp group),
+2. activation checkpointing per block (in place: parameter names do not change),
+3. torch.compile per block,
+4. data parallelism: FSDP2 `fully_shard` per block and at the root, or DDP.
+
+Sharding comes last because it must see the final blocks; ZeRO engines are built by DeepSpeed
+itself (engines.py) on the model that steps 1-3 produced.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed._composable import checkpoint
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from train.config import ParallelConfig
+from train.parallel.dims import ParallelDims
+from train.parallel.sequence import apply_sequence_parallel
+
+
+def parallelize(
+    model: nn.Module, cfg: ParallelConfig, dims: ParallelDims, param_dtype: torch.dtype | None
+) -> nn.Module:
+    """Apply every configured parallelism to the DiT; returns what forward is called on."""
+    if dims.sp > 1:
+        apply_sequence_parallel(model, dims.mesh["sp"].get_group())
+    if cfg.activation_checkpointing != "none":
+        every = 1 if cfg.activation_checkpointing == "full" else cfg.checkpoint_every_k
+        apply_activation_checkpointing(model, every)
+    if cfg.compile:
+        for block in model.blocks:
+            block.compile()
+    if dims.backend == "fsdp":
+        apply_fsdp(model, data_parallel_mesh(dims), param_dtype, cfg.reshard_after_forward)
+    elif dims.backend == "ddp":
+        return DistributedDataParallel(model)
+    return model
+
+
+def apply_activation_checkpointing(model: nn.Module, every: int) -> None:
+    """Recompute every `every`-th block's activations in the backward pass."""
+    if every < 1:
+        raise ValueError(f"parallel.checkpoint_every_k={every} must be at least 1")
+    for index, block in enumerate(model.blocks):
+        if index % every == 0:
+            checkpoint(block)
+
+
+def data_parallel_mesh(dims: ParallelDims) -> DeviceMesh:
+    """The mesh FSDP shards over: sp ranks hold shards too (they all need every gradient), and a
+    dp_replicate dimension > 1 makes it hybrid (shard within, replicate across)."""
+    mesh = dims.mesh
+    shard_dim = "dp_shard"
+    if dims.sp > 1:
+        shard_dim = "dp_shard_sp"
+        mesh["dp_shard", "sp"]._flatten(shard_dim)
+    if dims.dp_replicate > 1:
+        return mesh["dp_replicate", shard_dim]
+    return mesh[shard_dim]
+
+
+def apply_fsdp(
+    model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | None, reshard: bool
+) -> None:
+    """FSDP2: one shard unit per block plus the root (embeddings and final layer). With a low
+    precision dtype, parameters and compute use it while gradients are reduced in fp32."""
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for index, block in enumerate(model.blocks):
+        # The last block's parameters are needed again at once by the backward: keep them.
+        last = index == len(model.blocks) - 1
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard and not last)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
