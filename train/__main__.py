@@ -29,7 +29,14 @@ from train.ema import EMA
 from train.logger import RunLogger
 from train.objectives import AutoencoderObjective, FlowMatchingObjective, video_to_float
 from train.parallel import ParallelDims, build_engine
-from train.runtime import Runtime, init_runtime, seed_everything, set_rng_state, shutdown
+from train.runtime import (
+    Runtime,
+    init_runtime,
+    launch_env,
+    seed_everything,
+    set_rng_state,
+    shutdown,
+)
 from train.sample import generate
 from train.trainer import Progress, Trainer
 
@@ -95,23 +102,25 @@ def _calibrate_and_export(config: Config, trainer: Trainer, batches, run_dir: Pa
     export(run_dir, model.state_dict(), config_to_dict(config), kind)
 
 
-def _setup_parallel(config: Config, runtime: Runtime) -> ParallelDims:
-    dims = ParallelDims.resolve(config.parallel, runtime.world_size, runtime.rank)
+def _check_parallel(config: Config) -> ParallelDims:
+    """The parallel layout, checked before any process group or file is made."""
+    rank, world_size, _ = launch_env()
+    dims = ParallelDims.resolve(config.parallel, world_size, rank)
     if config.train.stage == "dit":
         dims.check_model(config.model.num_heads)
     elif dims.backend not in ("none", "ddp"):
         raise ValueError(
             f"parallel.backend={dims.backend}: the autoencoder stage trains with none or ddp"
         )
-    dims.build_mesh(runtime.device.type)
     return dims
 
 
 def run(config: Config) -> list[float]:
+    dims = _check_parallel(config)
     runtime = init_runtime(
         config.train.device, config.train.precision, config.parallel.backend != "none"
     )
-    dims = _setup_parallel(config, runtime)
+    dims.build_mesh(runtime.device.type)
     run_dir = Path(config.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config.train.seed)  # identical initial weights on every rank

@@ -52,14 +52,18 @@ def _pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def launch_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) for a plain process."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
 def init_runtime(
     device: str = "auto", precision: str = "auto", distributed: bool = False
 ) -> Runtime:
     """This process's place in the run. A process group is created when torchrun/SLURM start
     several ranks, or when a distributed backend runs alone (a world of size one)."""
-    rank = int(os.environ.get("RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    rank, world_size, local_rank = launch_env()
     torch_device = _pick_device(device, local_rank)
     if (world_size > 1 or distributed) and not dist.is_initialized():
         backend = "nccl" if torch_device.type == "cuda" else "gloo"

@@ -2,8 +2,8 @@
 
 Applied from outside to an unmodified DiT with hooks: the patch embedding's output is cut into
 equal, contiguous token chunks (whole latent frames, so per-frame conditioning stays aligned),
-every block gets the matching slice of its rotary table and per-frame conditioning, and the final
-layer gathers the chunks back. Inside self-attention an all-to-all trades the token split for a
+every block and the final layer get the matching slice of the rotary table and per-frame
+conditioning, and the final layer's output chunks are gathered back. Inside self-attention an all-to-all trades the token split for a
 head split, so each rank attends over the whole sequence with 1/sp of the heads, then trades back.
 Cross-attention and the MLP work on local tokens alone.
 
@@ -88,18 +88,28 @@ def apply_sequence_parallel(model: nn.Module, group) -> None:
     def shard_tokens(module, args, output: Tensor) -> Tensor:
         return local_chunk(output, "number of spacetime tokens")
 
+    def local_cond(cond: Tensor) -> Tensor:
+        if cond.shape[1] == 1:
+            return cond
+        return local_chunk(cond, "number of token frames")  # per-frame: whole local frames
+
     def shard_block_inputs(module, args):
         x, cond, context, context_mask, (cos, sin) = args
-        if cond.shape[1] > 1:  # per-frame conditioning: local tokens are whole frames
-            cond = local_chunk(cond, "number of token frames")
         rope = (local_chunk(cos, "rope table", 0), local_chunk(sin, "rope table", 0))
-        return x, cond, context, context_mask, rope
+        return x, local_cond(cond), context, context_mask, rope
 
-    def gather_tokens(module, args):
-        return (_GatherTokens.apply(args[0], group), *args[1:])
+    def shard_final_inputs(module, args):
+        x, cond = args
+        return x, local_cond(cond)
+
+    def gather_tokens(module, args, output: Tensor) -> Tensor:
+        return _GatherTokens.apply(output, group)
 
     model.patch_embed.register_forward_hook(shard_tokens)
     for block in model.blocks:
         block.register_forward_pre_hook(shard_block_inputs)
         block.self_attn.attend = UlyssesAttention(group)
-    model.final_layer.register_forward_pre_hook(gather_tokens)
+    # The final layer runs on local tokens too: every parameter then sees only this rank's
+    # tokens, and the gathered output is what all ranks share.
+    model.final_layer.register_forward_pre_hook(shard_final_inputs)
+    model.final_layer.register_forward_hook(gather_tokens)

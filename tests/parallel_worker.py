@@ -1,0 +1,137 @@
+"""Run under torchrun by tests/test_parallel.py: one rank's side of a gradient check.
+
+`python -m torch.distributed.run --nproc_per_node 2 tests/parallel_worker.py CHECK BACKEND OUT`
+
+Each rank computes, on a plain single-process copy of the tiny DiT, the reference gradient of the
+mean per-sample loss over the whole global batch, then the same step through the real engine and
+the trainer's normalisation, and writes both gradients' differences to OUT/rank{r}.json.
+
+CHECK is `buckets` (the ranks hold batches of different buckets and sizes) or `sequence` (both
+ranks split one sample's tokens with sp=2).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from data.pipeline import Batch
+from model.dit import DiT, dit_config
+from model.flow import FlowConfig, sample_timesteps, training_loss
+from train.config import Config, OptimConfig, ParallelConfig
+from train.objectives import Loss
+from train.parallel import ParallelDims, build_engine
+from train.runtime import init_runtime
+from train.trainer import Trainer
+
+TEXT_DIM = 8
+
+
+def make_batch(frames: int, height: int, width: int, size: int, plan_index: int) -> Batch:
+    """A batch whose 'video' are latents already (3 channels), made from its plan position."""
+    generator = torch.Generator().manual_seed(plan_index)
+    video = torch.randint(0, 256, (size, frames, height, width, 3), generator=generator)
+    keys = [f"sample_{plan_index}_{i}" for i in range(size)]
+    return Batch(
+        video.to(torch.uint8),
+        keys,
+        keys,
+        torch.full((size,), 8.0),
+        (frames, height, width),
+        {},
+        plan_index=plan_index,
+    )
+
+
+class LatentObjective:
+    """Flow matching straight on the batch tensor, with per-frame times and seeded noise."""
+
+    def __init__(self, per_frame_times: bool):
+        self.per_frame_times = per_frame_times
+
+    def __call__(self, model, batch: Batch, device) -> Loss:
+        latents = batch.video.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
+        generator = torch.Generator().manual_seed(1000 + batch.plan_index)
+        size, frames = latents.shape[0], latents.shape[2]
+        text = torch.randn(size, 5, TEXT_DIM, generator=generator)
+        mask = torch.ones(size, 5, dtype=torch.bool)
+        mask[:, 3:] = False
+        shape = (size * frames) if self.per_frame_times else size
+        t = sample_timesteps(shape, 64, FlowConfig(), generator).view(size, -1).squeeze(1)
+        noise = torch.randn(latents.shape, generator=generator)
+        per_sample = training_loss(model, latents, text, mask, t, noise)
+        return Loss(per_sample.sum(), size, 0)
+
+
+def reference_gradients(model: DiT, objective, batches: list[Batch]) -> tuple[float, dict]:
+    """Single-process gradient of the mean per-sample loss over `batches` together."""
+    model = copy.deepcopy(model)
+    losses = [objective(model, batch, "cpu") for batch in batches]
+    samples = sum(loss.samples for loss in losses)
+    mean = sum(loss.total for loss in losses) / samples
+    mean.backward()
+    return mean.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def per_rank_mean_gradients(model: DiT, objective, batch: Batch, world_size: int) -> dict:
+    """The known mistake, for contrast: each rank's own mean loss, gradients averaged."""
+    model = copy.deepcopy(model)
+    own = objective(model, batch, "cpu")
+    (own.total / own.samples).backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    for grad in grads.values():
+        torch.distributed.all_reduce(grad)
+        grad /= world_size
+    return grads
+
+
+def main(check: str, backend: str, out: Path) -> None:
+    runtime = init_runtime("cpu", "fp32", distributed=True)
+    sp = 2 if check == "sequence" else 1
+    parallel = ParallelConfig(backend=backend, sp=sp)
+    dims = ParallelDims.resolve(parallel, runtime.world_size, runtime.rank)
+    dims.build_mesh("cpu")
+    torch.manual_seed(0)
+    model = DiT(dit_config("tiny"), in_channels=3, text_dim=TEXT_DIM)
+    # adaLN-Zero starts every branch closed; open them so every parameter gets a gradient.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+
+    if check == "buckets":  # rank 0: three 2x8x8 samples; rank 1: one 4x4x12 sample
+        batches = [make_batch(2, 8, 8, 3, plan_index=0), make_batch(4, 4, 12, 1, plan_index=1)]
+        mine = [batches[dims.dp_rank]]
+    else:  # one 4x8x8 sample (2 token frames per rank), the same on both ranks
+        batches = mine = [make_batch(4, 8, 8, 1, plan_index=0)]
+    objective = LatentObjective(per_frame_times=check == "sequence")
+    ref_loss, ref_grads = reference_gradients(model, objective, batches)
+    naive_grads = per_rank_mean_gradients(model, objective, mine[0], dims.world_size)
+
+    engine = build_engine(model, parallel, OptimConfig(), dims, grad_accum=1, total_steps=1)
+    trainer = Trainer(
+        Config(parallel=parallel), runtime, dims, engine, objective, iter([]), None, None
+    )
+    sums = trainer.accumulate_gradients(mine)
+    grads = engine.full_tensors({n: p.grad for n, p in engine.local_params().items()})
+
+    def max_diff(a: dict, b: dict) -> float:
+        return max((a[n] - b[n]).abs().max().item() for n in ref_grads)
+
+    scale = max(g.abs().max().item() for g in ref_grads.values())
+    result = {
+        "loss": sums["loss_sum"] / sums["samples"],
+        "reference_loss": ref_loss,
+        "max_grad": scale,
+        "engine_vs_reference": max_diff(grads, ref_grads),
+        "per_rank_mean_vs_reference": max_diff(naive_grads, ref_grads),
+    }
+    (out / f"rank{runtime.rank}.json").write_text(json.dumps(result))
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
