@@ -4,7 +4,8 @@
 
 Launches one torchrun per backend (ddp, fsdp, zero3; gloo on CPU, NCCL on GPUs) that trains the
 DiT on synthetic latents, and prints for rank 0: bytes of parameters, gradients and optimizer
-state that the rank holds, its peak memory (CUDA allocator peak on GPU, peak RSS on CPU) and
+state that the rank holds, its peak memory (CUDA allocator peak on GPU, peak RSS on CPU), how
+much of that peak training added over the process's footprint before the model was built, and
 the step throughput. Sharded backends should hold about half of what DDP holds.
 """
 
@@ -66,6 +67,7 @@ def peak_memory(device: torch.device) -> int:
 
 def worker(backend: str, size: str, tokens: int, steps: int, out: Path) -> None:
     runtime = init_runtime(distributed=True)
+    baseline = peak_memory(runtime.device)  # the runtime's own footprint, before any model
     parallel = ParallelConfig(backend=backend)
     dims = ParallelDims.resolve(parallel, runtime.world_size, runtime.rank)
     dims.build_mesh(runtime.device.type)
@@ -95,6 +97,7 @@ def worker(backend: str, size: str, tokens: int, steps: int, out: Path) -> None:
             "gradients": grads,
             "optimizer": tensor_bytes(optimizer_state(engine)),
             "peak": peak_memory(runtime.device),
+            "peak_growth": peak_memory(runtime.device) - baseline,
             "tokens_per_s": tokens * runtime.world_size * len(times) / sum(times),
         }
         (out / f"{backend}.json").write_text(json.dumps(result))
@@ -130,7 +133,7 @@ def main() -> None:
     mib = 2**20
     print(f"DiT {args.size}, {args.tokens} tokens per rank, world size 2; per-rank figures (MiB)")
     print(f"{'backend':8} {'params':>8} {'grads':>8} {'optim':>8} {'sum':>8} {'vs ddp':>7} "
-          f"{'peak':>8} {'tokens/s':>9}")  # fmt: skip
+          f"{'peak':>8} {'growth':>8} {'tokens/s':>9}")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         baseline = None
         for backend in ("ddp", "fsdp", "zero3"):
@@ -140,7 +143,7 @@ def main() -> None:
             print(
                 f"{backend:8} {r['parameters'] / mib:8.1f} {r['gradients'] / mib:8.1f} "
                 f"{r['optimizer'] / mib:8.1f} {state / mib:8.1f} {state / baseline:7.2f} "
-                f"{r['peak'] / mib:8.1f} {r['tokens_per_s']:9.0f}"
+                f"{r['peak'] / mib:8.1f} {r['peak_growth'] / mib:8.1f} {r['tokens_per_s']:9.0f}"
             )
 
 

@@ -5,6 +5,7 @@
 - ranks holding batches of different buckets and sizes get the gradient of the global batch mean;
 - Ulysses sequence parallelism (sp=2) gives the loss and gradients of sp=1;
 - activation checkpointing and per-block compile change no numbers;
+- the DeepSpeed JSON is generated from the run's config, and a user JSON overrides it;
 - impossible settings fail, naming the key, before training starts.
 """
 
@@ -23,9 +24,10 @@ from hydra import compose, initialize_config_dir
 
 from model.dit import DiT, dit_config
 from train.__main__ import run
-from train.config import ParallelConfig, register_configs, to_config
+from train.config import OptimConfig, ParallelConfig, register_configs, to_config
 from train.parallel import ParallelDims
 from train.parallel.parallelize import apply_activation_checkpointing
+from train.parallel.zero import deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()
@@ -157,6 +159,32 @@ def test_activation_checkpointing_keeps_names_and_gradients(every):
     expected, got = _tiny_dit_gradients(plain), _tiny_dit_gradients(checkpointed)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7)
+
+
+def test_compiled_blocks_give_the_same_gradients():
+    plain, compiled = _opened_tiny_dit(), _opened_tiny_dit()
+    for block in compiled.blocks:  # what parallel.compile=true does, in place
+        block.compile()
+    expected, got = _tiny_dit_gradients(plain), _tiny_dit_gradients(compiled)
+    assert [n for n, _ in plain.named_parameters()] == list(got)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6)
+
+
+def test_deepspeed_config_follows_the_run_and_a_user_json_overrides_it(tmp_path):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"overlap_comm": True}, "bf16": {}}))
+    parallel = ParallelConfig(backend="zero3", deepspeed_config=str(user))
+    dims = ParallelDims.resolve(parallel, 4)
+    optim = OptimConfig(lr=1e-3, grad_clip=0.5, weight_decay=0.1)
+    generated = deepspeed_config(parallel, optim, dims, grad_accum=3, param_dtype=torch.bfloat16)
+    assert generated["zero_optimization"] == {"stage": 3, "overlap_comm": True}
+    assert generated["train_batch_size"] == 3 * 4 and generated["gradient_clipping"] == 0.5
+    assert generated["optimizer"]["params"]["weight_decay"] == 0.1
+    assert generated["bf16"] == {"enabled": True}
+    user.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=f"parallel.deepspeed_config={user}: must hold a JSON"):
+        deepspeed_config(parallel, optim, dims, 1, None)
 
 
 def config(*overrides: str):
