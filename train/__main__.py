@@ -38,6 +38,7 @@ from train.runtime import (
     shutdown,
 )
 from train.sample import generate
+from train.signals import StopSignals
 from train.trainer import Progress, Trainer
 
 
@@ -163,7 +164,8 @@ def run(config: Config) -> list[float]:
     progress = Progress()
     if restored:
         trainer_state, rng = restored
-        progress = Progress(**{k: trainer_state[k] for k in Progress.__dataclass_fields__})
+        fields = Progress.__dataclass_fields__
+        progress = Progress(**{k: v for k, v in trainer_state.items() if k in fields})
     data_state = (
         DataState.from_dict(progress.data_state)
         if progress.data_state
@@ -220,15 +222,22 @@ def run(config: Config) -> list[float]:
         progress,
         sampler,
         peak_flops(runtime.device),
+        StopSignals().install(),
     )
-    losses = trainer.fit()
+    try:
+        losses = trainer.fit()
+    except BaseException:
+        shutdown()  # a failed or preempted run leaves no process group behind
+        raise
+    finally:
+        trainer.stop_signals.restore()
+        logger.close()
     if is_dit:
         weights = trainer.consolidated_weights()
         if runtime.is_main:
             export(run_dir, weights, config_values, "ema" if ema is not None else "raw")
     elif runtime.is_main:
         _calibrate_and_export(config, trainer, batches, run_dir)
-    logger.close()
     shutdown()
     return losses
 

@@ -154,6 +154,7 @@ class Checkpointer:
         None when the checkpoint was written by fewer ranks)."""
         # Read the small files first, so a corrupt one fails before anything changes.
         trainer_state = _read_json(path / "trainer.json")
+        engine.check_resumable(trainer_state.get("layout", {"backend": "none"}), path)
         ema_state = load_tensors(path / "ema.safetensors") if ema is not None else None
         rng_file = path / f"rng_rank{_rank()}.pt"
         rng = load_torch(rng_file) if rng_file.exists() else None

@@ -13,6 +13,7 @@ would over-weight samples of ranks that drew small batches (big-resolution bucke
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from train.config import Config, config_to_dict
 from train.logger import RunLogger
 from train.parallel import ParallelDims
 from train.runtime import Runtime, rng_state
+from train.signals import Preempted, StopSignals
 
 
 @dataclass
@@ -33,6 +35,8 @@ class Progress:
     step: int = 0
     samples_seen: int = 0
     tokens_seen: int = 0
+    skipped_steps: int = 0  # steps whose loss or gradients were NaN/Inf, applied nowhere
+    bad_steps_in_a_row: int = 0
     data_state: dict = field(default_factory=dict)
 
 
@@ -51,6 +55,7 @@ class Trainer:
         progress: Progress | None = None,
         sampler: Callable | None = None,
         peak_flops: float | None = None,
+        stop_signals: StopSignals | None = None,
     ):
         self.config = config
         self.runtime = runtime
@@ -64,6 +69,7 @@ class Trainer:
         self.progress = progress or Progress()
         self.sampler = sampler
         self.peak_flops = peak_flops
+        self.stop_signals = stop_signals
         self.losses: list[float] = []
 
     def _draw(self) -> tuple[list[Batch], float]:
@@ -95,9 +101,12 @@ class Trainer:
         start = time.perf_counter()
         sums = self.accumulate_gradients(batches)
         grad_norm = self.engine.step()
-        if self.ema is not None:
-            self.ema.update(self.engine.local_params())
         p = self.progress
+        finite = math.isfinite(sums["loss_sum"]) and math.isfinite(grad_norm)
+        p.skipped_steps += not finite
+        p.bad_steps_in_a_row = 0 if finite else p.bad_steps_in_a_row + 1
+        if finite and self.ema is not None:
+            self.ema.update(self.engine.local_params())
         p.step += 1
         p.samples_seen += int(sums["samples"])
         p.tokens_seen += int(sums["tokens"])
@@ -111,6 +120,7 @@ class Trainer:
             "perf/samples_per_s": sums["samples"] / step_time,
             "perf/data_wait_share": data_wait / step_time,
             "data/skipped_samples": sums["skipped"],
+            "train/skipped_steps": p.skipped_steps,
             "progress/samples_seen": p.samples_seen,
             "progress/tokens_seen": p.tokens_seen,
         }
@@ -125,20 +135,48 @@ class Trainer:
         while self.progress.step < cfg.steps:
             metrics = self.train_step()
             step = self.progress.step
+            self._stop_if_diverged()
             self.losses.append(metrics["train/loss"])
             self.logger.advance()
             if step % cfg.log_every == 0 or step == cfg.steps:
                 self.logger.log(step, metrics)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            saved = step % cfg.checkpoint_every == 0 or step == cfg.steps
+            if saved:
                 self.save()
             if self.sampler and (
                 (cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.steps
             ):
                 self.sample()
+            self._stop_if_signalled(saved)
         return self.losses
 
+    def _stop_if_diverged(self) -> None:
+        bad = self.progress.bad_steps_in_a_row
+        if bad > self.config.train.max_bad_steps:
+            latest = self.checkpointer.complete_checkpoints()
+            raise FloatingPointError(
+                f"the loss or gradients were NaN/Inf for {bad} steps in a row (up to step "
+                f"{self.progress.step}, more than train.max_bad_steps="
+                f"{self.config.train.max_bad_steps}); stopping without saving. The latest "
+                f"checkpoint is untouched: {latest[-1] if latest else 'none yet'}"
+            )
+
+    def _stop_if_signalled(self, saved: bool) -> None:
+        received = self.stop_signals.received if self.stop_signals else None
+        if not self.dims.any_rank(received is not None):
+            return
+        if not saved:
+            self.save()
+        step = self.progress.step
+        self.logger.print(f"stopping at step {step} on {received or 'a signal to another rank'}")
+        raise Preempted(step, received or "")
+
     def save(self) -> Path:
-        state = {**self.progress.__dict__, "config": config_to_dict(self.config)}
+        state = {
+            **self.progress.__dict__,
+            "layout": self.dims.layout(),
+            "config": config_to_dict(self.config),
+        }
         return self.checkpointer.save(self.progress.step, self.engine, self.ema, state, rng_state())
 
     def consolidated_weights(self) -> dict:

@@ -106,6 +106,18 @@ class ParallelDims:
         dist.all_reduce(totals)
         return (totals / self.sp).tolist()
 
+    def layout(self) -> dict:
+        """What a checkpoint records of how it was sharded."""
+        return {"backend": self.backend, "world_size": self.world_size, "dp_size": self.dp_size}
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is True on any rank."""
+        if self.world_size == 1:
+            return flag
+        value = torch.tensor([int(flag)])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
     def describe(self) -> str:
         return (
             f"{self.backend}: world {self.world_size} = dp_replicate {self.dp_replicate} x "

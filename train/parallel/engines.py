@@ -2,7 +2,8 @@
 
     engine.model                 what the forward pass is called on
     engine.backward(loss)        accumulate gradients of one micro-batch
-    engine.step() -> grad norm   reduce, clip, apply and clear the gradients (once per step)
+    engine.step() -> grad norm   reduce, clip, apply and clear the gradients (once per step);
+                                 with a NaN/Inf gradient norm nothing is applied
     engine.lr                    the learning rate of the step just taken
     engine.local_params()        this rank's piece of every trainable parameter, by name
     engine.full_tensors(pieces)  the full tensors of such pieces (collective)
@@ -18,12 +19,14 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -86,8 +89,9 @@ class TorchEngine:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
         if isinstance(grad_norm, DTensor):
             grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
-        self.scheduler.step()
+        if torch.isfinite(grad_norm):  # a NaN/Inf step is dropped whole, as DeepSpeed does
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
 
@@ -99,8 +103,19 @@ class TorchEngine:
         return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
 
 
+def _refuse(path: Path, layout: dict, reason: str) -> None:
+    raise ValueError(
+        f"checkpoint {path} was written by parallel.backend={layout['backend']} on "
+        f"{layout.get('world_size', 1)} ranks; {reason}"
+    )
+
+
 class LocalEngine(TorchEngine):
     """Full parameters on every rank: one process, or DDP (whose wrapper is `model`)."""
+
+    def check_resumable(self, layout: dict, path: Path) -> None:
+        if layout["backend"] not in ("none", "ddp"):
+            _refuse(path, layout, "resume it with that backend (none and ddp share a format)")
 
     def full_tensors(self, pieces: dict[str, Tensor]) -> dict[str, Tensor]:
         return {name: piece.detach() for name, piece in pieces.items()}
@@ -130,9 +145,42 @@ class LocalEngine(TorchEngine):
         self.scheduler.load_state_dict(state["scheduler"])
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's `.metadata` is a pickle: admit only the checkpoint's own record types."""
+
+    SAFE = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
+
+    def find_class(self, module: str, name: str):
+        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (
+            module.startswith("torch.distributed.checkpoint.")
+            or is_dtype
+            or (module, name) in self.SAFE
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """Reads DCP checkpoints without unpickling arbitrary objects (tensors already load with
+    weights_only=True; this restricts the metadata file too)."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        with open(self._get_metadata_path(kwargs.get("rank")), "rb") as file:
+            metadata = _MetadataUnpickler(file).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
 class FSDPEngine(TorchEngine):
     """FSDP2: parameters, gradients and optimizer state are DTensor shards; checkpoints are
     sharded through torch.distributed.checkpoint, which reshards on load."""
+
+    def check_resumable(self, layout: dict, path: Path) -> None:
+        if layout["backend"] != "fsdp":
+            _refuse(path, layout, "parallel.backend=fsdp resumes only FSDP checkpoints")
 
     def full_tensors(self, pieces: dict[str, Tensor]) -> dict[str, Tensor]:
         return {name: piece.detach().full_tensor() for name, piece in pieces.items()}
@@ -155,9 +203,9 @@ class FSDPEngine(TorchEngine):
         model_state, optim_state = get_state_dict(self.module, self.optimizer)
         state = {"model": model_state, "optimizer": optim_state}
         try:
-            dcp.load(state, checkpoint_id=folder / "dcp")
+            dcp.load(state, storage_reader=SafeFileSystemReader(folder / "dcp"))
             scheduler = json.loads((folder / "scheduler.json").read_text())
-        except (OSError, ValueError, RuntimeError) as error:
+        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as error:
             raise CheckpointError(f"cannot read checkpoint {folder / 'dcp'}: {error}") from error
         set_state_dict(
             self.module,
@@ -181,6 +229,7 @@ class DeepSpeedEngine:
         self.ds.step()
 
     def step(self) -> float:
+        # DeepSpeed already skipped the update (and the schedule) if the norm was NaN/Inf.
         norm = self.ds.get_global_grad_norm()
         self.ds.optimizer.zero_grad()
         return float(norm) if norm is not None else float("nan")
@@ -216,6 +265,20 @@ class DeepSpeedEngine:
                     value = torch.nn.functional.pad(value, (0, size * dist.get_world_size()))
                     value = value[dist.get_rank() * size : (dist.get_rank() + 1) * size]
                 piece.copy_(value.view_as(piece))
+
+    def check_resumable(self, layout: dict, path: Path) -> None:
+        backend = f"zero{self.stage}"
+        if layout["backend"] != backend:
+            _refuse(path, layout, f"parallel.backend={backend} resumes only its own checkpoints")
+        if layout["dp_size"] != dist.get_world_size():
+            _refuse(
+                path,
+                layout,
+                f"ZeRO's optimizer partitions are tied to {layout['dp_size']} data-parallel "
+                f"ranks, not {dist.get_world_size()}. Convert it with DeepSpeed's "
+                "ds_to_universal.py and load the universal checkpoint, or resume on "
+                f"{layout['dp_size']} ranks",
+            )
 
     def save(self, folder: Path) -> None:
         self.ds.save_checkpoint(str(folder), tag="deepspeed", save_latest=False)

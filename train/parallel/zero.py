@@ -77,7 +77,25 @@ def build_deepspeed(
             optimizer, lr_lambda(optim, total_steps)
         ),
     )
+    ds_engine.checkpoint_engine = _weights_only_checkpoint_engine()
     return DeepSpeedEngine(ds_engine, config["zero_optimization"]["stage"])
+
+
+def _weights_only_checkpoint_engine():
+    """DeepSpeed's file engine, but loading with torch.load(weights_only=True): its checkpoints
+    hold tensors, plain containers and these three DeepSpeed records, and nothing else may be
+    unpickled from a file."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return WeightsOnlyCheckpointEngine()
 
 
 def _read_user_config(path: Path) -> dict:
