@@ -1,7 +1,8 @@
 """Checkpoints: save, load, atomic commit, a `latest` pointer, retention and export.
 
 A checkpoint is a folder `step_XXXXXXXX/` written under a temporary name and renamed
-when every file is on disk; `latest` is rewritten (atomically) only after that. A crash
+when every file is on disk and listed with its size in `manifest.json`; `latest` is
+rewritten (atomically) only after that. A crash
 at any moment therefore leaves the previous checkpoint as the latest complete one.
 Tensors are stored with safetensors, or with torch.save and read back with
 `weights_only=True`: loading never unpickles code from a file.
@@ -14,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import torch
@@ -71,6 +73,40 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+MANIFEST = "manifest.json"
+
+
+def _write_manifest(folder: Path) -> None:
+    """Record every file's size (after fsyncing it), so truncation is caught on load."""
+    sizes = {}
+    for file in sorted(folder.rglob("*")):
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+            sizes[str(file.relative_to(folder))] = file.stat().st_size
+    _write_atomic(folder / MANIFEST, json.dumps(sizes, indent=1))
+
+
+def _verify_manifest(folder: Path) -> None:
+    sizes = _read_json(folder / MANIFEST)
+    for name, size in sizes.items():
+        file = folder / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint file {file} is missing")
+        if file.stat().st_size != size:
+            raise CheckpointError(
+                f"checkpoint file {file} has {file.stat().st_size} bytes, {size} were written"
+            )
+
+
+def fault_point(name: str, step: int) -> None:
+    """Crash here when TESSERA_FAULT=<name>@<step> is set: how tests kill a run at an exact
+    point (e.g. halfway through writing a checkpoint). Does nothing otherwise."""
+    if os.environ.get("TESSERA_FAULT") == f"{name}@{step}":
+        log.error("TESSERA_FAULT=%s@%d: killing this process", name, step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -107,14 +143,12 @@ class Checkpointer:
             if main:
                 save_tensors(ema_weights, tmp / "ema.safetensors")
         torch.save(rng, tmp / f"rng_rank{_rank()}.pt")
+        fault_point("checkpoint", step)
         if main:
             (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
         _barrier()
         if main:
-            for file in tmp.rglob("*"):
-                if file.is_file():
-                    with open(file, "rb") as f:
-                        os.fsync(f.fileno())
+            _write_manifest(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             _fsync_dir(self.root)
@@ -152,7 +186,9 @@ class Checkpointer:
     def load(self, path: Path, engine, ema) -> tuple[dict, dict | None]:
         """Restore engine and EMA from `path`; returns (trainer_state, this rank's RNG state or
         None when the checkpoint was written by fewer ranks)."""
-        # Read the small files first, so a corrupt one fails before anything changes.
+        # Check every file and read the small ones first, so a damaged checkpoint fails
+        # before anything changes.
+        _verify_manifest(path)
         trainer_state = _read_json(path / "trainer.json")
         engine.check_resumable(trainer_state.get("layout", {"backend": "none"}), path)
         ema_state = load_tensors(path / "ema.safetensors") if ema is not None else None

@@ -44,6 +44,7 @@ class TrainConfig:
     ema_decay: float = 0.999  # 0 disables the EMA
     run_dir: str = "runs/${name}"
     resume: str = "auto"  # auto (latest complete checkpoint of run_dir) | never | <checkpoint dir>
+    record_samples: bool = False  # write each step's sample keys to consumed/rank<r>.jsonl
     max_bad_steps: int = 10  # NaN/Inf steps in a row (each skipped) before the run stops
     log_every: int = 10
     checkpoint_every: int = 500

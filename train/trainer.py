@@ -13,6 +13,7 @@ would over-weight samples of ranks that drew small batches (big-resolution bucke
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -111,6 +112,8 @@ class Trainer:
         p.samples_seen += int(sums["samples"])
         p.tokens_seen += int(sums["tokens"])
         p.data_state = batches[-1].state_after
+        if self.config.train.record_samples:
+            self._record_samples(batches)
         step_time = time.perf_counter() - start + data_wait
         metrics = {
             "train/loss": sums["loss_sum"] / sums["samples"],
@@ -129,6 +132,16 @@ class Trainer:
                 sums["flops"] / step_time / (self.peak_flops * self.dims.world_size)
             )
         return metrics
+
+    def _record_samples(self, batches: list[Batch]) -> None:
+        """An audit trail of the data: which samples each step consumed on this rank."""
+        if self.dims.sp_rank:
+            return  # the ranks of a sequence-parallel group share their samples
+        path = Path(self.config.train.run_dir) / "consumed" / f"rank{self.dims.dp_rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        keys = [key for batch in batches for key in batch.keys]
+        with open(path, "a") as file:
+            file.write(json.dumps({"step": self.progress.step, "keys": keys}) + "\n")
 
     def fit(self) -> list[float]:
         cfg = self.config.train
