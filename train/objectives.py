@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from data.pipeline import Batch
+from model.conditioning import ConditioningConfig, draw_given_frames
 from model.flow import FlowConfig, drop_captions, sample_timesteps, training_loss
 
 
@@ -32,13 +33,15 @@ def video_to_float(video_uint8: torch.Tensor, device: torch.device) -> torch.Ten
 
 
 class FlowMatchingObjective:
-    """Text-to-video flow matching on the latents of a frozen autoencoder."""
+    """Flow matching on the latents of a frozen autoencoder, with frame conditioning (a mode and
+    its given frames drawn per sample) and the micro-conditions frame rate and native size."""
 
     def __init__(
         self,
         autoencoder: nn.Module,
         text_encoder: nn.Module,
         flow: FlowConfig,
+        conditioning: ConditioningConfig,
         patch: list[int],
         train_flops: Callable[[int], float],
     ):
@@ -46,6 +49,7 @@ class FlowMatchingObjective:
         self.autoencoder = autoencoder
         self.text_encoder = text_encoder
         self.flow = flow
+        self.conditioning = conditioning
         self.patch = patch
         self.null_text, self.null_mask = text_encoder.null_embedding()
 
@@ -67,7 +71,11 @@ class FlowMatchingObjective:
         batch_size, num_tokens = latents.shape[0], self.num_tokens(latents)
         t = sample_timesteps(batch_size, num_tokens, self.flow, device=device)
         noise = torch.randn_like(latents)
-        per_sample = training_loss(model, latents, text, mask, t, noise)
+        given = draw_given_frames(batch_size, latents.shape[2], self.conditioning).to(device)
+        micro = {"fps": batch.fps.to(device), "native_size": batch.native_size.to(device)}
+        per_sample = training_loss(
+            model, latents, text, mask, t, noise, given=given, model_kwargs=micro
+        )
         return Loss(
             per_sample.sum(),
             batch_size,
