@@ -34,6 +34,7 @@ from omegaconf import OmegaConf
 from data.decode import read_media
 from data.mp4 import write_mp4
 from model.flow import FlowConfig, euler_sample
+from train.build import SamplingParts, load_for_sampling
 
 MAX_SECONDS = 60.0  # the longest video the command makes, as Sora
 MODES = ("t2v", "t2i", "i2v", "extend", "connect", "edit")
@@ -81,12 +82,18 @@ class VideoGenerator:
         self.device = next(self.dit.parameters()).device
         self.generator = torch.Generator().manual_seed(self.seed)
         self.tc = self.autoencoder.temporal_compression
+        self.captions: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # windows share them
+
+    def caption(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if prompt not in self.captions:
+            self.captions[prompt] = self.text_encoder.encode([prompt])
+        return self.captions[prompt]
 
     # --- latents in and out ---------------------------------------------------------------
 
     @torch.no_grad()
     def encode(self, frames: np.ndarray) -> torch.Tensor:
-        video = torch.from_numpy(frames).to(self.device).permute(3, 0, 1, 2)[None]
+        video = torch.tensor(frames, device=self.device).permute(3, 0, 1, 2)[None]
         return self.autoencoder.encode(video.float() / 127.5 - 1.0)
 
     @torch.no_grad()
@@ -141,7 +148,7 @@ class VideoGenerator:
             given_mask = torch.zeros(1, lt, dtype=torch.bool, device=self.device)
             for index, latents in given.items():
                 clean[0, :, index], given_mask[0, index] = latents, True
-        text, mask = self.text_encoder.encode([prompt])
+        text, mask = self.caption(prompt)
         null_text, null_mask = self.text_encoder.null_embedding()
         native = self.native_size or (height, width)
         micro = {
@@ -367,13 +374,8 @@ def check_sample_config(cfg: SampleConfig) -> None:
         raise ValueError(f"context={cfg.context}: must be at least 1 latent frame")
 
 
-def main(argv: list[str]) -> Path:
-    from train.build import load_for_sampling  # the trainer's builders, only for the command
-
-    cli = OmegaConf.from_cli(argv)
-    cfg: SampleConfig = OmegaConf.to_object(
-        OmegaConf.merge(OmegaConf.structured(SampleConfig), cli)
-    )
+def load(cfg: SampleConfig) -> SamplingParts:
+    """The checkpoint's model, on the device `cfg` asks for."""
     check_sample_config(cfg)
     device = torch.device(
         "cuda"
@@ -382,8 +384,12 @@ def main(argv: list[str]) -> Path:
         if cfg.device == "auto"
         else cfg.device
     )
-    parts = load_for_sampling(cfg.checkpoint, cfg.weights, device)
-    native = (cfg.native_height or cfg.height, cfg.native_width or cfg.width)
+    return load_for_sampling(cfg.checkpoint, cfg.weights, device)
+
+
+def sample_to_mp4(parts: SamplingParts, cfg: SampleConfig) -> Path:
+    """Run `cfg.mode` and write the mp4 with its provenance record."""
+    check_sample_config(cfg)
     generator = VideoGenerator(
         parts.dit,
         parts.autoencoder,
@@ -394,7 +400,7 @@ def main(argv: list[str]) -> Path:
         cfg.cfg_scale,
         cfg.seed,
         cfg.context,
-        native,
+        (cfg.native_height or cfg.height, cfg.native_width or cfg.width),
     )
     video, inputs = run_mode(generator, cfg)
     if len(video) / cfg.fps > MAX_SECONDS:
@@ -418,6 +424,16 @@ def main(argv: list[str]) -> Path:
         f"{cfg.fps:g} fps) from {parts.source}"
     )
     return path
+
+
+def parse(argv: list[str]) -> SampleConfig:
+    cli = OmegaConf.from_cli(argv)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SampleConfig), cli))
+
+
+def main(argv: list[str]) -> Path:
+    cfg = parse(argv)
+    return sample_to_mp4(load(cfg), cfg)
 
 
 if __name__ == "__main__":
