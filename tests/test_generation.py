@@ -63,7 +63,7 @@ def test_demo_preset_trains_with_mixed_modes_and_logs_every_mode(trained):
     logged = {p.name.split("_4_")[0] for p in (wandb_run / "files/media/videos").rglob("*.mp4")}
     assert logged == {f"{mode}_prompt_0" for mode in MODES}
     frames, _, provenance = read_mp4(trained / "samples" / "step_00000004_extend_prompt_0.mp4")
-    assert len(frames) == 17  # 9 frames extended by one window's length
+    assert len(frames) == 9 + 4  # extended by one window of 9 frames: 1 new latent frame
     assert provenance["mode"] == "extend" and provenance["prompt"] == "cyclists on a street"
 
 

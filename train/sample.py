@@ -257,16 +257,18 @@ def training_samples(
     width: int,
     strength: float = 0.6,
 ) -> dict[str, tuple[str, str, np.ndarray]]:
-    """Samples of every mode for training-time logging: name -> (mode, prompt, frames). Modes that need
-    an input start from the t2v samples: prompt i's for i2v and extend, prompt i+1's for connect
-    (to prompt i's) and edit (re-made with prompt i)."""
+    """Samples for training-time logging: name -> (mode, prompt, frames). t2v for every prompt;
+    the other modes for the first prompt only, to keep sampling cheap. Modes that need an input
+    start from the t2v samples: the first prompt's for i2v and extend, and the last prompt's for
+    connect (from the first's) and edit (re-made with the first prompt)."""
     t2v = [generator.window(prompt, frames, height, width) for prompt in prompts]
     samples = {}
-    for i, prompt in enumerate(prompts):
-        inputs = (t2v[i], t2v[(i + 1) % len(prompts)])
-        for mode in modes:
-            video = _from_t2v(generator, mode, prompt, *inputs, frames, strength)
-            samples[f"{mode}_prompt_{i}"] = (mode, prompt, video)
+    for mode in modes:
+        if mode == "t2v":
+            samples |= {f"t2v_prompt_{i}": ("t2v", prompts[i], t2v[i]) for i in range(len(t2v))}
+        else:
+            video = _from_t2v(generator, mode, prompts[0], t2v[0], t2v[-1], frames, strength)
+            samples[f"{mode}_prompt_0"] = (mode, prompts[0], video)
     return samples
 
 
@@ -279,9 +281,9 @@ def _from_t2v(
     frames: int,
     strength: float,
 ) -> np.ndarray:
-    seconds = (frames - 1) / generator.fps  # extend and connect add one window's length
-    if mode == "t2v":
-        return own
+    # extend and connect add what one window adds to a video: its latent frames not given.
+    window_latents = (frames - 1) // generator.tc + 1
+    seconds = generator.tc * max(1, window_latents - generator.context) / generator.fps
     if mode == "t2i":
         return generator.window(prompt, 1, *own.shape[1:3])
     if mode == "i2v":
