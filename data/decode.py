@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import av
 import numpy as np
@@ -49,6 +50,12 @@ def cover_size(height: int, width: int, target: tuple[int, int]) -> tuple[int, i
     """The smallest (height, width) with this aspect ratio that covers `target`."""
     scale = max(target[0] / height, target[1] / width)
     return max(target[0], round(height * scale)), max(target[1], round(width * scale))
+
+
+def center_crop(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    height, width = frames.shape[1:3]
+    top, left = (height - size[0]) // 2, (width - size[1]) // 2
+    return frames[:, top : top + size[0], left : left + size[1]]
 
 
 def random_crop(frames: np.ndarray, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -172,3 +179,35 @@ def probe(data: bytes, ext: str, name: str = "") -> dict:
         "frames": int(frames),
         "duration": frames / fps,
     }
+
+
+def read_media(path: str | Path, size: tuple[int, int], target_fps: float) -> np.ndarray:
+    """Every frame of an image or video file, uint8 (frames, height, width, 3): a video at
+    `target_fps` (never faster than its own rate), resized to cover `size` and centre-cropped to it.
+    The inputs of the generation modes (image to video, extension, editing)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such image or video file")
+    ext = path.suffix.lstrip(".").lower()
+    if ext not in IMAGE_EXTS + VIDEO_EXTS:
+        raise DecodeError(
+            f"{path}: unsupported extension {ext!r} (known: {IMAGE_EXTS + VIDEO_EXTS})"
+        )
+    data = path.read_bytes()
+    meta = probe(data, ext, str(path))
+    out_size = cover_size(meta["height"], meta["width"], size)
+
+    def indices_for(total: int, fps: float) -> np.ndarray:
+        stride = max(1.0, fps / target_fps)
+        return np.round(np.arange(0.0, total - 0.5, stride)).astype(int).clip(max=total - 1)
+
+    try:
+        if ext in IMAGE_EXTS:
+            frames = _decode_image(data, out_size)
+        elif decord is not None:
+            frames = _decode_decord(data, indices_for, out_size)
+        else:
+            frames = _decode_pyav(data, indices_for, out_size)
+    except Exception as error:
+        raise DecodeError(f"cannot decode {path}: {error}") from error
+    return np.ascontiguousarray(center_crop(frames, size))

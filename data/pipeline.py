@@ -3,7 +3,9 @@
 The data position is one explicit, JSON-serialisable state: `DataState(seed, epoch,
 consumed_samples)`. For each epoch a seeded global plan of batches is built that does not
 depend on the number of ranks: each bucket's samples are shuffled and cut into batches of
-that bucket's size, then the batches are shuffled. From the current position the plan is
+that bucket's size, then the batches are shuffled (with `data.image_share` set, a seeded
+choice of image or video batches is left out first, so that images make that share of the
+batches: joint image and video training at a chosen mix). From the current position the plan is
 read in rows of `world` batches, rank r taking the r-th of each row (batch j goes to rank
 j % world in a fresh epoch), and `consumed_samples` counts the samples of every plan batch
 before the position, so a run resumes exactly where it stopped, on any number of ranks.
@@ -50,6 +52,10 @@ class DataConfig:
     recaption_prob: float = 0.5  # chance of the recaption over the caption, where one exists
     num_workers: int = 2
     seed: int = 0
+    # Share of each epoch's batches that hold images (1-frame buckets); null keeps the data's own
+    # mix. Batches, not samples: every batch has the same token budget, so this is the share of
+    # compute, whereas an image batch holds many more samples than a video batch.
+    image_share: float | None = None
     cache_dir: str = ".cache/shards"  # where remote shards are copied before reading
 
 
@@ -76,6 +82,7 @@ class Batch:
     captions: list[str]
     keys: list[str]
     fps: torch.Tensor  # (B,) frame rate of the sampled frames
+    native_size: torch.Tensor  # (B, 2) the sources' (height, width) before resizing and cropping
     bucket: tuple[int, int, int]  # (frames, height, width)
     state_after: dict  # the DataState once every rank has consumed this batch's row
     skipped: int = 0  # samples that failed to decode since the previous batch
@@ -84,7 +91,12 @@ class Batch:
 
     def pin_memory(self) -> Batch:
         """Called by the DataLoader (pin_memory=True) for fast, asynchronous host-to-GPU copies."""
-        return replace(self, video=self.video.pin_memory(), fps=self.fps.pin_memory())
+        return replace(
+            self,
+            video=self.video.pin_memory(),
+            fps=self.fps.pin_memory(),
+            native_size=self.native_size.pin_memory(),
+        )
 
 
 @dataclass(frozen=True)
@@ -185,10 +197,15 @@ def assign_buckets(
 
 
 def shuffle_plan(
-    by_bucket: dict[Bucket, list[int]], table: BucketTable, seed: int, epoch: int
+    by_bucket: dict[Bucket, list[int]],
+    table: BucketTable,
+    seed: int,
+    epoch: int,
+    image_share: float | None = None,
 ) -> list[PlannedBatch]:
-    """One epoch's batches: each bucket shuffled and cut (dropping a last, partial batch),
-    then the batches shuffled, all seeded by (seed, epoch)."""
+    """One epoch's batches: each bucket shuffled and cut (dropping a last, partial batch), then,
+    with `image_share`, image or video batches left out to make images that share of them, then
+    the batches shuffled; all seeded by (seed, epoch)."""
     rng = np.random.default_rng([seed, epoch])
     batches = []
     for bucket in table.buckets:  # a fixed order, so the shuffles below are reproducible
@@ -197,16 +214,49 @@ def shuffle_plan(
             batches.append(
                 PlannedBatch(bucket, tuple(int(i) for i in ids[start : start + bucket.batch_size]))
             )
+    if image_share is not None:
+        batches = _mix_images(batches, image_share, rng)
     order = rng.permutation(len(batches))
     return [batches[i] for i in order]
 
 
+def _mix_images(
+    batches: list[PlannedBatch], share: float, rng: np.random.Generator
+) -> list[PlannedBatch]:
+    """A seeded subset in which image batches are `share` of all: the scarcer kind is kept whole."""
+    images = [b for b in batches if b.bucket.frames == 1]
+    videos = [b for b in batches if b.bucket.frames > 1]
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"data.image_share={share}: must be in [0, 1]")
+    if (share > 0 and not images) or (share < 1 and not videos):
+        raise ValueError(
+            f"data.image_share={share}: the plan has {len(images)} image and {len(videos)} "
+            "video batches, so that share cannot be met"
+        )
+    if share in (0.0, 1.0):
+        keep_images, keep_videos = (len(images), 0) if share == 1.0 else (0, len(videos))
+    elif len(images) * (1 - share) > len(videos) * share:  # too many images
+        keep_images, keep_videos = round(len(videos) * share / (1 - share)), len(videos)
+    else:
+        keep_images, keep_videos = len(images), round(len(images) * (1 - share) / share)
+
+    def chosen(kind: list[PlannedBatch], count: int) -> list[PlannedBatch]:
+        return [kind[i] for i in sorted(rng.permutation(len(kind))[:count])]
+
+    return chosen(images, keep_images) + chosen(videos, keep_videos)
+
+
 def plan_epoch(
-    samples: list[dict], table: BucketTable, target_fps: float, seed: int, epoch: int
+    samples: list[dict],
+    table: BucketTable,
+    target_fps: float,
+    seed: int,
+    epoch: int,
+    image_share: float | None = None,
 ) -> tuple[list[PlannedBatch], int]:
     """This epoch's batches, and how many samples fit no bucket."""
     by_bucket, unassigned = assign_buckets(samples, table, target_fps)
-    return shuffle_plan(by_bucket, table, seed, epoch), unassigned
+    return shuffle_plan(by_bucket, table, seed, epoch, image_share), unassigned
 
 
 # --- the stream -------------------------------------------------------------------------
@@ -227,16 +277,14 @@ class BatchStream(IterableDataset):
         self.cfg, self.table, self.samples = cfg, table, samples
         self.dp_rank, self.dp_world, self.state = dp_rank, dp_world, state
         self.by_bucket, self.unassigned = assign_buckets(samples, table, cfg.fps)
-        self.batches_per_epoch = sum(
-            len(ids) // bucket.batch_size for bucket, ids in self.by_bucket.items()
-        )
+        self._plans: dict[int, tuple[list[PlannedBatch], list[int]]] = {}
+        self._files: dict[str, BinaryIO] = {}
+        self.batches_per_epoch = len(self.plan(state.epoch)[0])  # the same every epoch
         if self.batches_per_epoch < dp_world:
             raise ValueError(
                 f"data.shards={cfg.shards!r}: {self.batches_per_epoch} full batches per "
                 f"epoch, fewer than the {dp_world} data-parallel ranks"
             )
-        self._plans: dict[int, tuple[list[PlannedBatch], list[int]]] = {}
-        self._files: dict[str, BinaryIO] = {}
         # A bad state fails here, in the trainer's process, not later inside a worker.
         self.first_batch(state.epoch, state.consumed_samples)
 
@@ -244,7 +292,9 @@ class BatchStream(IterableDataset):
         """(batches, cumulative sample counts before each batch) of an epoch; the latest
         epoch's is kept."""
         if epoch not in self._plans:
-            batches = shuffle_plan(self.by_bucket, self.table, self.state.seed, epoch)
+            batches = shuffle_plan(
+                self.by_bucket, self.table, self.state.seed, epoch, self.cfg.image_share
+            )
             cumulative = np.cumsum([0] + [len(b.sample_ids) for b in batches]).tolist()
             self._plans = {epoch: (batches, cumulative)}
         return self._plans[epoch]
@@ -295,7 +345,7 @@ class BatchStream(IterableDataset):
         """Decode a planned batch; samples that fail are dropped and counted (the batch may
         come out empty: the loader skips it, and keeps the count)."""
         bucket = planned.bucket
-        videos, captions, keys, fps = [], [], [], []
+        videos, captions, keys, fps, native_sizes = [], [], [], [], []
         for sample_id in planned.sample_ids:
             sample = self.samples[sample_id]
             meta = sample["meta"]
@@ -320,6 +370,7 @@ class BatchStream(IterableDataset):
             captions.append(meta["recaption"] if use_recaption else meta["caption"])
             keys.append(sample["key"])
             fps.append(min(meta["fps"], self.cfg.fps) if meta["frames"] > 1 else self.cfg.fps)
+            native_sizes.append((meta["height"], meta["width"]))
         video = (
             torch.from_numpy(np.stack(videos))
             if videos
@@ -330,6 +381,7 @@ class BatchStream(IterableDataset):
             captions,
             keys,
             torch.tensor(fps, dtype=torch.float32),
+            torch.tensor(native_sizes, dtype=torch.float32).reshape(-1, 2),
             bucket.shape,
             after.to_dict(),
             skipped=len(planned.sample_ids) - len(keys),

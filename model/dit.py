@@ -4,7 +4,9 @@ Latents (B, C, T, H, W) are cut into t×h×w patches, one token each, in frame-m
 block runs self-attention over all spacetime tokens (RMS-normalised queries/keys, 3D rotary
 positions), cross-attention to the caption and an MLP. The flow time conditions each block through
 adaLN-Zero: shift/scale/gate for self-attention and MLP, produced per sample or per latent frame so
-that clean conditioning frames (t = 0) and noisy frames can share one sequence.
+that clean conditioning frames (t = 0) and noisy frames can share one sequence. Two more inputs add
+to that condition: a learned vector on the frames that are given (see model/conditioning.py), and
+the micro-conditions frame rate and native resolution of the source.
 
 Cross-attention is ungated, as in PixArt-alpha: the caption matters at every noise level, so a
 time-dependent gate buys little and would cost width² parameters per block; its zero-initialised
@@ -139,6 +141,16 @@ def gate(x: Tensor, gate_values: Tensor) -> Tensor:
     return (x.unflatten(1, (gate_values.shape[1], -1)) * gate_values[:, :, None]).flatten(1, 2)
 
 
+def sinusoidal_features(values: Tensor, scale: float) -> Tensor:
+    """(...,) scalars -> (..., TIME_FREQUENCY_DIM) cos/sin features of values * scale."""
+    half = TIME_FREQUENCY_DIM // 2
+    frequencies = torch.exp(
+        -math.log(10000.0) * torch.arange(half, device=values.device, dtype=torch.float32) / half
+    )
+    angles = (values.float() * scale)[..., None] * frequencies
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
 class TimestepEmbedder(nn.Module):
     """Flow time in [0, 1] -> sinusoidal features -> MLP -> width."""
 
@@ -149,13 +161,26 @@ class TimestepEmbedder(nn.Module):
         )
 
     def forward(self, t: Tensor) -> Tensor:
-        half = TIME_FREQUENCY_DIM // 2
-        frequencies = torch.exp(
-            -math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half
-        )
         # t * 1000 puts flow time on DiT's 0..1000 step scale, which these frequencies resolve.
-        angles = (t.float() * 1000.0)[..., None] * frequencies
-        features = torch.cat([angles.cos(), angles.sin()], dim=-1)
+        features = sinusoidal_features(t, 1000.0)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class MicroConditionEmbedder(nn.Module):
+    """Micro-conditions, as in SDXL: the frame rate and the source's native (height, width) before
+    resizing, each as sinusoidal features (raw units resolve well: fps ~1-60, sizes ~10^2-10^4),
+    through one MLP. Its output layer starts at zero, so a fresh model ignores them; a trained one
+    lets a user ask for a frame rate, and for the look of a high-resolution source."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(3 * TIME_FREQUENCY_DIM, width), nn.SiLU(), nn.Linear(width, width)
+        )
+
+    def forward(self, fps: Tensor, native_size: Tensor) -> Tensor:
+        values = torch.cat([fps[:, None], native_size], dim=1)  # (B, 3)
+        features = sinusoidal_features(values, 1.0).flatten(1)
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
@@ -257,6 +282,11 @@ class DiT(nn.Module):
         # A Linear on flattened patches: same maths as a strided Conv3d, ~2x faster on CPU.
         self.patch_embed = nn.Linear(patch_dim, cfg.width)
         self.time_embed = TimestepEmbedder(cfg.width)
+        self.micro_embed = MicroConditionEmbedder(cfg.width)
+        # Given (clean conditioning) frames add a learned vector to their adaLN condition: it
+        # reaches every block, as the time does, costs one vector, and starting at zero leaves a
+        # text-to-video model unchanged. (An input mask channel would only reach the first layer.)
+        self.given_embed = nn.Parameter(torch.zeros(cfg.width))
         self.caption_proj = nn.Sequential(
             nn.Linear(text_dim, cfg.width),
             nn.GELU(approximate="tanh"),
@@ -274,21 +304,36 @@ class DiT(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         # adaLN-Zero: every residual branch starts closed and the output starts at zero.
-        zeroed = [self.final_layer.modulation[-1], self.final_layer.linear]
+        zeroed = [
+            self.final_layer.modulation[-1],
+            self.final_layer.linear,
+            self.micro_embed.mlp[-1],
+        ]
         for block in self.blocks:
             zeroed += [block.modulation[-1], block.cross_attn.proj]
         for linear in zeroed:
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
 
-    def forward(self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        text: Tensor,
+        text_mask: Tensor,
+        given: Tensor | None = None,
+        fps: Tensor | None = None,
+        native_size: Tensor | None = None,
+    ) -> Tensor:
         """Velocity (B, C, T, H, W) for latents x at flow time t.
 
         t: (B,) for one time per sample, or (B, T) for one per latent frame (frames that share a
-        temporal patch are conditioned on their mean time). text: (B, L, text_dim) caption states
-        with text_mask (B, L) bool, True for real tokens.
+        temporal patch are conditioned on their mean). text: (B, L, text_dim) caption states with
+        text_mask (B, L) bool, True for real tokens. given: (B, T) bool, the clean conditioning
+        frames. fps (B,) and native_size (B, 2) (source height, width in pixels): micro-conditions,
+        both or neither.
         """
-        self._check_inputs(x, t, text, text_mask)
+        self._check_inputs(x, t, text, text_mask, given, fps, native_size)
         pt, ph, pw = self.cfg.patch_size
         grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
 
@@ -296,7 +341,13 @@ class DiT(nn.Module):
             x, "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw c)", pt=pt, ph=ph, pw=pw
         )
         tokens = self.patch_embed(patches)
-        cond = self.time_embed(self._times_per_token_frame(t, grid[0]))  # (B, 1 or frames, width)
+        cond = self.time_embed(self._per_token_frame(t, grid[0]))  # (B, 1 or frames, width)
+        if given is not None:
+            cond = cond + self._per_token_frame(given.to(cond.dtype), grid[0])[..., None] * (
+                self.given_embed.to(cond.dtype)
+            )
+        if fps is not None:
+            cond = cond + self.micro_embed(fps, native_size)[:, None]
         context = self.caption_proj(text)
         head_dim = self.cfg.width // self.cfg.num_heads
         rope = rope_cos_sin(grid, head_dim, self.cfg.rope_theta, device=x.device)
@@ -311,12 +362,22 @@ class DiT(nn.Module):
             t=grid[0], h=grid[1], w=grid[2], pt=pt, ph=ph, pw=pw,
         )  # fmt: skip
 
-    def _times_per_token_frame(self, t: Tensor, token_frames: int) -> Tensor:
-        if t.ndim == 1:
-            return t[:, None]
-        return t.unflatten(1, (token_frames, self.cfg.patch_size[0])).mean(dim=2)
+    def _per_token_frame(self, values: Tensor, token_frames: int) -> Tensor:
+        """(B,) -> (B, 1); (B, T) per latent frame -> (B, token frames), averaged per patch."""
+        if values.ndim == 1:
+            return values[:, None]
+        return values.unflatten(1, (token_frames, self.cfg.patch_size[0])).mean(dim=2)
 
-    def _check_inputs(self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor) -> None:
+    def _check_inputs(
+        self,
+        x: Tensor,
+        t: Tensor,
+        text: Tensor,
+        text_mask: Tensor,
+        given: Tensor | None,
+        fps: Tensor | None,
+        native_size: Tensor | None,
+    ) -> None:
         if x.ndim != 5 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"latents must be (B, C={self.in_channels}, T, H, W), got {tuple(x.shape)}"
@@ -339,6 +400,18 @@ class DiT(nn.Module):
             raise ValueError(
                 f"text_mask must be bool of shape {tuple(text.shape[:2])}, "
                 f"got {text_mask.dtype} {tuple(text_mask.shape)}"
+            )
+        if given is not None and (given.shape != (batch, frames) or given.dtype != torch.bool):
+            raise ValueError(
+                f"given must be bool of shape (B, T) = ({batch}, {frames}), "
+                f"got {given.dtype} {tuple(given.shape)}"
+            )
+        if (fps is None) != (native_size is None):
+            raise ValueError("fps and native_size are micro-conditions: pass both or neither")
+        if fps is not None and (fps.shape != (batch,) or native_size.shape != (batch, 2)):
+            raise ValueError(
+                f"fps must be (B,) = ({batch},) and native_size (B, 2) = ({batch}, 2), "
+                f"got {tuple(fps.shape)} and {tuple(native_size.shape)}"
             )
 
 

@@ -42,6 +42,9 @@ def dit_param_count(cfg: DiTConfig, in_channels: int, text_dim: int) -> int:
         + _linear_params(width, width)
         + _linear_params(text_dim, width)
         + _linear_params(width, width)
+        + _linear_params(3 * TIME_FREQUENCY_DIM, width)  # micro-conditions
+        + _linear_params(width, width)
+        + width  # the given-frame vector
     )
     self_attention = _linear_params(width, 3 * width) + _linear_params(width, width) + qk_norms
     cross_attention = (
@@ -79,6 +82,8 @@ def dit_forward_flops(
         + matmul(1, width, width)
         + matmul(text, text_dim, width)
         + matmul(text, width, width)
+        + matmul(1, 3 * TIME_FREQUENCY_DIM, width)  # micro-conditions
+        + matmul(1, width, width)
     )
     self_attention = (
         matmul(tokens, width, 3 * width)

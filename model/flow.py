@@ -5,6 +5,10 @@ constant velocity dx_t/dt = noise - x0. Times are drawn logit-normal and then sh
 for bigger latents (SD3's resolution shift): more latent tokens carry more redundant signal, so the
 same noise level destroys less of the content.
 
+Frame conditioning (`given`, (B, T) bool over latent frames): given frames sit at time 0, so they
+are the clean latents; the model is told which they are; the loss leaves them out; and the sampler
+puts the clean frames back before every step, so they come out exactly as they went in.
+
 `num_tokens` is the number of spacetime tokens the DiT sees (latent T·H·W / patch volume);
 training and sampling must count it the same way. Everything random takes an explicit generator so
 results are reproducible.
@@ -66,14 +70,22 @@ def training_loss(
     t: Tensor,
     noise: Tensor,
     frame_weight: Tensor | None = None,
+    given: Tensor | None = None,
+    model_kwargs: dict | None = None,
 ) -> Tensor:
     """Per-sample (B,) mean squared error of the predicted velocity against noise - x0.
 
     frame_weight (B, T) turns the mean over latent frames into a weighted mean, so frames of weight
-    0 (e.g. given conditioning frames) add nothing to the loss nor to its denominator. The caller
-    reduces over the batch.
+    0 add nothing to the loss nor to its denominator. given (B, T) bool marks clean conditioning
+    frames: their time becomes 0 (t turns per frame), their weight 0, and the model gets
+    `given=given`. model_kwargs (e.g. micro-conditions) go to the model. The caller reduces over
+    the batch.
     """
-    velocity = model(interpolate(x0, noise, t), t, text, text_mask)
+    model_kwargs = dict(model_kwargs or {})
+    if given is not None:
+        t, frame_weight = _condition_on_given(t, frame_weight, given, x0)
+        model_kwargs["given"] = given
+    velocity = model(interpolate(x0, noise, t), t, text, text_mask, **model_kwargs)
     per_frame = (velocity.float() - (noise - x0).float()).square().mean(dim=(1, 3, 4))  # (B, T)
     if frame_weight is None:
         return per_frame.mean(dim=1)
@@ -85,6 +97,22 @@ def training_loss(
     weight = frame_weight.to(per_frame.dtype)
     total_weight = weight.sum(dim=1)
     return (per_frame * weight).sum(dim=1) / total_weight.masked_fill(total_weight == 0, 1.0)
+
+
+def _condition_on_given(
+    t: Tensor, frame_weight: Tensor | None, given: Tensor, x0: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per-frame times with 0 on given frames, and frame weights with 0 on them."""
+    batch, frames = x0.shape[0], x0.shape[2]
+    if given.shape != (batch, frames) or given.dtype != torch.bool:
+        raise ValueError(
+            f"given must be bool (B, T) = ({batch}, {frames}), "
+            f"got {given.dtype} {tuple(given.shape)}"
+        )
+    t = t[:, None].expand(batch, frames) if t.ndim == 1 else t
+    t = t.masked_fill(given, 0.0)
+    weight = torch.ones_like(t) if frame_weight is None else frame_weight.to(t.dtype)
+    return t, weight.masked_fill(given, 0.0)
 
 
 def drop_captions(
@@ -118,18 +146,22 @@ def guided_velocity(
     null_text: Tensor,
     null_mask: Tensor,
     cfg_scale: float,
+    model_kwargs: dict | None = None,
 ) -> Tensor:
     """Classifier-free guidance v_uncond + scale (v_cond - v_uncond), both from one batched forward.
 
-    null_text/null_mask must already have text's shape (euler_sample prepares them).
+    null_text/null_mask must already have text's shape (euler_sample prepares them); model_kwargs
+    are per-sample tensors, given to both halves.
     """
+    model_kwargs = model_kwargs or {}
     if cfg_scale == 1.0:  # guidance is a no-op: skip the unconditional half
-        return model(x, t, text, text_mask)
+        return model(x, t, text, text_mask, **model_kwargs)
     velocity = model(
         torch.cat([x, x]),
         torch.cat([t, t]),
         torch.cat([text, null_text]),
         torch.cat([text_mask, null_mask]),
+        **{name: torch.cat([value, value]) for name, value in model_kwargs.items()},
     )
     v_cond, v_uncond = velocity.chunk(2)
     return v_uncond + cfg_scale * (v_cond - v_uncond)
@@ -147,10 +179,18 @@ def euler_sample(
     steps: int | None = None,
     cfg_scale: float | None = None,
     num_tokens: int | None = None,
+    clean: Tensor | None = None,
+    given: Tensor | None = None,
+    strength: float = 1.0,
+    model_kwargs: dict | None = None,
 ) -> Tensor:
-    """Integrate dx/dt = v from t = 1 (noise, (B, C, T, H, W)) to t = 0 with Euler steps on the
-    time-shifted grid; returns the sampled latents.
+    """Integrate dx/dt = v from t = strength to t = 0 with Euler steps on the time-shifted grid;
+    returns the sampled latents (B, C, T, H, W), the shape of `noise`.
 
+    clean: reference latents of noise's shape. Its `given` (B, T) frames are put back before every
+    step (and at the end) and sit at time 0, so they come out unchanged. With strength < 1
+    (SDEdit) the run starts from clean noised to the shifted time of `strength` rather than from
+    pure noise: 1 is text-to-video, smaller keeps more of the reference.
     num_tokens must be the count training used for this latent shape; None takes every latent
     position T·H·W as a token (right for patch size 1).
     """
@@ -159,17 +199,33 @@ def euler_sample(
     num_tokens = math.prod(noise.shape[2:]) if num_tokens is None else num_tokens
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if (given is not None or strength < 1.0) and (clean is None or clean.shape != noise.shape):
+        raise ValueError(
+            f"given frames and strength < 1 need clean latents of shape {tuple(noise.shape)}, "
+            f"got {None if clean is None else tuple(clean.shape)}"
+        )
+    model_kwargs = dict(model_kwargs or {})
     null_text, null_mask = _null_caption_like(text, null_text, null_mask)
-    times = time_shift(torch.linspace(1.0, 0.0, steps + 1, device=noise.device), num_tokens, cfg)
-
-    x = noise
+    times = time_shift(
+        torch.linspace(strength, 0.0, steps + 1, device=noise.device), num_tokens, cfg
+    )
+    batch, frames = noise.shape[0], noise.shape[2]
+    x = noise if strength == 1.0 else interpolate(clean, noise, times[0].expand(batch))
+    if given is not None:
+        model_kwargs["given"] = given
+        keep = given[:, None, :, None, None]
     for t, t_next in zip(times[:-1], times[1:], strict=True):
-        t_batch = t.expand(x.shape[0])
+        t_batch = t.expand(batch)
+        if given is not None:
+            x = torch.where(keep, clean, x)
+            t_batch = t.expand(batch, frames).masked_fill(given, 0.0)
         velocity = guided_velocity(
-            model, x, t_batch, text, text_mask, null_text, null_mask, cfg_scale
+            model, x, t_batch, text, text_mask, null_text, null_mask, cfg_scale, model_kwargs
         )
         x = x + (t_next - t) * velocity
-    return x
+    return x if given is None else torch.where(keep, clean, x)
 
 
 def _broadcast_time(t: Tensor, x: Tensor) -> Tensor:

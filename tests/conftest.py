@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 
 from data.demo import build_demo, clips_folder
 
@@ -22,3 +23,29 @@ def clips() -> Path:
 def demo_shards(tmp_path_factory) -> Path:
     """A smaller demo dataset (the same code as `make train`'s), built once per session."""
     return build_demo(tmp_path_factory.mktemp("demo"), clips_per_source=40, images_per_source=40)
+
+
+@pytest.fixture(scope="session")
+def autoencoder(demo_shards, tmp_path_factory) -> Path:
+    """The demo autoencoder stage, short: it trains, calibrates and exports (shared by the
+    training and generation tests)."""
+    from train.__main__ import run
+    from train.config import register_configs, to_config
+
+    register_configs()
+    run_dir = tmp_path_factory.mktemp("ae")
+    overrides = [
+        "experiment=demo_autoencoder",
+        f"data.shards={demo_shards}",
+        f"train.run_dir={run_dir}",
+        "train.steps=30",
+        "logger=none",
+        "train.checkpoint_every=30",
+    ]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        losses = run(to_config(compose("config", overrides=overrides)))
+    assert len(losses) == 30
+    exported = run_dir / "export" / "model.safetensors"
+    assert exported.exists()
+    assert list((run_dir / "samples").glob("*_reconstruction.mp4"))
+    return exported

@@ -41,6 +41,7 @@ def make_batch(frames: int, height: int, width: int, size: int, plan_index: int)
         keys,
         keys,
         torch.full((size,), 8.0),
+        torch.tensor([[height, width]] * size),
         (frames, height, width),
         {},
         plan_index=plan_index,

@@ -91,15 +91,19 @@ def test_bad_inputs_are_named(shape, t_shape, message):
 
 def test_every_parameter_learns():
     """adaLN-Zero opens the gradient path in three steps: the output layer, then the gates and
-    cross-attention projections, then what feeds them (timestep and caption embedders)."""
+    cross-attention projections, then what feeds them (timestep and caption embedders, the
+    given-frame vector); a fourth reaches the micro-condition MLP behind its zeroed output."""
     model = make_dit(trained=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     torch.manual_seed(1)
-    x, t, text = torch.randn(2, IN_CHANNELS, 3, 4, 4), torch.rand(2), caption()
+    x, text = torch.randn(2, IN_CHANNELS, 3, 4, 4), caption()
+    given = torch.tensor([[True, False, False], [False, False, False]])
+    t = torch.rand(2, 1).expand(2, 3).masked_fill(given, 0.0)
+    micro = {"fps": torch.tensor([8.0, 24.0]), "native_size": torch.tensor([[240.0, 320.0]] * 2)}
     target = torch.randn_like(x)
-    for _ in range(3):
+    for _ in range(4):
         optimizer.zero_grad()
-        (model(x, t, *text) - target).square().mean().backward()
+        (model(x, t, *text, given=given, **micro) - target).square().mean().backward()
         optimizer.step()
     stuck = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
     assert not stuck

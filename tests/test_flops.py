@@ -78,7 +78,14 @@ def test_flops_match_torch_flop_counter(patch_size, latent_shape):
     num_tokens = math.prod(n // p for n, p in zip(latent_shape, patch_size, strict=True))
 
     with flop_counter() as forward_counter:
-        velocity = model(x, torch.rand(batch), text, mask)
+        velocity = model(
+            x,
+            torch.rand(batch),
+            text,
+            mask,
+            fps=torch.full((batch,), 8.0),
+            native_size=torch.tensor([[240.0, 320.0]] * batch),
+        )
     forward = dit_forward_flops(cfg, IN_CHANNELS, TEXT_DIM, num_tokens, TEXT_TOKENS)
     assert forward_counter.get_total_flops() / batch == pytest.approx(forward, rel=0.05)
 

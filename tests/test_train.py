@@ -45,27 +45,6 @@ def config(*overrides: str):
         return to_config(compose("config", overrides=list(overrides)))
 
 
-@pytest.fixture(scope="module")
-def autoencoder(demo_shards, tmp_path_factory) -> Path:
-    """The demo autoencoder stage, short: it trains, calibrates and exports."""
-    run_dir = tmp_path_factory.mktemp("ae")
-    losses = run(
-        config(
-            "experiment=demo_autoencoder",
-            f"data.shards={demo_shards}",
-            f"train.run_dir={run_dir}",
-            "train.steps=30",
-            "logger=none",
-            "train.checkpoint_every=30",
-        )
-    )
-    assert len(losses) == 30
-    exported = run_dir / "export" / "model.safetensors"
-    assert exported.exists()
-    assert list((run_dir / "samples").glob("*_reconstruction.mp4"))
-    return exported
-
-
 def dit_config(demo_shards, autoencoder, run_dir, *overrides):
     return config(
         "experiment=demo",

@@ -37,7 +37,7 @@ from train.runtime import (
     set_rng_state,
     shutdown,
 )
-from train.sample import generate
+from train.sample import VideoGenerator, training_samples
 from train.signals import StopSignals
 from train.trainer import Progress, Trainer
 
@@ -49,27 +49,35 @@ def _dit_sampler(config: Config, autoencoder, text_encoder, runtime: Runtime, ru
 
     def sample(weights: dict, step: int) -> dict[str, Path]:
         model.load_state_dict(weights)
-        videos = generate(
+        latent_frames = (cfg.sample_frames - 1) // autoencoder.temporal_compression + 1
+        generator = VideoGenerator(
             model,
             autoencoder,
             text_encoder,
             config.flow,
+            cfg.sample_fps,
+            cfg.sample_steps,
+            context=max(1, min(2, latent_frames - 1)),
+            autocast=runtime.autocast,
+        )
+        samples = training_samples(
+            generator,
+            cfg.sample_modes,
             cfg.sample_prompts,
             cfg.sample_frames,
             cfg.sample_height,
             cfg.sample_width,
-            seed=0,
-            steps=cfg.sample_steps,
-            autocast=runtime.autocast,
         )
+        provenance = {"generator": "tessera", "model": f"tessera DiT {config.model.size}"}
         return {
-            f"prompt_{i}": write_mp4(
-                run_dir / "samples" / f"step_{step:08d}_prompt_{i}.mp4",
+            name: write_mp4(
+                run_dir / "samples" / f"step_{step:08d}_{name}.mp4",
                 video,
                 cfg.sample_fps,
-                {"prompt": prompt, "step": step},
+                {**provenance, "checkpoint": f"{run_dir} step {step}", "mode": mode}
+                | {"prompt": prompt, "step": step},
             )
-            for i, (prompt, video) in enumerate(zip(cfg.sample_prompts, videos, strict=False))
+            for name, (mode, prompt, video) in samples.items()
         }
 
     return sample
@@ -141,6 +149,7 @@ def run(config: Config) -> list[float]:
             autoencoder,
             text_encoder,
             config.flow,
+            config.conditioning,
             config.model.patch_size,
             lambda n: flops(num_tokens=n),
             config.train.seed,

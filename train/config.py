@@ -16,9 +16,12 @@ from omegaconf import DictConfig, OmegaConf
 from data.buckets import BucketConfig
 from data.pipeline import DataConfig
 from model.autoencoder import AutoencoderConfig
+from model.conditioning import ConditioningConfig, mode_probabilities
 from model.dit import DiTConfig
 from model.flow import FlowConfig
 from model.text import TextEncoderConfig
+
+SAMPLE_MODES = ("t2v", "t2i", "i2v", "extend", "connect", "edit")
 
 
 @dataclass
@@ -57,6 +60,9 @@ class TrainConfig:
     sample_width: int = 64
     sample_steps: int = 20
     sample_fps: float = 8.0
+    # Generation modes sampled during training (see train/sample.py): t2v, t2i, i2v, extend,
+    # connect, edit. i2v, extend, connect and edit start from the t2v samples of the same step.
+    sample_modes: list[str] = field(default_factory=lambda: ["t2v"])
 
 
 @dataclass
@@ -96,6 +102,7 @@ class Config:
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     data: DataConfig = field(default_factory=DataConfig)
     buckets: BucketConfig = field(default_factory=BucketConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -134,6 +141,9 @@ def to_config(cfg: DictConfig) -> Config:
         ("none", "full", "every_k"),
     )
     _choice("parallel.zero_offload", config.parallel.zero_offload, ("none", "optimizer", "params"))
+    for mode in config.train.sample_modes:
+        _choice("train.sample_modes[]", mode, SAMPLE_MODES)
+    mode_probabilities(config.conditioning)
     if config.train.steps < 1 or config.train.grad_accum < 1:
         raise ValueError("config keys train.steps and train.grad_accum must be at least 1")
     return config

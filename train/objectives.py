@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from data.pipeline import Batch
+from model.conditioning import ConditioningConfig, draw_given_frames
 from model.flow import FlowConfig, drop_captions, sample_timesteps, training_loss
 
 
@@ -33,13 +34,15 @@ def video_to_float(video_uint8: torch.Tensor, device: torch.device) -> torch.Ten
 
 
 class FlowMatchingObjective:
-    """Text-to-video flow matching on the latents of a frozen autoencoder."""
+    """Flow matching on the latents of a frozen autoencoder, with frame conditioning (a mode and
+    its given frames drawn per sample) and the micro-conditions frame rate and native size."""
 
     def __init__(
         self,
         autoencoder: nn.Module,
         text_encoder: nn.Module,
         flow: FlowConfig,
+        conditioning: ConditioningConfig,
         patch: list[int],
         train_flops: Callable[[int], float],
         seed: int,
@@ -49,6 +52,7 @@ class FlowMatchingObjective:
         self.autoencoder = autoencoder
         self.text_encoder = text_encoder
         self.flow = flow
+        self.conditioning = conditioning
         self.patch = patch
         self.null_text, self.null_mask = text_encoder.null_embedding()
 
@@ -62,10 +66,11 @@ class FlowMatchingObjective:
         text, mask = self.text_encoder.encode(batch.captions)
         return latents, text, mask
 
-    def generator(self, batch: Batch, device: torch.device) -> torch.Generator:
+    def generator(self, batch: Batch, device: torch.device, stream: int = 0) -> torch.Generator:
         """Randomness seeded by the batch's place in the global data plan, so a batch gets the
-        same times, noise and caption dropout on any number of ranks and after a resume."""
-        seed = np.random.SeedSequence([self.seed, batch.epoch, batch.plan_index])
+        same times, noise, caption dropout and conditioning frames on any number of ranks and
+        after a resume; `stream` keeps independent draws apart."""
+        seed = np.random.SeedSequence([self.seed, batch.epoch, batch.plan_index, stream])
         return torch.Generator(device).manual_seed(int(seed.generate_state(1, np.uint64)[0]))
 
     def __call__(self, model: nn.Module, batch: Batch, device: torch.device) -> Loss:
@@ -77,7 +82,12 @@ class FlowMatchingObjective:
         batch_size, num_tokens = latents.shape[0], self.num_tokens(latents)
         t = sample_timesteps(batch_size, num_tokens, self.flow, generator, device)
         noise = torch.randn(latents.shape, generator=generator, device=device)
-        per_sample = training_loss(model, latents, text, mask, t, noise)
+        masks = self.generator(batch, torch.device("cpu"), stream=1)  # drawn on the CPU
+        given = draw_given_frames(batch_size, latents.shape[2], self.conditioning, masks)
+        micro = {"fps": batch.fps.to(device), "native_size": batch.native_size.to(device)}
+        per_sample = training_loss(
+            model, latents, text, mask, t, noise, given=given.to(device), model_kwargs=micro
+        )
         return Loss(
             per_sample.sum(),
             batch_size,
