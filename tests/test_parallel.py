@@ -12,15 +12,12 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from launching import ROOT, launch_training, step_losses, torchrun
 
 from model.dit import DiT, dit_config
 from train.__main__ import run
@@ -29,37 +26,7 @@ from train.parallel import ParallelDims
 from train.parallel.parallelize import apply_activation_checkpointing
 from train.parallel.zero import deepspeed_config
 
-ROOT = Path(__file__).resolve().parents[1]
 register_configs()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stderr[-4000:]}"
-    return result
-
-
-def step_losses(run_dir: Path) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["train/loss"] for line in lines]
 
 
 def train_overrides(shards: Path, run_dir: Path) -> list[str]:
@@ -80,19 +47,11 @@ def train_overrides(shards: Path, run_dir: Path) -> list[str]:
 def test_every_backend_matches_a_single_process_run_step_by_step(demo_shards, tmp_path):
     # One process drawing both micro-batches of a step = two ranks drawing one each.
     single = tmp_path / "none"
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    subprocess.run(
-        [sys.executable, "-m", "train", *train_overrides(demo_shards, single)]
-        + ["train.grad_accum=2"],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        capture_output=True,
-    )
+    launch_training(*train_overrides(demo_shards, single), "train.grad_accum=2", nproc=1)
     table = {"none x1": step_losses(single)}
     for backend in ("ddp", "fsdp", "zero2", "zero3"):
         run_dir = tmp_path / backend
-        torchrun("-m", "train", *train_overrides(demo_shards, run_dir), f"parallel={backend}")
+        launch_training(*train_overrides(demo_shards, run_dir), f"parallel={backend}")
         table[f"{backend} x2"] = step_losses(run_dir)
         assert (run_dir / "checkpoints" / "step_00000020" / "ema.safetensors").exists()
         assert (run_dir / "export" / "model.safetensors").exists()

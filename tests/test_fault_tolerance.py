@@ -1,0 +1,276 @@
+"""Checkpoints, exact resume and fault tolerance, on real 2-rank gloo runs of the tiny DiT.
+
+- 12 steps straight = 6 steps, stop, resume, 6 steps: the same losses and final weights, bit for
+  bit, with fsdp and with zero2;
+- `kill -9` of one rank under `torchrun --max_restarts 1`: the run restarts, resumes from its
+  latest checkpoint and ends with the uninterrupted run's weights;
+- a crash halfway through writing a checkpoint leaves the previous one as the latest;
+- an FSDP checkpoint of 2 ranks resumes on 1, and one of 1 rank on 2, consuming exactly the
+  samples an uninterrupted run would, none twice and none skipped;
+- SIGUSR1 checkpoints the current step and exits with the preemption code;
+- a truncated checkpoint file is named and auto-resume falls back to the previous checkpoint;
+- NaN losses skip their steps; too many in a row stop the run without touching checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from launching import (
+    ROOT,
+    launch_training,
+    metrics,
+    process_env,
+    step_losses,
+    torchrun_command,
+)
+from safetensors.torch import load_file
+
+from train.__main__ import run
+from train.config import register_configs, to_config
+from train.objectives import FlowMatchingObjective
+from train.signals import PREEMPTED_EXIT_CODE
+
+register_configs()
+STEPS = 12
+
+
+def overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    """The runs' shared settings; `extra` adds or replaces keys ("train.steps=9")."""
+    values = {
+        "data.shards": shards,
+        "train.run_dir": run_dir,
+        "train.steps": STEPS,
+        "train.log_every": 1,
+        "train.checkpoint_every": 3,
+        "train.keep_last": 10,
+        "train.sample_prompts": "[]",
+        "train.ema_decay": 0.9,
+        "optim.lr": 2e-3,
+        "optim.warmup_steps": 2,
+        "logger": "none",
+    }
+    values |= dict(item.split("=", 1) for item in extra)
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def copy_checkpoint(source: Path, step: int, run_dir: Path) -> None:
+    name = f"step_{step:08d}"
+    shutil.copytree(source / "checkpoints" / name, run_dir / "checkpoints" / name)
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Exported (EMA) weights of two runs, compared bit for bit."""
+    first, second = (load_file(run / "export" / "model.safetensors") for run in (a, b))
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.fixture(scope="module")
+def straight_runs(demo_shards, tmp_path_factory) -> dict[str, Path]:
+    """Uninterrupted 12-step runs, checkpointing every 3 steps, per backend."""
+    runs = {}
+    for backend in ("fsdp", "zero2"):
+        runs[backend] = tmp_path_factory.mktemp(f"straight_{backend}")
+        launch_training(*overrides(demo_shards, runs[backend], f"parallel={backend}"))
+    return runs
+
+
+@pytest.mark.parametrize("backend", ["fsdp", "zero2"])
+def test_stop_and_resume_is_bitwise_identical(backend, straight_runs, demo_shards, tmp_path):
+    straight = straight_runs[backend]
+    copy_checkpoint(straight, 6, tmp_path)
+    result = launch_training(*overrides(demo_shards, tmp_path, f"parallel={backend}"))
+    assert "resumed from step 6" in result.stdout + result.stderr
+    expected, resumed = step_losses(straight)[6:], step_losses(tmp_path)
+    print(f"\n{backend}: steps 7-12 straight {expected}\n{backend}: resumed at 6     {resumed}")
+    assert resumed == expected
+    assert same_weights(straight, tmp_path)
+
+
+def test_killed_rank_restarts_and_ends_with_the_same_weights(straight_runs, demo_shards, tmp_path):
+    kill_after = random.Random().randint(4, 9)
+    command = torchrun_command(
+        "-m", "train", *overrides(demo_shards, tmp_path, "parallel=fsdp"),
+        torchrun_args=("--max_restarts=1",),
+    )  # fmt: skip
+    agent = subprocess.Popen(
+        command, cwd=ROOT, env=process_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    wait_for_step(tmp_path, kill_after, agent)
+    victim = worker_pids(agent.pid)[-1]
+    subprocess.run(["kill", "-9", str(victim)], check=True)
+    output = agent.communicate(timeout=300)[0].decode()
+    steps_logged = [line["step"] for line in metrics(tmp_path)]
+    print(f"\nkilled rank pid {victim} after step {kill_after}; steps logged: {steps_logged}")
+    assert agent.returncode == 0, output[-3000:]
+    resumed_at = int(re.search(r"resumed from step (\d+)", output).group(1))
+    assert resumed_at % 3 == 0 and resumed_at <= kill_after + 1 and steps_logged[-1] == STEPS
+    assert same_weights(straight_runs["fsdp"], tmp_path)
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(
+    straight_runs, demo_shards, tmp_path
+):
+    args = overrides(demo_shards, tmp_path, "parallel=fsdp")
+    crashed = subprocess.run(
+        torchrun_command("-m", "train", *args),
+        cwd=ROOT,
+        env=process_env(TESSERA_FAULT="checkpoint@6"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    checkpoints = tmp_path / "checkpoints"
+    assert crashed.returncode != 0
+    assert (checkpoints / "latest").read_text() == "step_00000003"
+    half_written = checkpoints / ".tmp_step_00000006"
+    print(f"\nleft behind by the crash: {sorted(p.name for p in half_written.rglob('*'))}")
+    assert (half_written / "dcp").is_dir() and not (half_written / "manifest.json").exists()
+
+    result = launch_training(*args)
+    assert "resumed from step 3" in result.stdout + result.stderr
+    assert (checkpoints / "latest").read_text() == f"step_{STEPS:08d}"
+    assert same_weights(straight_runs["fsdp"], tmp_path)
+
+
+def consumed(run_dir: Path, up_to: int, after: int = 0) -> list[str]:
+    """Keys consumed in steps (after, up_to], in global plan order (rank 0's batch first)."""
+    records = [
+        json.loads(line)
+        for rank_file in sorted((run_dir / "consumed").glob("rank*.jsonl"))
+        for line in rank_file.read_text().splitlines()
+    ]
+    # A stable sort by step keeps rank 0's record before rank 1's within a step.
+    by_step = sorted((r for r in records if after < r["step"] <= up_to), key=lambda r: r["step"])
+    return [key for record in by_step for key in record["keys"]]
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
+def test_fsdp_resumes_on_another_world_size_without_repeating_samples(
+    before, after, demo_shards, tmp_path
+):
+    # Reference: one rank, one batch per step, 9 batches of the global plan.
+    reference_dir = tmp_path / "reference"
+    extra = ("parallel=fsdp", "train.record_samples=true", "train.steps=9")
+    launch_training(*overrides(demo_shards, reference_dir, *extra), nproc=1)
+    reference = consumed(reference_dir, 9)
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    launch_training(*overrides(demo_shards, first, *extra[:2], "train.steps=3"), nproc=before)
+    copy_checkpoint(first, 3, second)
+    steps_left = (9 - 3 * before) // after
+    total = 3 + steps_left
+    launch_training(
+        *overrides(demo_shards, second, *extra[:2], f"train.steps={total}"), nproc=after
+    )
+    keys_before, keys_after = consumed(first, 3), consumed(second, total, after=3)
+    print(
+        f"\n{before} rank(s), steps 1-3: {keys_before}\n{after} rank(s), steps 4-{total}: {keys_after}"
+    )
+    assert len(set(keys_before + keys_after)) == len(keys_before + keys_after)  # none twice
+    assert keys_before + keys_after == reference  # none skipped, in the plan's order
+
+
+def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "training ended before the step to interrupt"
+        lines = metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+        if lines and lines[-1]["step"] >= step:
+            return lines
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached in {timeout} s")
+
+
+def worker_pids(agent_pid: int) -> list[int]:
+    children = subprocess.run(["pgrep", "-P", str(agent_pid)], capture_output=True, text=True)
+    return sorted(int(pid) for pid in children.stdout.split())
+
+
+def test_sigusr1_checkpoints_the_current_step_and_exits(demo_shards, tmp_path):
+    args = overrides(demo_shards, tmp_path, "parallel=fsdp", "train.steps=500")
+    agent = subprocess.Popen(
+        torchrun_command("-m", "train", *args),
+        cwd=ROOT,
+        env=process_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    first = wait_for_step(tmp_path, 2, agent)[-1]["step"], time.monotonic()
+    lines = wait_for_step(tmp_path, 4, agent)
+    sent = time.monotonic()
+    step_time = (sent - first[1]) / (lines[-1]["step"] - first[0])
+    for pid in worker_pids(agent.pid):  # as SLURM signals every task
+        subprocess.run(["kill", "-USR1", str(pid)], check=True)
+    output = agent.communicate(timeout=120)[0].decode()
+    latest = (tmp_path / "checkpoints" / "latest").read_text()
+    last_step = metrics(tmp_path)[-1]["step"]
+    print(
+        f"\nUSR1 after step {lines[-1]['step']}: checkpoint {latest} and exit "
+        f"{time.monotonic() - sent:.1f} s later (a step takes about {step_time:.1f} s)"
+    )
+    assert time.monotonic() - sent < 2 * step_time + 20  # finish the step, save, exit
+    assert f"exitcode  : {PREEMPTED_EXIT_CODE}" in output
+    assert latest == f"step_{last_step:08d}" and last_step <= lines[-1]["step"] + 1
+    assert f"stopping at step {last_step} on SIGUSR1" in output
+
+
+def test_truncated_sharded_checkpoint_is_named_and_skipped(straight_runs, demo_shards, tmp_path):
+    shutil.copytree(straight_runs["fsdp"] / "checkpoints", tmp_path / "checkpoints")
+    shard = sorted((tmp_path / "checkpoints" / "step_00000012" / "dcp").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    args = overrides(demo_shards, tmp_path, "parallel=fsdp", "train.steps=13")
+    explicit = subprocess.run(
+        torchrun_command("-m", "train", *args, f"train.resume={shard.parent.parent}"),
+        cwd=ROOT,
+        env=process_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert explicit.returncode != 0
+    assert f"checkpoint file {shard} has 1000 bytes" in explicit.stderr
+    result = launch_training(*args)  # auto: falls back to step 9 and trains to 13
+    assert "resumed from step 9" in result.stdout + result.stderr
+    assert [line["step"] for line in metrics(tmp_path)] == [10, 11, 12, 13]
+
+
+def config(*values: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return to_config(compose("config", overrides=list(values)))
+
+
+def test_nan_steps_are_skipped_and_too_many_stop_the_run(demo_shards, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = FlowMatchingObjective.__call__
+    bad_from = 3
+
+    def sometimes_nan(self, model, batch, device):
+        calls["n"] += 1
+        loss = original(self, model, batch, device)
+        if calls["n"] >= bad_from:  # every step from the 3rd on
+            loss.total = loss.total * float("nan")
+        return loss
+
+    monkeypatch.setattr(FlowMatchingObjective, "__call__", sometimes_nan)
+    args = overrides(demo_shards, tmp_path, "train.checkpoint_every=2", "train.max_bad_steps=3")
+    with pytest.raises(FloatingPointError, match="NaN/Inf for 4 steps in a row") as error:
+        run(config(*args))
+    print(f"\n{error.value}")
+    # Steps 3-5 were skipped; step 6, the 4th bad one in a row, stopped the run unsaved.
+    checkpoints = tmp_path / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_00000004"
+    assert not (checkpoints / "step_00000006").exists()
+    assert [line["train/skipped_steps"] for line in metrics(tmp_path)] == [0, 0, 1, 2, 3]
+    # Skipped steps apply nothing: the weights at step 4 are those of step 2.
+    at_2, at_4 = (load_file(checkpoints / f"step_0000000{s}" / "model.safetensors") for s in (2, 4))
+    assert all(torch.equal(at_2[k], at_4[k]) for k in at_2)
