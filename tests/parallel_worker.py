@@ -64,7 +64,12 @@ class LatentObjective:
         shape = (size * frames) if self.per_frame_times else size
         t = sample_timesteps(shape, 64, FlowConfig(), generator).view(size, -1).squeeze(1)
         noise = torch.randn(latents.shape, generator=generator)
-        per_sample = training_loss(model, latents, text, mask, t, noise)
+        given = torch.zeros(size, frames, dtype=torch.bool)
+        given[0, 0] = self.per_frame_times  # an image-to-video sample: frame 0 given
+        micro = {"fps": batch.fps, "native_size": batch.native_size}
+        per_sample = training_loss(
+            model, latents, text, mask, t, noise, given=given, model_kwargs=micro
+        )
         return Loss(per_sample.sum(), size, 0)
 
 
@@ -75,6 +80,8 @@ def reference_gradients(model: DiT, objective, batches: list[Batch]) -> tuple[fl
     samples = sum(loss.samples for loss in losses)
     mean = sum(loss.total for loss in losses) / samples
     mean.backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not unused, f"parameters without a gradient: {unused}"
     return mean.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
