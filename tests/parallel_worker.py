@@ -18,9 +18,10 @@ import sys
 from pathlib import Path
 
 import torch
+from models import perturbed_tiny_dit
 
 from data.pipeline import Batch
-from model.dit import DiT, dit_config
+from model.dit import DiT
 from model.flow import FlowConfig, sample_timesteps, training_loss
 from train.config import Config, OptimConfig, ParallelConfig
 from train.objectives import Loss
@@ -103,12 +104,7 @@ def main(check: str, backend: str, out: Path) -> None:
     parallel = ParallelConfig(backend=backend, sp=sp)
     dims = ParallelDims.resolve(parallel, runtime.world_size, runtime.rank)
     dims.build_mesh("cpu")
-    torch.manual_seed(0)
-    model = DiT(dit_config("tiny"), in_channels=3, text_dim=TEXT_DIM)
-    # adaLN-Zero starts every branch closed; open them so every parameter gets a gradient.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
+    model = perturbed_tiny_dit(in_channels=3, text_dim=TEXT_DIM, scale=0.02)
 
     if check == "buckets":  # rank 0: three 2x8x8 samples; rank 1: one 4x4x12 sample
         batches = [make_batch(2, 8, 8, 3, plan_index=0), make_batch(4, 4, 12, 1, plan_index=1)]

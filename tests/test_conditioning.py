@@ -3,6 +3,7 @@ frames, the sampler keeping given frames exactly, and a fresh DiT ignoring the n
 
 import pytest
 import torch
+from models import perturbed_tiny_dit
 
 from model.conditioning import ConditioningConfig, draw_given_frames, given_mask
 from model.dit import DiT, dit_config
@@ -12,12 +13,7 @@ IN_CHANNELS, TEXT_DIM = 4, 32
 
 
 def perturbed_dit() -> DiT:
-    torch.manual_seed(0)
-    model = DiT(dit_config("tiny"), IN_CHANNELS, TEXT_DIM)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
+    return perturbed_tiny_dit(IN_CHANNELS, TEXT_DIM)
 
 
 def caption(batch: int = 2):

@@ -3,9 +3,10 @@ dropout, and the Euler sampler with classifier-free guidance."""
 
 import pytest
 import torch
+from models import perturbed_tiny_dit
 from torch import nn
 
-from model.dit import DiT, dit_config
+from model.dit import DiT
 from model.flow import (
     FlowConfig,
     drop_captions,
@@ -21,12 +22,7 @@ IN_CHANNELS, TEXT_DIM = 4, 32
 
 def trained_dit() -> DiT:
     """The tiny DiT with every weight perturbed, so the caption and every frame matter."""
-    torch.manual_seed(0)
-    model = DiT(dit_config("tiny"), IN_CHANNELS, TEXT_DIM)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
+    return perturbed_tiny_dit(IN_CHANNELS, TEXT_DIM)
 
 
 class StraightLineTo(nn.Module):

@@ -18,8 +18,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from launching import ROOT, launch_training, step_losses, torchrun
+from models import perturbed_tiny_dit
 
-from model.dit import DiT, dit_config
+from model.dit import DiT
 from train.__main__ import run
 from train.config import OptimConfig, ParallelConfig, register_configs, to_config
 from train.parallel import ParallelDims
@@ -99,12 +100,7 @@ def _tiny_dit_gradients(model: DiT) -> dict[str, torch.Tensor]:
 
 
 def _opened_tiny_dit() -> DiT:
-    torch.manual_seed(0)
-    model = DiT(dit_config("tiny"), in_channels=3, text_dim=8)
-    with torch.no_grad():  # open the zero-initialised branches so every gradient is non-zero
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model
+    return perturbed_tiny_dit(in_channels=3, text_dim=8, scale=0.02)
 
 
 @pytest.mark.parametrize("every", [1, 2])

@@ -1,0 +1,18 @@
+"""Small models shared by tests."""
+
+from __future__ import annotations
+
+import torch
+
+from model.dit import DiT, dit_config
+
+
+def perturbed_tiny_dit(in_channels: int, text_dim: int, scale: float = 0.05) -> DiT:
+    """The tiny DiT with every weight perturbed (seed 0): adaLN-Zero's closed branches open, so
+    every input and every parameter matters."""
+    torch.manual_seed(0)
+    model = DiT(dit_config("tiny"), in_channels, text_dim)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model
