@@ -14,18 +14,22 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from data.mp4 import write_mp4
 from data.pipeline import DataState, build_loader
 from model.autoencoder import build_autoencoder
-from model.flops import dit_train_flops, peak_flops
+from model.flops import dit_param_count, dit_train_flops, peak_flops
 from model.text import TextEncoder
+from train.budget import budget_steps
 from train.build import build_bucket_table, build_dit, frozen
 from train.checkpoint import Checkpointer, export
 from train.config import Config, config_to_dict, register_configs, to_config
 from train.ema import EMA
 from train.engine import build_engine
+from train.evaluate import Evaluator
 from train.logger import RunLogger
 from train.objectives import AutoencoderObjective, FlowMatchingObjective, video_to_float
 from train.runtime import Runtime, init_runtime, seed_everything, set_rng_state, shutdown
@@ -89,6 +93,19 @@ def _calibrate_and_export(config: Config, trainer: Trainer, batches, run_dir: Pa
     export(run_dir, model, None, config_to_dict(config))
 
 
+def _evaluator(config: Config, table, objective, model, runtime: Runtime, run_dir: Path):
+    """The fixed evaluation loss; its results also carry what a scaling-law fit needs."""
+    facts = {
+        "model": config.model.size,
+        "params": dit_param_count(config.model, model.in_channels, model.text_dim),
+        "budget_flops": config.train.budget_flops,
+        "steps": config.train.steps,
+    }
+    return Evaluator(
+        config.eval, config.data, table, objective, config.flow, runtime, run_dir, facts
+    )
+
+
 def run(config: Config) -> list[float]:
     runtime = init_runtime(config.train.device, config.train.precision)
     run_dir = Path(config.train.run_dir)
@@ -113,6 +130,16 @@ def run(config: Config) -> list[float]:
             config.model.patch_size,
             lambda n: flops(num_tokens=n),
         )
+        if config.train.budget_flops:
+            steps, _ = budget_steps(
+                config.train.budget_flops,
+                config.data,
+                build_bucket_table(config, autoencoder),
+                lambda bucket: flops(num_tokens=bucket.tokens_per_sample),
+                config.train.grad_accum,
+                runtime.world_size,
+            )
+            config = replace(config, train=replace(config.train, steps=steps))
     else:
         autoencoder = model = build_autoencoder(config.autoencoder).to(runtime.device)
         objective = AutoencoderObjective()
@@ -124,7 +151,9 @@ def run(config: Config) -> list[float]:
     progress = Progress()
     if restored:
         trainer_state, rng = restored
-        progress = Progress(**{k: trainer_state[k] for k in Progress.__dataclass_fields__})
+        progress = Progress(
+            **{k: trainer_state[k] for k in Progress.__dataclass_fields__ if k in trainer_state}
+        )
     data_state = (
         DataState.from_dict(progress.data_state)
         if progress.data_state
@@ -132,6 +161,11 @@ def run(config: Config) -> list[float]:
     )
     table = build_bucket_table(config, autoencoder)
     batches = iter(build_loader(config.data, table, runtime.rank, runtime.world_size, data_state))
+    evaluator = (
+        _evaluator(config, table, objective, model, runtime, run_dir)
+        if is_dit and config.eval.shards
+        else None
+    )
     # The loader's iterator draws its worker seeds from the global RNG: restore after it.
     if restored:
         set_rng_state(rng)
@@ -179,6 +213,7 @@ def run(config: Config) -> list[float]:
         progress,
         sampler if runtime.is_main else None,
         peak_flops(runtime.device),
+        evaluator,
     )
     losses = trainer.fit()
     if runtime.is_main:
@@ -193,6 +228,9 @@ def run(config: Config) -> list[float]:
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    hydra_config = HydraConfig.get()
+    if hydra_config.mode == RunMode.MULTIRUN:  # every job of a sweep gets its own directory
+        cfg.train.run_dir = hydra_config.runtime.output_dir
     run(to_config(cfg))
 
 

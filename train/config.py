@@ -37,6 +37,8 @@ class OptimConfig:
 class TrainConfig:
     stage: str = "dit"  # dit | autoencoder
     steps: int = 1000
+    # > 0: a compute budget in training FLOPs; the run derives train.steps from it (train/budget.py)
+    budget_flops: float = 0.0
     grad_accum: int = 1
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -55,6 +57,17 @@ class TrainConfig:
     sample_width: int = 64
     sample_steps: int = 20
     sample_fps: float = 8.0
+
+
+@dataclass
+class EvalConfig:
+    """The fixed evaluation loss (train/evaluate.py) on held-out shards."""
+
+    shards: str = ""  # held-out shards like data.shards; empty: no evaluation
+    every: int = 0  # evaluate every N steps; 0: only at the end of the run
+    samples: int = 64  # at least this many held-out samples (whole batches)
+    timesteps: int = 8  # fixed flow times per sample: quantiles of the training distribution
+    seed: int = 0  # the fixed noise, and the held-out clips' crops and captions
 
 
 @dataclass
@@ -82,6 +95,7 @@ class Config:
     buckets: BucketConfig = field(default_factory=BucketConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
@@ -112,4 +126,12 @@ def to_config(cfg: DictConfig) -> Config:
     _choice("parallel.backend", config.parallel.backend, ("none",))
     if config.train.steps < 1 or config.train.grad_accum < 1:
         raise ValueError("config keys train.steps and train.grad_accum must be at least 1")
+    if config.train.budget_flops < 0:
+        raise ValueError(f"config key train.budget_flops={config.train.budget_flops} is negative")
+    if config.train.budget_flops and config.train.stage != "dit":
+        raise ValueError("config key train.budget_flops needs train.stage=dit (DiT FLOPs)")
+    if config.eval.samples < 1 or config.eval.timesteps < 1 or config.eval.every < 0:
+        raise ValueError(
+            "config keys eval.samples and eval.timesteps must be at least 1, eval.every >= 0"
+        )
     return config

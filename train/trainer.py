@@ -28,6 +28,7 @@ class Progress:
     step: int = 0
     samples_seen: int = 0
     tokens_seen: int = 0
+    flops_seen: float = 0.0  # analytic training FLOPs, counted like tokens_seen
     data_state: dict = field(default_factory=dict)
 
 
@@ -45,6 +46,7 @@ class Trainer:
         progress: Progress | None = None,
         sampler: Callable | None = None,
         peak_flops: float | None = None,
+        evaluator: Callable | None = None,
     ):
         self.config = config
         self.runtime = runtime
@@ -57,6 +59,7 @@ class Trainer:
         self.progress = progress or Progress()
         self.sampler = sampler
         self.peak_flops = peak_flops
+        self.evaluator = evaluator  # called on every rank: the model's forward may be collective
         self.losses: list[float] = []
 
     def _draw(self) -> tuple[list[Batch], float]:
@@ -83,6 +86,7 @@ class Trainer:
         p.step += 1
         p.samples_seen += num_samples
         p.tokens_seen += tokens
+        p.flops_seen += flops
         p.data_state = batches[-1].state_after
         step_time = time.perf_counter() - start + data_wait
         metrics = {
@@ -109,6 +113,10 @@ class Trainer:
             self.logger.advance()
             if step % cfg.log_every == 0 or step == cfg.steps:
                 self.logger.log(step, metrics)
+            if self.evaluator and (
+                (self.config.eval.every and step % self.config.eval.every == 0) or step == cfg.steps
+            ):
+                self.evaluate(final=step == cfg.steps)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 self.save()
             if self.sampler and (
@@ -120,6 +128,10 @@ class Trainer:
     def save(self) -> Path:
         state = {**self.progress.__dict__, "config": config_to_dict(self.config)}
         return self.checkpointer.save(self.progress.step, self.engine, self.ema, state, rng_state())
+
+    def evaluate(self, final: bool) -> None:
+        progress = {k: v for k, v in self.progress.__dict__.items() if k != "data_state"}
+        self.logger.log(self.progress.step, self.evaluator(self.engine.model, progress, final))
 
     def sample(self) -> None:
         """Sample the fixed prompts with the EMA weights and log the videos."""
