@@ -155,17 +155,26 @@ def _redraw_noise(group: list[Run], fitted: np.ndarray) -> np.ndarray:
 
 
 def fit_scaling(runs: list[Run], draws: int = 1000, seed: int = 0) -> dict:
-    """IsoFLOP curves, N*(C) and D*(C) with bootstrap confidence intervals."""
+    """IsoFLOP curves, and N*(C) and D*(C) with bootstrap confidence intervals where at least
+    two budgets have a minimum (else those two are None and `note` says why)."""
     groups = _groups(runs)
     observed = {b: np.array([r.loss for r in group]) for b, group in groups.items()}
     curves = _curves(groups, observed)
+    result = {
+        "runs": [asdict(r) for r in runs],
+        "isoflops": [asdict(c) for c in curves],
+        "n_opt": None,
+        "d_opt": None,
+    }
     laws = _fit_laws(curves)
     if laws is None:
-        raise ValueError(
-            f"{len([c for c in curves if c.n_opt is not None])} of {len(groups)} budgets have an "
-            "IsoFLOP minimum (3+ sizes and a loss that rises on both sides); the power laws "
-            "need 2: add sizes around the best one, or budgets"
+        minima = len([c for c in curves if c.n_opt is not None])
+        result["note"] = (
+            f"{minima} of {len(groups)} budgets have an IsoFLOP minimum (3+ sizes and a loss that "
+            "rises on both sides of it); the power laws need 2: add sizes around the best "
+            "one, or budgets"
         )
+        return result
     fitted = {
         c.budget: np.polyval(c.coeffs, np.log([r.params for r in groups[c.budget]])) for c in curves
     }
@@ -177,24 +186,17 @@ def fit_scaling(runs: list[Run], draws: int = 1000, seed: int = 0) -> dict:
         draw = _fit_laws(_curves({b: groups[b] for b in fitted}, redrawn))
         if draw is not None:
             samples.append(draw)
-
-    def law(name: str) -> dict:
+    for name in ("n_opt", "d_opt"):
         exponent, prefactor = laws[name]
         exponents = [s[name][0] for s in samples]
-        return {
+        result[name] = {
             "exponent": exponent,
             "prefactor": prefactor,
             "exponent_ci95": np.percentile(exponents, CONFIDENCE).tolist() if samples else None,
             "draws": [list(s[name]) for s in samples],
         }
-
-    return {
-        "runs": [asdict(r) for r in runs],
-        "isoflops": [asdict(c) for c in curves],
-        "n_opt": law("n_opt"),
-        "d_opt": law("d_opt"),
-        "bootstrap": {"draws": draws, "valid": len(samples), "seed": seed},
-    }
+    result["bootstrap"] = {"draws": draws, "valid": len(samples), "seed": seed}
+    return result
 
 
 # --- plots ----------------------------------------------------------------------------------
@@ -293,7 +295,8 @@ def fit_sweep(sweep_dir: Path, out: Path | None = None, draws: int = 1000, seed:
     (out / "fit.json").write_text(json.dumps(fit, indent=2) + "\n")
     plot_loss_vs_compute(runs, out / "loss_vs_compute.png")
     plot_isoflops(runs, fit, out / "isoflops.png")
-    plot_compute_optimal(fit, out / "compute_optimal.png")
+    if fit["n_opt"] is not None:
+        plot_compute_optimal(fit, out / "compute_optimal.png")
     return fit
 
 
@@ -311,12 +314,16 @@ def main(argv: list[str] | None = None) -> None:
     if not args.sweep_dir.is_dir():
         parser.error(f"sweep_dir {args.sweep_dir}: no such directory")
     result = fit_sweep(args.sweep_dir, args.out, args.bootstrap, args.seed)
+    out = args.out or args.sweep_dir / "scaling"
+    if result["n_opt"] is None:
+        print(f"no compute-optimal fit: {result['note']}; wrote {out}/fit.json and 2 plots")
+        return
     for name, symbol in [("n_opt", "N*"), ("d_opt", "D*")]:
         law = result[name]
         ci = law["exponent_ci95"]
         interval = f" (95% CI {ci[0]:.3f} to {ci[1]:.3f})" if ci else ""
         print(f"{symbol}(C) = {law['prefactor']:.3g} · C^{law['exponent']:.3f}{interval}")
-    print(f"wrote {args.out or args.sweep_dir / 'scaling'}/fit.json and 3 plots")
+    print(f"wrote {out}/fit.json and 3 plots")
 
 
 if __name__ == "__main__":
