@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -13,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
 
 from data.demo import build_demo
@@ -90,12 +94,13 @@ def test_derived_steps_spend_the_budget_within_2_percent(
         assert planned == pytest.approx(expected, rel=1e-12)
 
 
-def test_evaluation_is_fixed_and_deterministic(demo_shards, held_out, tmp_path):
+def eval_parts(demo_shards: Path, held_out: Path, run_dir: Path, samples: int = 6):
+    """A micro DiT with random (seeded) weights and an Evaluator of this process's rank."""
     cfg = config(
         "model=micro",
         f"data.shards={demo_shards}",
         f"eval.shards={held_out}",
-        "eval.samples=6",
+        f"eval.samples={samples}",
         "eval.timesteps=3",
     )
     runtime = init_runtime("cpu", "fp32")
@@ -109,18 +114,20 @@ def test_evaluation_is_fixed_and_deterministic(demo_shards, held_out, tmp_path):
     objective = FlowMatchingObjective(
         autoencoder, text_encoder, cfg.flow, cfg.model.patch_size, lambda tokens: 0.0
     )
+    evaluator = Evaluator(
+        cfg.eval, cfg.data, table, objective, cfg.flow, runtime, run_dir, {"model": "micro"}
+    )
+    return model, evaluator, cfg, table, objective, runtime
 
-    def evaluator(run_dir: Path) -> Evaluator:
-        return Evaluator(
-            cfg.eval, cfg.data, table, objective, cfg.flow, runtime, run_dir, {"model": "micro"}
-        )
 
-    first = evaluator(tmp_path / "a")
+def test_evaluation_is_fixed_and_deterministic(demo_shards, held_out, tmp_path):
+    model, first, cfg, table, objective, runtime = eval_parts(demo_shards, held_out, tmp_path / "a")
     rng_before = torch.get_rng_state()
     metrics = first(model, {"step": 3}, final=True)
     assert torch.equal(torch.get_rng_state(), rng_before)  # training randomness is untouched
     assert first(model, {"step": 4}, final=False) == metrics
-    assert evaluator(tmp_path / "b")(model, {"step": 3}, final=True) == metrics
+    second = eval_parts(demo_shards, held_out, tmp_path / "b")[1]
+    assert second(model, {"step": 3}, final=True) == metrics
 
     result = json.loads((tmp_path / "a" / "eval" / "final.json").read_text())
     assert result["loss"] == metrics["eval/loss"] and result["model"] == "micro"
@@ -144,6 +151,32 @@ def test_evaluation_is_fixed_and_deterministic(demo_shards, held_out, tmp_path):
             tmp_path,
             {},
         )
+
+
+def _evaluate_as_rank(rank: int, world: int, port: int, demo_shards, held_out, run_dir) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
+    )
+    torch.set_num_threads(1)
+    model, evaluator, *_ = eval_parts(demo_shards, held_out, run_dir, samples=7)
+    evaluator(model, {"step": 1}, final=True)
+    dist.destroy_process_group()
+
+
+def test_two_ranks_share_the_set_and_reduce_to_the_single_process_loss(
+    demo_shards, held_out, tmp_path
+):
+    with socket.socket() as s:  # a free port for the process group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_evaluate_as_rank, args=(2, port, demo_shards, held_out, tmp_path / "two"), nprocs=2)
+    model, single, *_ = eval_parts(demo_shards, held_out, tmp_path / "one", samples=7)
+    single(model, {"step": 1}, final=True)
+
+    two, one = (json.loads((tmp_path / d / "eval/final.json").read_text()) for d in ("two", "one"))
+    assert two["samples"] == one["samples"] == 7  # each sample once, on one of the ranks
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)  # batches are cut differently
+    assert two["buckets"].keys() == one["buckets"].keys()
 
 
 # --- the fit --------------------------------------------------------------------------------

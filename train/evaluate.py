@@ -109,7 +109,7 @@ class Evaluator:
         stream = BatchStream(held_out, table, load_index(cfg.shards, data.cache_dir), 0, 1, state)
         chosen = eval_batches(stream.by_bucket, table, cfg, runtime.world_size)
         self.buckets = list(dict.fromkeys(b.bucket.shape for b in chosen))  # most tokens first
-        self.patch = objective.patch
+        self.num_tokens = objective.num_tokens  # of a latent batch, as training counts them
         self.batches = [
             self._encode(stream.load(planned, 0, state), objective)
             for planned in chosen[runtime.rank :: runtime.world_size]
@@ -129,9 +129,7 @@ class Evaluator:
         """(buckets, 3) float64 sums of per-sample loss, its square and the sample count."""
         sums = torch.zeros(len(self.buckets), 3, dtype=torch.float64, device=self.runtime.device)
         for batch in self.batches:
-            t, h, w = batch.latents.shape[2:]
-            num_tokens = (t // self.patch[0]) * (h // self.patch[1]) * (w // self.patch[2])
-            times = eval_times(self.cfg.timesteps, num_tokens, self.flow)
+            times = eval_times(self.cfg.timesteps, self.num_tokens(batch.latents), self.flow)
             noise = torch.stack(
                 [
                     sample_noise(key, self.cfg.seed, len(times), batch.latents.shape[1:])
