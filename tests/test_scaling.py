@@ -175,7 +175,7 @@ def test_two_ranks_share_the_set_and_reduce_to_the_single_process_loss(
 
     two, one = (json.loads((tmp_path / d / "eval/final.json").read_text()) for d in ("two", "one"))
     assert two["samples"] == one["samples"] == 7  # each sample once, on one of the ranks
-    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)  # batches are cut differently
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-12)  # only the sums' order differs
     assert two["buckets"].keys() == one["buckets"].keys()
 
 
@@ -265,7 +265,7 @@ def test_sweep_runs_as_a_hydra_multirun_and_fits(demo_shards, held_out, tmp_path
     ]
     subprocess.run(
         [sys.executable, "-m", "train", "-m", "experiment=scaling_demo", "model=micro,tiny"]
-        + ["train.budget_flops=1.5e9,3e9", f"hydra.sweep.dir={sweep}", *overrides],
+        + ["train.budget_flops=6e8,1.2e9", f"hydra.sweep.dir={sweep}", *overrides],
         cwd=ROOT,
         check=True,
         capture_output=True,

@@ -8,10 +8,10 @@ by (eval.seed, sample key). The same weights give the same loss bit for bit, and
 sweep differ only by their weights.
 
 The set is a seeded choice of eval.samples held-out samples, cut into batches of one bucket
-each (partial batches too: a small held-out set still covers its buckets), as many batches
-as a multiple of the world size. Rank r scores batches r, r + world, ... (under FSDP every
-rank must run the same number of forwards), the per-bucket sums are all-reduced, and only
-rank 0 writes `eval/step_XXXXXXXX.json` and, at the end of the run, `eval/final.json`.
+each (partial batches too: a small held-out set still covers its buckets), the same batches
+on any number of ranks. Rank r scores batches r, r + world, ...; a rank with a batch fewer
+runs one uncounted padding batch (under FSDP every rank must run the same number of
+forwards). The per-bucket sums are all-reduced, and only rank 0 writes `eval/step_XXXXXXXX.json` and, at the end of the run, `eval/final.json`.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class EncodedBatch:
     mask: Tensor
     keys: list[str]
     bucket: int  # index into Evaluator.buckets
+    counted: bool  # False: a padding batch, run only to match the other ranks' forwards
 
 
 def eval_times(timesteps: int, num_tokens: int, flow: FlowConfig) -> Tensor:
@@ -58,10 +59,9 @@ def sample_noise(key: str, seed: int, timesteps: int, shape: tuple[int, ...]) ->
 
 
 def eval_batches(
-    by_bucket: dict[Bucket, list[int]], table: BucketTable, cfg: EvalConfig, world: int
+    by_bucket: dict[Bucket, list[int]], table: BucketTable, cfg: EvalConfig
 ) -> list[PlannedBatch]:
-    """eval.samples held-out samples (a seeded choice) in batches of one bucket each, the
-    count a multiple of `world` (the largest batches are halved until it is)."""
+    """eval.samples held-out samples (a seeded choice) in batches of one bucket each."""
     bucket_of = {i: bucket for bucket, ids in by_bucket.items() for i in ids}
     if len(bucket_of) < cfg.samples:
         raise ValueError(
@@ -74,16 +74,6 @@ def eval_batches(
         ids = sorted(int(i) for i in chosen if bucket_of[i] == bucket)
         for start in range(0, len(ids), bucket.batch_size):
             batches.append(PlannedBatch(bucket, tuple(ids[start : start + bucket.batch_size])))
-    while len(batches) % world:
-        largest = max(range(len(batches)), key=lambda j: len(batches[j].sample_ids))
-        bucket, ids = batches[largest].bucket, batches[largest].sample_ids
-        if len(ids) < 2:
-            raise ValueError(f"eval.samples={cfg.samples} is too few for {world} ranks")
-        half = len(ids) // 2
-        batches[largest : largest + 1] = [
-            PlannedBatch(bucket, ids[:half]),
-            PlannedBatch(bucket, ids[half:]),
-        ]
     return batches
 
 
@@ -107,22 +97,26 @@ class Evaluator:
         held_out = replace(data, shards=cfg.shards, num_workers=0)
         state = DataState(cfg.seed, epoch=0, consumed_samples=0)
         stream = BatchStream(held_out, table, load_index(cfg.shards, data.cache_dir), 0, 1, state)
-        chosen = eval_batches(stream.by_bucket, table, cfg, runtime.world_size)
+        chosen = eval_batches(stream.by_bucket, table, cfg)
         self.buckets = list(dict.fromkeys(b.bucket.shape for b in chosen))  # most tokens first
         self.num_tokens = objective.num_tokens  # of a latent batch, as training counts them
+        mine = chosen[runtime.rank :: runtime.world_size]
+        # Ranks with a batch fewer run one more, uncounted, so all run as many forwards.
+        padding = -(-len(chosen) // runtime.world_size) - len(mine)
         self.batches = [
-            self._encode(stream.load(planned, 0, state), objective)
-            for planned in chosen[runtime.rank :: runtime.world_size]
+            self._encode(stream.load(planned, 0, state), objective, counted)
+            for planned, counted in [(b, True) for b in mine] + [(chosen[0], False)] * padding
         ]
 
     @torch.no_grad()
-    def _encode(self, batch, objective) -> EncodedBatch:
+    def _encode(self, batch, objective, counted: bool) -> EncodedBatch:
         # The encoders are frozen, so the held-out latents and captions are encoded once.
         if not batch.keys:  # skipping it would leave ranks with unequal numbers of forwards
             raise ValueError(f"eval.shards={self.cfg.shards!r}: no sample of a batch decodes")
         with self.runtime.autocast():
             latents, text, mask = objective.encode(batch, self.runtime.device)
-        return EncodedBatch(latents, text, mask, batch.keys, self.buckets.index(batch.bucket))
+        bucket = self.buckets.index(batch.bucket)
+        return EncodedBatch(latents, text, mask, batch.keys, bucket, counted)
 
     @torch.no_grad()
     def _sums(self, model: nn.Module) -> Tensor:
@@ -146,6 +140,8 @@ class Evaluator:
                     )
                 per_sample += loss.double()
             per_sample /= len(times)
+            if not batch.counted:
+                continue
             sums[batch.bucket] += torch.stack(
                 [
                     per_sample.sum(),
