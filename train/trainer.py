@@ -2,8 +2,8 @@
 
 One step draws `grad_accum` batches, normalises the loss over every sample of the step
 (so a sample weighs the same whatever bucket or micro-batch it came in), lets the
-engine reduce, clip and apply the gradients, updates the EMA, and then logs, checkpoints
-and samples on their schedules.
+engine reduce, clip and apply the gradients, updates the EMA, and then logs, evaluates,
+checkpoints and samples on their schedules.
 """
 
 from __future__ import annotations
