@@ -202,15 +202,25 @@ def fit_scaling(runs: list[Run], draws: int = 1000, seed: int = 0) -> dict:
 # --- plots ----------------------------------------------------------------------------------
 
 
-def _label_size(run: Run) -> str:
-    return f"{run.model} ({run.params / 1e6:.2f}M params)"
+def _count(n: float) -> str:
+    """1.5e6 -> '1.5M', 3e9 -> '3B'."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return f"{n:.3g}"
 
 
 def plot_loss_vs_compute(runs: list[Run], path: Path) -> None:
+    """One line per model size, coloured by its parameters; named in a legend when few."""
+    sizes = sorted({r.params for r in runs})
+    cmap = matplotlib.colors.ListedColormap(plt.cm.plasma(np.linspace(0.0, 0.85, 256)))
+    norm = matplotlib.colors.LogNorm(min(sizes), max(sizes) * 1.001)  # a valid range for 1 size
     fig, ax = plt.subplots(figsize=(7, 5))
-    for params in sorted({r.params for r in runs}):
+    for params in sizes:
+        color = cmap(norm(params))
         mine = sorted((r for r in runs if r.params == params), key=lambda r: r.flops)
-        ax.plot([r.flops for r in mine], [r.loss for r in mine], "o-", label=_label_size(mine[0]))
+        label = f"{mine[0].model} ({_count(params)} params)"
+        ax.plot([r.flops for r in mine], [r.loss for r in mine], "o-", color=color, label=label)
     ax.set(
         xscale="log",
         xlabel="training compute C (FLOPs)",
@@ -218,7 +228,10 @@ def plot_loss_vs_compute(runs: list[Run], path: Path) -> None:
         title="Evaluation loss against compute, per model size",
     )
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(title="model")
+    if len(sizes) <= 10:
+        ax.legend(title="model")
+    else:  # too many sizes to name: a colour scale of N instead
+        fig.colorbar(plt.cm.ScalarMappable(norm, cmap), ax=ax, label="parameters N")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
