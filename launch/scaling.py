@@ -244,7 +244,7 @@ def plot_isoflops(runs: list[Run], fit: dict, path: Path) -> None:
     curves = {c["budget"]: c for c in fit["isoflops"]}
     for color, (budget, group) in zip(colors, groups.items(), strict=True):
         params = np.array([r.params for r in group])
-        ax.plot(params, [r.loss for r in group], "o", color=color, label=f"C = {budget:.2g} FLOPs")
+        ax.plot(params, [r.loss for r in group], "o", color=color, label=f"C = {budget:.3g} FLOPs")
         curve = curves.get(budget)
         if curve is None:
             continue
