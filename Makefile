@@ -9,9 +9,11 @@ EXTRAS ?= dev
 DEMO_DIR ?= .cache/demo
 DEMO_SHARDS := $(DEMO_DIR)/shards/index.json
 DEMO_AUTOENCODER := runs/demo-autoencoder/export/model.safetensors
+DEMO_EVAL_SHARDS := $(DEMO_DIR)/eval/shards/index.json
+SCALING_SWEEP := runs/sweeps/scaling-demo
 ARGS ?=
 
-.PHONY: setup train test lint sample shards demo-data demo-autoencoder clean
+.PHONY: setup train scaling test lint sample shards demo-data demo-autoencoder clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +35,15 @@ $(DEMO_AUTOENCODER): | $(DEMO_SHARDS)
 # The embedded default: demo shards (once), the tiny autoencoder (once), then the tiny DiT.
 train: $(DEMO_AUTOENCODER)
 	$(PY) -m train experiment=demo $(ARGS)
+
+# The held-out clips of the demo's evaluation loss: other cuts (seed 1) of the same videos.
+$(DEMO_EVAL_SHARDS): | $(VENV)/.installed
+	$(PY) -m data.demo --out $(DEMO_DIR)/eval --clips-per-source 12 --images-per-source 6 --seed 1
+
+# The CPU scaling-law demo: 3 budgets x 3 sizes as a Hydra multirun, then the fit and plots.
+scaling: $(DEMO_AUTOENCODER) $(DEMO_EVAL_SHARDS)
+	$(PY) -m train -m experiment=scaling_demo $(ARGS)
+	$(PY) -m launch.scaling fit $(SCALING_SWEEP)
 
 # Generate from the latest demo run: make sample ARGS='prompt="a rabbit in a meadow"'
 sample: | $(VENV)/.installed

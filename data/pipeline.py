@@ -277,14 +277,11 @@ class BatchStream(IterableDataset):
         self.cfg, self.table, self.samples = cfg, table, samples
         self.dp_rank, self.dp_world, self.state = dp_rank, dp_world, state
         self.by_bucket, self.unassigned = assign_buckets(samples, table, cfg.fps)
+        self.batches_per_epoch = sum(
+            len(ids) // bucket.batch_size for bucket, ids in self.by_bucket.items()
+        )
         self._plans: dict[int, tuple[list[PlannedBatch], list[int]]] = {}
         self._files: dict[str, BinaryIO] = {}
-        self.batches_per_epoch = len(self.plan(state.epoch)[0])  # the same every epoch
-        if self.batches_per_epoch < dp_world:
-            raise ValueError(
-                f"data.shards={cfg.shards!r}: {self.batches_per_epoch} full batches per "
-                f"epoch, fewer than the {dp_world} data-parallel ranks"
-            )
         # A bad state fails here, in the trainer's process, not later inside a worker.
         self.first_batch(state.epoch, state.consumed_samples)
 
@@ -408,6 +405,11 @@ def build_loader(
     stream = BatchStream(
         cfg, table, load_index(cfg.shards, cfg.cache_dir), dp_rank, dp_world, state
     )
+    if stream.batches_per_epoch < dp_world:  # every rank needs a batch in every row
+        raise ValueError(
+            f"data.shards={cfg.shards!r}: {stream.batches_per_epoch} full batches per "
+            f"epoch, fewer than the {dp_world} data-parallel ranks"
+        )
     log.info(
         "%d samples, %d of them in no bucket; %d batches an epoch in %d buckets",
         len(stream.samples),

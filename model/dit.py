@@ -16,8 +16,10 @@ Sizes follow one rule: head dim 64, ``width = 64 * depth`` and ``num_heads = dep
 is 22·width² parameters (self-attn 4, cross-attn 4, MLP 8, adaLN 6), so depth alone sets the size
 (block parameters; embeddings add text_dim·width and a little more):
 
-    tiny 2 (~0.7M)   small 4 (~5.8M) base 6 (~19M)   medium 12 (~156M)   large 16 (~369M)
-    1b 22 (~0.96B)   3b 32 (~2.95B)  10b 48 (~10.0B)
+    micro 1 (~0.09M)  tiny 2 (~0.7M)   mini 3 (~2.4M)    small 4 (~5.8M)   base 6 (~19M)
+    medium 12 (~156M) large 16 (~369M) 1b 22 (~0.96B)    3b 32 (~2.95B)    10b 48 (~10.0B)
+
+micro, tiny and mini are CPU sizes for tests and the scaling-law demo sweep.
 """
 
 from __future__ import annotations
@@ -54,7 +56,9 @@ def _config_for_depth(size: str, depth: int) -> DiTConfig:
 DIT_SIZES: dict[str, DiTConfig] = {
     size: _config_for_depth(size, depth)
     for size, depth in [
+        ("micro", 1),
         ("tiny", 2),
+        ("mini", 3),
         ("small", 4),
         ("base", 6),
         ("medium", 12),

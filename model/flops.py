@@ -62,12 +62,19 @@ def dit_param_count(cfg: DiTConfig, in_channels: int, text_dim: int) -> int:
 
 
 def dit_forward_flops(
-    cfg: DiTConfig, in_channels: int, text_dim: int, num_tokens: int, text_tokens: int
+    cfg: DiTConfig,
+    in_channels: int,
+    text_dim: int,
+    num_tokens: int,
+    text_tokens: int,
+    time_groups: int = 1,
 ) -> int:
-    """Forward FLOPs for one sample with one time per sample.
+    """Forward FLOPs for one sample.
 
     num_tokens: spacetime tokens the DiT attends over (latent T·H·W / patch volume);
-    text_tokens: caption length L (padded tokens are computed too).
+    text_tokens: caption length L (padded tokens are computed too);
+    time_groups: 1 for one time per sample, or the token frames for one time per latent frame
+    (the time embedding and every adaLN modulation then run once per frame).
     """
     width, hidden = cfg.width, int(cfg.width * cfg.mlp_ratio)
     patch_dim = in_channels * math.prod(cfg.patch_size)
@@ -78,8 +85,8 @@ def dit_forward_flops(
 
     embeddings = (
         matmul(tokens, patch_dim, width)
-        + matmul(1, TIME_FREQUENCY_DIM, width)
-        + matmul(1, width, width)
+        + matmul(time_groups, TIME_FREQUENCY_DIM, width)
+        + matmul(time_groups, width, width)
         + matmul(text, text_dim, width)
         + matmul(text, width, width)
         + matmul(1, 3 * TIME_FREQUENCY_DIM, width)  # micro-conditions
@@ -97,17 +104,22 @@ def dit_forward_flops(
         + matmul(tokens, width, width)
     )
     mlp = matmul(tokens, width, hidden) + matmul(tokens, hidden, width)
-    modulation = matmul(1, width, 6 * width)
+    modulation = matmul(time_groups, width, 6 * width)
     block = self_attention + cross_attention + mlp + modulation
-    final = matmul(1, width, 2 * width) + matmul(tokens, width, patch_dim)
+    final = matmul(time_groups, width, 2 * width) + matmul(tokens, width, patch_dim)
     return embeddings + cfg.depth * block + final
 
 
 def dit_train_flops(
-    cfg: DiTConfig, in_channels: int, text_dim: int, num_tokens: int, text_tokens: int
+    cfg: DiTConfig,
+    in_channels: int,
+    text_dim: int,
+    num_tokens: int,
+    text_tokens: int,
+    time_groups: int = 1,
 ) -> int:
     """Forward + backward FLOPs for one sample: backward costs twice the forward."""
-    return 3 * dit_forward_flops(cfg, in_channels, text_dim, num_tokens, text_tokens)
+    return 3 * dit_forward_flops(cfg, in_channels, text_dim, num_tokens, text_tokens, time_groups)
 
 
 def peak_flops(device: torch.device | str) -> float | None:

@@ -163,5 +163,5 @@ def test_sizes_follow_the_rule_and_match_their_presets():
         preset = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model" / f"{size}.yaml"))
         assert preset == dataclasses.asdict(cfg), size
     assert {p.stem for p in (ROOT / "conf/model").glob("*.yaml")} == set(DIT_SIZES)
-    with pytest.raises(ValueError, match="unknown DiT size 'huge'; known sizes: tiny, small"):
+    with pytest.raises(ValueError, match="unknown DiT size 'huge'; known sizes: micro, tiny, mini"):
         dit_config("huge")

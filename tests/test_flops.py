@@ -60,38 +60,46 @@ def test_param_count_follows_config_variants(overrides):
 
 
 @pytest.mark.parametrize(
-    "patch_size, latent_shape",
+    "size, patch_size, latent_shape, per_frame_times",
     [
-        ([1, 2, 2], (1, 4, 4)),
-        ([1, 2, 2], (3, 8, 6)),
-        ([1, 2, 2], (5, 6, 10)),
-        ([2, 2, 2], (4, 8, 8)),
+        ("tiny", [1, 2, 2], (1, 4, 4), False),
+        ("tiny", [1, 2, 2], (3, 8, 6), False),
+        ("tiny", [1, 2, 2], (5, 6, 10), False),
+        ("tiny", [2, 2, 2], (4, 8, 8), False),
+        ("tiny", [1, 2, 2], (5, 6, 10), True),
+        ("tiny", [2, 2, 2], (4, 8, 8), True),
+        ("micro", [1, 2, 2], (5, 8, 8), False),
+        ("mini", [1, 2, 2], (5, 8, 8), False),
     ],
 )
-def test_flops_match_torch_flop_counter(patch_size, latent_shape):
-    cfg = dataclasses.replace(dit_config("tiny"), patch_size=patch_size)
+def test_flops_match_torch_flop_counter(size, patch_size, latent_shape, per_frame_times):
+    """Forward and training FLOPs within 5% of torch's count, as the scaling sweep uses them."""
+    cfg = dataclasses.replace(dit_config(size), patch_size=patch_size)
     torch.manual_seed(0)
     model = DiT(cfg, IN_CHANNELS, TEXT_DIM)
     batch = 2
     x = torch.randn(batch, IN_CHANNELS, *latent_shape)
     text, mask = torch.randn(batch, TEXT_TOKENS, TEXT_DIM), torch.ones(batch, TEXT_TOKENS).bool()
-    num_tokens = math.prod(n // p for n, p in zip(latent_shape, patch_size, strict=True))
+    grid = [n // p for n, p in zip(latent_shape, patch_size, strict=True)]
+    num_tokens = math.prod(grid)
+    t = torch.rand(batch, latent_shape[0]) if per_frame_times else torch.rand(batch)
+    time_groups = grid[0] if per_frame_times else 1
 
     with flop_counter() as forward_counter:
         velocity = model(
             x,
-            torch.rand(batch),
+            t,
             text,
             mask,
             fps=torch.full((batch,), 8.0),
             native_size=torch.tensor([[240.0, 320.0]] * batch),
         )
-    forward = dit_forward_flops(cfg, IN_CHANNELS, TEXT_DIM, num_tokens, TEXT_TOKENS)
+    forward = dit_forward_flops(cfg, IN_CHANNELS, TEXT_DIM, num_tokens, TEXT_TOKENS, time_groups)
     assert forward_counter.get_total_flops() / batch == pytest.approx(forward, rel=0.05)
 
     with flop_counter() as backward_counter:
         velocity.square().mean().backward()
-    train = dit_train_flops(cfg, IN_CHANNELS, TEXT_DIM, num_tokens, TEXT_TOKENS)
+    train = dit_train_flops(cfg, IN_CHANNELS, TEXT_DIM, num_tokens, TEXT_TOKENS, time_groups)
     measured_train = (
         forward_counter.get_total_flops() + backward_counter.get_total_flops()
     ) / batch

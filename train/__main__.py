@@ -15,17 +15,21 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from data.mp4 import write_mp4
 from data.pipeline import DataState, build_loader
 from model.autoencoder import build_autoencoder
-from model.flops import dit_train_flops, peak_flops
+from model.flops import dit_param_count, dit_train_flops, peak_flops
 from model.text import TextEncoder
+from train.budget import budget_steps
 from train.build import build_bucket_table, build_dit, frozen
 from train.checkpoint import Checkpointer, export
 from train.config import Config, config_to_dict, register_configs, to_config
 from train.ema import EMA
+from train.evaluate import Evaluator
 from train.logger import RunLogger
 from train.objectives import AutoencoderObjective, FlowMatchingObjective, video_to_float
 from train.parallel import ParallelDims, build_engine
@@ -124,6 +128,21 @@ def _check_parallel(config: Config) -> ParallelDims:
     return dims
 
 
+def _evaluator(
+    config: Config, table, objective, model, runtime: Runtime, dims: ParallelDims, run_dir: Path
+):
+    """The fixed evaluation loss; its results also carry what a scaling-law fit needs."""
+    facts = {
+        "model": config.model.size,
+        "params": dit_param_count(config.model, model.in_channels, model.text_dim),
+        "budget_flops": config.train.budget_flops,
+        "steps": config.train.steps,
+    }
+    return Evaluator(
+        config.eval, config.data, table, objective, config.flow, runtime, dims, run_dir, facts
+    )
+
+
 def run(config: Config) -> list[float]:
     dims = _check_parallel(config)
     runtime = init_runtime(
@@ -154,6 +173,16 @@ def run(config: Config) -> list[float]:
             lambda n: flops(num_tokens=n),
             config.train.seed,
         )
+        if config.train.budget_flops:
+            steps, _ = budget_steps(
+                config.train.budget_flops,
+                config.data,
+                build_bucket_table(config, autoencoder),
+                lambda bucket: flops(num_tokens=bucket.tokens_per_sample),
+                config.train.grad_accum,
+                dims.dp_size,
+            )
+            config = replace(config, train=replace(config.train, steps=steps))
     else:
         autoencoder = model = build_autoencoder(config.autoencoder).to(runtime.device)
         objective = AutoencoderObjective()
@@ -182,6 +211,11 @@ def run(config: Config) -> list[float]:
     )
     table = build_bucket_table(config, autoencoder)
     batches = iter(build_loader(config.data, table, dims.dp_rank, dims.dp_size, data_state))
+    evaluator = (
+        _evaluator(config, table, objective, model, runtime, dims, run_dir)
+        if is_dit and config.eval.shards
+        else None
+    )
     # The loader's iterator draws its worker seeds from the global RNG: restore after it.
     if restored and rng is not None:
         set_rng_state(rng)
@@ -232,6 +266,7 @@ def run(config: Config) -> list[float]:
         sampler,
         peak_flops(runtime.device),
         StopSignals().install(),
+        evaluator,
     )
     try:
         losses = trainer.fit()
@@ -253,6 +288,9 @@ def run(config: Config) -> list[float]:
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    hydra_config = HydraConfig.get()
+    if hydra_config.mode == RunMode.MULTIRUN:  # every job of a sweep gets its own directory
+        cfg.train.run_dir = hydra_config.runtime.output_dir
     run(to_config(cfg))
 
 

@@ -40,6 +40,8 @@ class OptimConfig:
 class TrainConfig:
     stage: str = "dit"  # dit | autoencoder
     steps: int = 1000
+    # > 0: a compute budget in training FLOPs; the run derives train.steps from it (train/budget.py)
+    budget_flops: float = 0.0
     grad_accum: int = 1
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -63,6 +65,17 @@ class TrainConfig:
     # Generation modes sampled during training (see train/sample.py): t2v, t2i, i2v, extend,
     # connect, edit. i2v, extend, connect and edit start from the t2v samples of the same step.
     sample_modes: list[str] = field(default_factory=lambda: ["t2v"])
+
+
+@dataclass
+class EvalConfig:
+    """The fixed evaluation loss (train/evaluate.py) on held-out shards."""
+
+    shards: str = ""  # held-out shards like data.shards; empty: no evaluation
+    every: int = 0  # evaluate every N steps; 0: only at the end of the run
+    samples: int = 64  # at least this many held-out samples (whole batches)
+    timesteps: int = 8  # fixed flow times per sample: quantiles of the training distribution
+    seed: int = 0  # the fixed noise, and the held-out clips' crops and captions
 
 
 @dataclass
@@ -107,6 +120,7 @@ class Config:
     buckets: BucketConfig = field(default_factory=BucketConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
@@ -146,4 +160,12 @@ def to_config(cfg: DictConfig) -> Config:
     mode_probabilities(config.conditioning)
     if config.train.steps < 1 or config.train.grad_accum < 1:
         raise ValueError("config keys train.steps and train.grad_accum must be at least 1")
+    if config.train.budget_flops < 0:
+        raise ValueError(f"config key train.budget_flops={config.train.budget_flops} is negative")
+    if config.train.budget_flops and config.train.stage != "dit":
+        raise ValueError("config key train.budget_flops needs train.stage=dit (DiT FLOPs)")
+    if config.eval.samples < 1 or config.eval.timesteps < 1 or config.eval.every < 0:
+        raise ValueError(
+            "config keys eval.samples and eval.timesteps must be at least 1, eval.every >= 0"
+        )
     return config

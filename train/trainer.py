@@ -2,7 +2,7 @@
 
 One step draws `grad_accum` batches on every data-parallel rank, normalises the loss over every
 sample of the global step (so a sample weighs the same whatever bucket, micro-batch or rank it
-came in), lets the engine reduce, clip and apply the gradients, updates the EMA, and then logs,
+came in), lets the engine reduce, clip and apply the gradients, updates the EMA, and then logs, evaluates,
 checkpoints and samples on their schedules.
 
 Loss normalisation: engines average gradients over all ranks, so each rank scales its summed
@@ -38,6 +38,7 @@ class Progress:
     tokens_seen: int = 0
     skipped_steps: int = 0  # steps whose loss or gradients were NaN/Inf, applied nowhere
     bad_steps_in_a_row: int = 0
+    flops_seen: float = 0.0  # analytic training FLOPs, counted like tokens_seen
     data_state: dict = field(default_factory=dict)
 
 
@@ -57,6 +58,7 @@ class Trainer:
         sampler: Callable | None = None,
         peak_flops: float | None = None,
         stop_signals: StopSignals | None = None,
+        evaluator: Callable | None = None,
     ):
         self.config = config
         self.runtime = runtime
@@ -71,6 +73,7 @@ class Trainer:
         self.sampler = sampler
         self.peak_flops = peak_flops
         self.stop_signals = stop_signals
+        self.evaluator = evaluator  # called on every rank: the model's forward may be collective
         self.losses: list[float] = []
 
     def _draw(self) -> tuple[list[Batch], float]:
@@ -111,6 +114,7 @@ class Trainer:
         p.step += 1
         p.samples_seen += int(sums["samples"])
         p.tokens_seen += int(sums["tokens"])
+        p.flops_seen += sums["flops"]
         p.data_state = batches[-1].state_after
         if self.config.train.record_samples:
             self._record_samples(batches)
@@ -153,6 +157,10 @@ class Trainer:
             self.logger.advance()
             if step % cfg.log_every == 0 or step == cfg.steps:
                 self.logger.log(step, metrics)
+            if self.evaluator and (
+                (self.config.eval.every and step % self.config.eval.every == 0) or step == cfg.steps
+            ):
+                self.evaluate(final=step == cfg.steps)
             saved = step % cfg.checkpoint_every == 0 or step == cfg.steps
             if saved:
                 self.save()
@@ -196,6 +204,10 @@ class Trainer:
         """Full EMA weights (raw ones without an EMA), gathered on every rank (collective)."""
         pieces = self.ema.shadow if self.ema is not None else self.engine.local_params()
         return self.engine.full_tensors(pieces)
+
+    def evaluate(self, final: bool) -> None:
+        progress = {k: v for k, v in self.progress.__dict__.items() if k != "data_state"}
+        self.logger.log(self.progress.step, self.evaluator(self.engine.model, progress, final))
 
     def sample(self) -> None:
         """Sample the fixed prompts with the consolidated weights (on rank 0) and log them."""

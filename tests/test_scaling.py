@@ -1,0 +1,295 @@
+"""Scaling-law sweeps: steps derived from a FLOP budget, the fixed evaluation loss, the fit
+recovering known exponents, and a small real sweep (Hydra multirun + fit) end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hydra import compose, initialize_config_dir
+
+from data.demo import build_demo
+from data.pipeline import assign_buckets, load_index, plan_epoch
+from launch.scaling import Run, fit_scaling, fit_sweep
+from model.autoencoder import build_autoencoder
+from model.flops import dit_train_flops
+from model.text import TextEncoder
+from train.budget import budget_steps, step_flops
+from train.build import build_bucket_table, build_dit, frozen
+from train.config import EvalConfig, register_configs, to_config
+from train.evaluate import Evaluator
+from train.objectives import FlowMatchingObjective
+from train.runtime import init_runtime
+
+ROOT = Path(__file__).resolve().parents[1]
+LATENT_CHANNELS, TEXT_DIM = 4, 384  # the tiny VAE and MiniLM of the demo
+register_configs()
+
+
+def config(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        # A random-weight tiny VAE: these tests need its shapes, not good latents.
+        preset = ["experiment=scaling_demo", "autoencoder.checkpoint=null"]
+        return to_config(compose("config", overrides=[*preset, *overrides]))
+
+
+def sample_flops(cfg):
+    def flops(bucket):
+        return dit_train_flops(
+            cfg.model,
+            LATENT_CHANNELS,
+            TEXT_DIM,
+            bucket.tokens_per_sample,
+            cfg.text_encoder.max_length,
+        )
+
+    return flops
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory) -> Path:
+    """A small held-out set: other clips (seed 1) of the same source videos."""
+    return build_demo(
+        tmp_path_factory.mktemp("held_out"), clips_per_source=3, images_per_source=2, seed=1
+    )
+
+
+@pytest.mark.parametrize(
+    "size, grad_accum, world, budget_steps_wanted",
+    [("micro", 1, 1, 60), ("tiny", 2, 1, 40), ("mini", 1, 3, 30), ("tiny", 1, 1, 400)],
+)
+def test_derived_steps_spend_the_budget_within_2_percent(
+    demo_shards, size, grad_accum, world, budget_steps_wanted
+):
+    cfg = config(f"model={size}", f"data.shards={demo_shards}")
+    table = build_bucket_table(cfg, build_autoencoder(cfg.autoencoder))
+    flops = sample_flops(cfg)
+    by_bucket, _ = assign_buckets(load_index(str(demo_shards)), table, cfg.data.fps)
+    first = list(itertools.islice(step_flops(by_bucket, table, 0, flops, grad_accum, world), 10))
+    budget = budget_steps_wanted * float(np.mean(first)) * 1.013  # not a whole number of steps
+
+    steps, planned = budget_steps(budget, cfg.data, table, flops, grad_accum, world)
+
+    assert planned == pytest.approx(budget, rel=0.02)
+    assert budget_steps_wanted * 0.8 < steps < budget_steps_wanted * 1.2
+    if world == 1 and grad_accum == 1:  # the same FLOPs, counted from the loader's own plan
+        batches = itertools.chain.from_iterable(
+            plan_epoch(load_index(str(demo_shards)), table, cfg.data.fps, 0, epoch)[0]
+            for epoch in itertools.count()
+        )
+        expected = sum(
+            len(b.sample_ids) * flops(b.bucket) for b in itertools.islice(batches, steps)
+        )
+        assert planned == pytest.approx(expected, rel=1e-12)
+
+
+def eval_parts(demo_shards: Path, held_out: Path, run_dir: Path, samples: int = 6):
+    """A micro DiT with random (seeded) weights and an Evaluator of this process's rank."""
+    cfg = config(
+        "model=micro",
+        f"data.shards={demo_shards}",
+        f"eval.shards={held_out}",
+        f"eval.samples={samples}",
+        "eval.timesteps=3",
+    )
+    runtime = init_runtime("cpu", "fp32")
+    torch.manual_seed(0)
+    autoencoder = frozen(build_autoencoder(cfg.autoencoder), runtime.device)
+    text_encoder = frozen(TextEncoder(cfg.text_encoder), runtime.device)
+    model = build_dit(cfg, autoencoder, text_encoder)
+    for p in model.parameters():  # leave adaLN-Zero's identity start, so the weights matter
+        torch.nn.init.normal_(p, std=0.02)
+    table = build_bucket_table(cfg, autoencoder)
+    objective = FlowMatchingObjective(
+        autoencoder, text_encoder, cfg.flow, cfg.model.patch_size, lambda tokens: 0.0
+    )
+    evaluator = Evaluator(
+        cfg.eval, cfg.data, table, objective, cfg.flow, runtime, run_dir, {"model": "micro"}
+    )
+    return model, evaluator, cfg, table, objective, runtime
+
+
+def test_evaluation_is_fixed_and_deterministic(demo_shards, held_out, tmp_path):
+    model, first, cfg, table, objective, runtime = eval_parts(demo_shards, held_out, tmp_path / "a")
+    rng_before = torch.get_rng_state()
+    metrics = first(model, {"step": 3}, final=True)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # training randomness is untouched
+    assert first(model, {"step": 4}, final=False) == metrics
+    second = eval_parts(demo_shards, held_out, tmp_path / "b")[1]
+    assert second(model, {"step": 3}, final=True) == metrics
+
+    result = json.loads((tmp_path / "a" / "eval" / "final.json").read_text())
+    assert result["loss"] == metrics["eval/loss"] and result["model"] == "micro"
+    assert result["samples"] == 6 == sum(b["samples"] for b in result["buckets"].values())
+    overall = sum(b["loss"] * b["samples"] for b in result["buckets"].values()) / 6
+    assert overall == pytest.approx(result["loss"], rel=1e-12)
+    assert (tmp_path / "a" / "eval" / "step_00000004.json").exists()
+
+    with torch.no_grad():
+        next(model.parameters()).add_(0.1)
+    assert first(model, {"step": 5}, final=False)["eval/loss"] != metrics["eval/loss"]
+
+    with pytest.raises(ValueError, match="fewer than eval.samples=1000"):
+        Evaluator(
+            EvalConfig(shards=str(held_out), samples=1000),
+            cfg.data,
+            table,
+            objective,
+            cfg.flow,
+            runtime,
+            tmp_path,
+            {},
+        )
+
+
+def _evaluate_as_rank(rank: int, world: int, port: int, demo_shards, held_out, run_dir) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
+    )
+    torch.set_num_threads(1)
+    model, evaluator, *_ = eval_parts(demo_shards, held_out, run_dir, samples=7)
+    evaluator(model, {"step": 1}, final=True)
+    dist.destroy_process_group()
+
+
+def test_two_ranks_share_the_set_and_reduce_to_the_single_process_loss(
+    demo_shards, held_out, tmp_path
+):
+    with socket.socket() as s:  # a free port for the process group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_evaluate_as_rank, args=(2, port, demo_shards, held_out, tmp_path / "two"), nprocs=2)
+    model, single, *_ = eval_parts(demo_shards, held_out, tmp_path / "one", samples=7)
+    single(model, {"step": 1}, final=True)
+
+    two, one = (json.loads((tmp_path / d / "eval/final.json").read_text()) for d in ("two", "one"))
+    assert two["samples"] == one["samples"] == 7  # each sample once, on one of the ranks
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-12)  # only the sums' order differs
+    assert two["buckets"].keys() == one["buckets"].keys()
+
+
+# --- the fit --------------------------------------------------------------------------------
+
+# Chinchilla's fitted law L(N, D) = E + A / N^alpha + B / D^beta with C = 6 N D: the optimum is
+# N* ∝ C^(beta / (alpha + beta)) and D* ∝ C^(alpha / (alpha + beta)).
+E, A, ALPHA, B, BETA = 1.69, 406.4, 0.34, 410.7, 0.28
+TRUE_A, TRUE_B = BETA / (ALPHA + BETA), ALPHA / (ALPHA + BETA)
+
+
+def synthetic_runs(noise: float, seed: int = 0) -> list[Run]:
+    """7 sizes around each of 5 budgets' optimum, losses from the known law plus noise."""
+    rng = np.random.default_rng(seed)
+    scale = (ALPHA * A / (BETA * B)) ** (1 / (ALPHA + BETA))
+    runs = []
+    for budget in np.geomspace(1e18, 1e21, 5):
+        n_opt = scale * (budget / 6) ** TRUE_A
+        for params in n_opt * np.exp(np.linspace(-1.5, 1.5, 7)):
+            tokens = budget / (6 * params)
+            loss = E + A / params**ALPHA + B / tokens**BETA + rng.normal(0, noise)
+            runs.append(Run("synthetic", params, budget, budget, tokens, loss, noise, ""))
+    return runs
+
+
+def test_fit_recovers_known_exponents_with_intervals_that_cover_them():
+    fit = fit_scaling(synthetic_runs(noise=0.005), draws=300)
+    for name, truth in [("n_opt", TRUE_A), ("d_opt", TRUE_B)]:
+        low, high = fit[name]["exponent_ci95"]
+        assert fit[name]["exponent"] == pytest.approx(truth, abs=0.015), name
+        assert low <= truth <= high, name
+        assert high - low < 0.05, name  # and informative
+    assert fit["bootstrap"]["valid"] == 300
+    assert all(c["interior"] for c in fit["isoflops"])
+
+
+def test_fit_without_minima_says_why():
+    runs = synthetic_runs(noise=0.0)
+    two_sizes = [r for i, r in enumerate(runs) if i % 7 < 2]  # no parabola through 2 sizes
+    fit = fit_scaling(two_sizes, draws=10)
+    assert fit["n_opt"] is None and fit["note"].startswith("0 of 5 budgets")
+    falling = [r for i, r in enumerate(runs) if i % 7 < 3 or r.budget > 1e18]
+    falling = [replace(r, loss=-r.loss) if r.budget > 1e18 else r for r in falling]
+    fit = fit_scaling(falling, draws=10)  # 4 budgets' parabolas open downwards
+    assert fit["n_opt"] is None and fit["note"].startswith("1 of 5 budgets")
+
+
+def test_fit_sweep_writes_json_and_labelled_plots(tmp_path):
+    for i, run in enumerate(synthetic_runs(noise=0.005)):
+        (tmp_path / f"{i}" / "eval").mkdir(parents=True)
+        (tmp_path / f"{i}" / "eval" / "final.json").write_text(
+            json.dumps(
+                {
+                    "model": f"n{run.params:.3g}",
+                    "params": run.params,
+                    "budget_flops": run.budget,
+                    "flops_seen": run.flops,
+                    "tokens_seen": run.tokens,
+                    "loss": run.loss,
+                    "loss_se": run.loss_se,
+                }
+            )
+        )
+    fit = fit_sweep(tmp_path, draws=50)
+    out = tmp_path / "scaling"
+    assert (
+        json.loads((out / "fit.json").read_text())["n_opt"]["exponent"] == fit["n_opt"]["exponent"]
+    )
+    for plot in ("loss_vs_compute.png", "isoflops.png", "compute_optimal.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
+
+
+# --- a real sweep ---------------------------------------------------------------------------
+
+
+def test_sweep_runs_as_a_hydra_multirun_and_fits(demo_shards, held_out, tmp_path):
+    """2 sizes x 2 budgets through `python -m train -m`, then `python -m launch.scaling fit`."""
+    sweep = tmp_path / "sweep"
+    overrides = [
+        f"data.shards={demo_shards}",
+        f"eval.shards={held_out}",
+        "eval.samples=4",
+        "eval.timesteps=2",
+        "autoencoder.checkpoint=null",
+        "logger=none",
+        "data.num_workers=0",
+    ]
+    subprocess.run(
+        [sys.executable, "-m", "train", "-m", "experiment=scaling_demo", "model=micro,tiny"]
+        + ["train.budget_flops=6e8,1.2e9", f"hydra.sweep.dir={sweep}", *overrides],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    results = sorted(sweep.glob("*/eval/final.json"))
+    assert len(results) == 4
+    for path in results:
+        result = json.loads(path.read_text())
+        cfg = config(f"model={result['model']}", overrides[0])
+        table = build_bucket_table(cfg, build_autoencoder(cfg.autoencoder))
+        steps, planned = budget_steps(
+            result["budget_flops"], cfg.data, table, sample_flops(cfg), 1, 1
+        )
+        # The run trained exactly the derived steps and spent exactly the planned FLOPs.
+        assert (result["steps"], result["step"], result["flops_seen"]) == (steps, steps, planned)
+
+    fitted = subprocess.run(
+        [sys.executable, "-m", "launch.scaling", "fit", str(sweep), "--bootstrap", "20"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    fit = json.loads((sweep / "scaling" / "fit.json").read_text())
+    assert len(fit["runs"]) == 4 and "fit.json" in fitted.stdout
+    for plot in ("loss_vs_compute.png", "isoflops.png"):
+        assert (sweep / "scaling" / plot).read_bytes()[:4] == b"\x89PNG"

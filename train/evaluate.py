@@ -1,0 +1,205 @@
+"""The evaluation loss: flow matching on a fixed held-out set, at fixed times with fixed noise.
+
+Training losses are too noisy to compare the runs of a scaling sweep: their times, noise and
+batches are random. Here every sample of a fixed held-out set is scored at the same K flow
+times, the quantiles (k + 1/2) / K of the training time distribution (so the mean estimates
+the training objective, without caption dropout), against noise drawn from a generator seeded
+by (eval.seed, sample key). The same weights give the same loss bit for bit, and two runs of a
+sweep differ only by their weights.
+
+The set is a seeded choice of eval.samples held-out samples, cut into batches of one bucket
+each (partial batches too: a small held-out set still covers its buckets), the same batches
+on any number of ranks. Data-parallel rank r scores batches r, r + world, ...; a rank with a batch fewer
+runs one uncounted padding batch (under FSDP every rank must run the same number of
+forwards). The per-bucket sums are all-reduced, and only rank 0 writes `eval/step_XXXXXXXX.json` and, at the end of the run, `eval/final.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from data.buckets import Bucket, BucketTable
+from data.pipeline import BatchStream, DataConfig, DataState, PlannedBatch, load_index
+from model.flow import FlowConfig, time_shift, training_loss
+from train.config import EvalConfig
+from train.parallel import ParallelDims
+from train.runtime import Runtime
+
+
+@dataclass
+class EncodedBatch:
+    latents: Tensor
+    text: Tensor
+    mask: Tensor
+    keys: list[str]
+    micro: dict[str, Tensor]  # the model's micro-conditions: frame rate and native size
+    bucket: int  # index into Evaluator.buckets
+    counted: bool  # False: a padding batch, run only to match the other ranks' forwards
+
+
+def eval_times(timesteps: int, num_tokens: int, flow: FlowConfig) -> Tensor:
+    """(timesteps,) flow times: quantiles of the training distribution (shifted logit-normal)."""
+    quantiles = (torch.arange(timesteps, dtype=torch.float64) + 0.5) / timesteps
+    logits = flow.logit_mean + flow.logit_std * torch.special.ndtri(quantiles)
+    return time_shift(torch.sigmoid(logits), num_tokens, flow).float()
+
+
+def sample_noise(key: str, seed: int, timesteps: int, shape: tuple[int, ...]) -> Tensor:
+    """(timesteps, *shape) noise of one sample, the same whatever its batch, rank or device."""
+    digest = hashlib.sha256(f"{seed}/{key}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    return torch.randn(timesteps, *shape, generator=generator)
+
+
+def eval_batches(
+    by_bucket: dict[Bucket, list[int]], table: BucketTable, cfg: EvalConfig
+) -> list[PlannedBatch]:
+    """eval.samples held-out samples (a seeded choice) in batches of one bucket each."""
+    bucket_of = {i: bucket for bucket, ids in by_bucket.items() for i in ids}
+    if len(bucket_of) < cfg.samples:
+        raise ValueError(
+            f"eval.shards={cfg.shards!r} holds {len(bucket_of)} samples that fit a bucket, "
+            f"fewer than eval.samples={cfg.samples}"
+        )
+    chosen = np.random.default_rng(cfg.seed).choice(sorted(bucket_of), cfg.samples, replace=False)
+    batches = []
+    for bucket in table.buckets:
+        ids = sorted(int(i) for i in chosen if bucket_of[i] == bucket)
+        for start in range(0, len(ids), bucket.batch_size):
+            batches.append(PlannedBatch(bucket, tuple(ids[start : start + bucket.batch_size])))
+    return batches
+
+
+class Evaluator:
+    """Scores a model on this rank's share of the fixed held-out set; see the module docstring."""
+
+    def __init__(
+        self,
+        cfg: EvalConfig,
+        data: DataConfig,
+        table: BucketTable,
+        objective,
+        flow: FlowConfig,
+        runtime: Runtime,
+        dims: ParallelDims,
+        run_dir: Path,
+        run_facts: dict,
+    ):
+        self.cfg, self.flow, self.runtime, self.dims = cfg, flow, runtime, dims
+        self.out = Path(run_dir) / "eval"
+        self.run_facts = run_facts  # written into every result, e.g. model size and parameters
+        held_out = replace(data, shards=cfg.shards, num_workers=0)
+        state = DataState(cfg.seed, epoch=0, consumed_samples=0)
+        stream = BatchStream(held_out, table, load_index(cfg.shards, data.cache_dir), 0, 1, state)
+        chosen = eval_batches(stream.by_bucket, table, cfg)
+        self.buckets = list(dict.fromkeys(b.bucket.shape for b in chosen))  # most tokens first
+        self.num_tokens = objective.num_tokens  # of a latent batch, as training counts them
+        # Split by data-parallel rank: the ranks of a sequence-parallel group share batches.
+        mine = chosen[dims.dp_rank :: dims.dp_size]
+        # Ranks with a batch fewer run one more, uncounted, so all run as many forwards.
+        padding = -(-len(chosen) // dims.dp_size) - len(mine)
+        self.batches = [
+            self._encode(stream.load(planned, 0, state), objective, counted)
+            for planned, counted in [(b, True) for b in mine] + [(chosen[0], False)] * padding
+        ]
+
+    @torch.no_grad()
+    def _encode(self, batch, objective, counted: bool) -> EncodedBatch:
+        # The encoders are frozen, so the held-out latents and captions are encoded once.
+        if not batch.keys:  # skipping it would leave ranks with unequal numbers of forwards
+            raise ValueError(f"eval.shards={self.cfg.shards!r}: no sample of a batch decodes")
+        with self.runtime.autocast():
+            latents, text, mask = objective.encode(batch, self.runtime.device)
+        bucket = self.buckets.index(batch.bucket)
+        device = self.runtime.device
+        micro = {"fps": batch.fps.to(device), "native_size": batch.native_size.to(device)}
+        return EncodedBatch(latents, text, mask, batch.keys, micro, bucket, counted)
+
+    @torch.no_grad()
+    def _sums(self, model: nn.Module) -> Tensor:
+        """(buckets, 3) float64 sums of per-sample loss, its square and the sample count."""
+        sums = torch.zeros(len(self.buckets), 3, dtype=torch.float64, device=self.runtime.device)
+        for batch in self.batches:
+            times = eval_times(self.cfg.timesteps, self.num_tokens(batch.latents), self.flow)
+            noise = torch.stack(
+                [
+                    sample_noise(key, self.cfg.seed, len(times), batch.latents.shape[1:])
+                    for key in batch.keys
+                ],
+                dim=1,
+            ).to(self.runtime.device)  # (timesteps, B, C, T, H, W)
+            per_sample = torch.zeros(len(batch.keys), dtype=torch.float64, device=sums.device)
+            for k, time in enumerate(times.tolist()):
+                t_batch = torch.full((len(batch.keys),), time, device=self.runtime.device)
+                with self.runtime.autocast():
+                    loss = training_loss(
+                        model,
+                        batch.latents,
+                        batch.text,
+                        batch.mask,
+                        t_batch,
+                        noise[k],
+                        model_kwargs=batch.micro,
+                    )
+                per_sample += loss.double()
+            per_sample /= len(times)
+            if not batch.counted:
+                continue
+            sums[batch.bucket] += torch.stack(
+                [
+                    per_sample.sum(),
+                    per_sample.square().sum(),
+                    per_sample.new_tensor(len(per_sample)),
+                ]
+            )
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+            sums /= self.dims.sp  # each sequence-parallel group counted its batches sp times
+        return sums
+
+    def __call__(self, model: nn.Module, progress: dict, final: bool) -> dict[str, float]:
+        """Evaluate on every rank; returns the metrics to log, and writes the JSON on rank 0."""
+        was_training = model.training
+        model.eval()
+        sums = self._sums(model).cpu()
+        model.train(was_training)
+        result = {
+            **self.run_facts,
+            **progress,
+            **summarise(sums.sum(dim=0)),
+            "buckets": {
+                "x".join(map(str, shape)): summarise(row)
+                for shape, row in zip(self.buckets, sums, strict=True)
+            },
+        }
+        if self.runtime.is_main:
+            self._write(f"step_{progress['step']:08d}.json", result)
+            if final:
+                self._write("final.json", result)
+        metrics = {"eval/loss": result["loss"], "eval/loss_se": result["loss_se"]}
+        for name, values in result["buckets"].items():
+            metrics[f"eval/loss/{name}"] = values["loss"]
+        return metrics
+
+    def _write(self, name: str, result: dict) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = self.out / f"{name}.tmp"
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(self.out / name)  # atomic: a reader never sees half a file
+
+
+def summarise(row: Tensor) -> dict:
+    """Mean loss, its standard error and the sample count from (sum, sum of squares, count)."""
+    total, squares, count = row.tolist()
+    mean = total / count
+    variance = max(squares - count * mean * mean, 0.0) / max(count - 1, 1)
+    return {"loss": mean, "loss_se": math.sqrt(variance / count), "samples": int(count)}
