@@ -4,7 +4,7 @@
 
 Launches one torchrun per backend (ddp, fsdp, zero3; gloo on CPU, NCCL on GPUs) that trains the
 DiT on synthetic latents, and prints for rank 0: bytes of parameters, gradients and optimizer
-state that the rank holds, its peak memory (CUDA allocator peak on GPU, peak RSS on CPU), how
+state that the rank holds (and of the EMA, sharded like the model), its peak memory (CUDA allocator peak on GPU, peak RSS on CPU), how
 much of that peak training added over the process's footprint before the model was built, and
 the step throughput. Sharded backends should hold about half of what DDP holds.
 """
@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor
 from model.dit import DiT, dit_config
 from model.flow import FlowConfig, sample_timesteps, training_loss
 from train.config import OptimConfig, ParallelConfig
+from train.ema import EMA
 from train.parallel import ParallelDims, build_engine
 from train.runtime import init_runtime
 
@@ -74,6 +75,7 @@ def worker(backend: str, size: str, tokens: int, steps: int, out: Path) -> None:
     torch.manual_seed(0)
     model = DiT(dit_config(size), CHANNELS, TEXT_DIM).to(runtime.device)
     engine = build_engine(model, parallel, OptimConfig(), dims, 1, steps, runtime.autocast_dtype)
+    ema = EMA(engine.local_params(), decay=0.999)
     frames = tokens // 256
     x = torch.randn(1, CHANNELS, frames, 32, 32, device=runtime.device)
     text = torch.randn(1, TEXT_TOKENS, TEXT_DIM, device=runtime.device)
@@ -87,6 +89,7 @@ def worker(backend: str, size: str, tokens: int, steps: int, out: Path) -> None:
         engine.backward(loss)
         grads = max(grads, gradient_bytes(engine))
         engine.step()
+        ema.update(engine.local_params())
         if runtime.device.type == "cuda":
             torch.cuda.synchronize()
         if step > 0:  # the first step pays for allocation and warm-up
@@ -96,6 +99,7 @@ def worker(backend: str, size: str, tokens: int, steps: int, out: Path) -> None:
             "parameters": tensor_bytes(engine.local_params().values()),
             "gradients": grads,
             "optimizer": tensor_bytes(optimizer_state(engine)),
+            "ema": tensor_bytes(ema.shadow.values()),
             "peak": peak_memory(runtime.device),
             "peak_growth": peak_memory(runtime.device) - baseline,
             "tokens_per_s": tokens * runtime.world_size * len(times) / sum(times),
@@ -133,7 +137,7 @@ def main() -> None:
     mib = 2**20
     print(f"DiT {args.size}, {args.tokens} tokens per rank, world size 2; per-rank figures (MiB)")
     print(f"{'backend':8} {'params':>8} {'grads':>8} {'optim':>8} {'sum':>8} {'vs ddp':>7} "
-          f"{'peak':>8} {'growth':>8} {'tokens/s':>9}")  # fmt: skip
+          f"{'ema':>8} {'peak':>8} {'growth':>8} {'tokens/s':>9}")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         baseline = None
         for backend in ("ddp", "fsdp", "zero3"):
@@ -143,6 +147,7 @@ def main() -> None:
             print(
                 f"{backend:8} {r['parameters'] / mib:8.1f} {r['gradients'] / mib:8.1f} "
                 f"{r['optimizer'] / mib:8.1f} {state / mib:8.1f} {state / baseline:7.2f} "
+                f"{r['ema'] / mib:8.1f} "
                 f"{r['peak'] / mib:8.1f} {r['peak_growth'] / mib:8.1f} {r['tokens_per_s']:9.0f}"
             )
 

@@ -9,6 +9,7 @@
   samples an uninterrupted run would, none twice and none skipped;
 - SIGUSR1 checkpoints the current step and exits with the preemption code;
 - a truncated checkpoint file is named and auto-resume falls back to the previous checkpoint;
+- a ZeRO checkpoint resumed on another number of ranks fails, naming universal checkpoints;
 - NaN losses skip their steps; too many in a row stop the run without touching checkpoints.
 """
 
@@ -19,6 +20,7 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -140,6 +142,20 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(
     assert "resumed from step 3" in result.stdout + result.stderr
     assert (checkpoints / "latest").read_text() == f"step_{STEPS:08d}"
     assert same_weights(straight_runs["fsdp"], tmp_path)
+
+
+def test_zero_checkpoint_on_another_world_size_fails_naming_universal_checkpoints(
+    straight_runs, demo_shards, tmp_path
+):
+    copy_checkpoint(straight_runs["zero2"], 6, tmp_path)
+    command = [sys.executable, "-m", "train", *overrides(demo_shards, tmp_path, "parallel=zero2")]
+    result = subprocess.run(
+        command, cwd=ROOT, env=process_env(), capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode != 0
+    assert "tied to 2 data-parallel ranks, not 1" in result.stderr
+    assert "ds_to_universal.py" in result.stderr
+    assert not (tmp_path / "checkpoints" / "step_00000009").exists()
 
 
 def consumed(run_dir: Path, up_to: int, after: int = 0) -> list[str]:

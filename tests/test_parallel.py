@@ -1,6 +1,6 @@
 """Distributed training on real process groups (torchrun, gloo, 2 CPU ranks).
 
-- ddp, fsdp, zero2 and zero3 train the tiny DiT for 20 steps from the same weights and data and
+- ddp, fsdp (full and hybrid sharding), zero2 and zero3 train the tiny DiT for 20 steps from the same weights and data and
   match a single-process run with the same global batch, step by step;
 - ranks holding batches of different buckets and sizes get the gradient of the global batch mean;
 - Ulysses sequence parallelism (sp=2) gives the loss and gradients of sp=1;
@@ -50,9 +50,16 @@ def test_every_backend_matches_a_single_process_run_step_by_step(demo_shards, tm
     single = tmp_path / "none"
     launch_training(*train_overrides(demo_shards, single), "train.grad_accum=2", nproc=1)
     table = {"none x1": step_losses(single)}
-    for backend in ("ddp", "fsdp", "zero2", "zero3"):
+    layouts = {
+        "ddp": ["parallel=ddp"],
+        "fsdp": ["parallel=fsdp"],
+        "hsdp": ["parallel=fsdp", "parallel.dp_replicate=2", "parallel.dp_shard=1"],
+        "zero2": ["parallel=zero2"],
+        "zero3": ["parallel=zero3"],
+    }
+    for backend, parallel in layouts.items():
         run_dir = tmp_path / backend
-        launch_training(*train_overrides(demo_shards, run_dir), f"parallel={backend}")
+        launch_training(*train_overrides(demo_shards, run_dir), *parallel)
         table[f"{backend} x2"] = step_losses(run_dir)
         assert (run_dir / "checkpoints" / "step_00000020" / "ema.safetensors").exists()
         assert (run_dir / "export" / "model.safetensors").exists()
