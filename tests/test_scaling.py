@@ -27,9 +27,10 @@ from model.flops import dit_train_flops
 from model.text import TextEncoder
 from train.budget import budget_steps, step_flops
 from train.build import build_bucket_table, build_dit, frozen
-from train.config import EvalConfig, register_configs, to_config
+from train.config import EvalConfig, ParallelConfig, register_configs, to_config
 from train.evaluate import Evaluator
 from train.objectives import FlowMatchingObjective
+from train.parallel import ParallelDims
 from train.runtime import init_runtime
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,16 +113,26 @@ def eval_parts(demo_shards: Path, held_out: Path, run_dir: Path, samples: int = 
         torch.nn.init.normal_(p, std=0.02)
     table = build_bucket_table(cfg, autoencoder)
     objective = FlowMatchingObjective(
-        autoencoder, text_encoder, cfg.flow, cfg.model.patch_size, lambda tokens: 0.0
+        autoencoder,
+        text_encoder,
+        cfg.flow,
+        cfg.conditioning,
+        cfg.model.patch_size,
+        lambda tokens: 0.0,
+        cfg.train.seed,
     )
+    # Evaluation splits by data-parallel rank: plain data parallelism over this world.
+    dims = ParallelDims.resolve(ParallelConfig(backend="ddp"), runtime.world_size, runtime.rank)
     evaluator = Evaluator(
-        cfg.eval, cfg.data, table, objective, cfg.flow, runtime, run_dir, {"model": "micro"}
+        cfg.eval, cfg.data, table, objective, cfg.flow, runtime, dims, run_dir, {"model": "micro"}
     )
-    return model, evaluator, cfg, table, objective, runtime
+    return model, evaluator, cfg, table, objective, runtime, dims
 
 
 def test_evaluation_is_fixed_and_deterministic(demo_shards, held_out, tmp_path):
-    model, first, cfg, table, objective, runtime = eval_parts(demo_shards, held_out, tmp_path / "a")
+    model, first, cfg, table, objective, runtime, dims = eval_parts(
+        demo_shards, held_out, tmp_path / "a"
+    )
     rng_before = torch.get_rng_state()
     metrics = first(model, {"step": 3}, final=True)
     assert torch.equal(torch.get_rng_state(), rng_before)  # training randomness is untouched
@@ -148,6 +159,7 @@ def test_evaluation_is_fixed_and_deterministic(demo_shards, held_out, tmp_path):
             objective,
             cfg.flow,
             runtime,
+            dims,
             tmp_path,
             {},
         )

@@ -107,9 +107,10 @@ class Evaluator:
         mine = chosen[dims.dp_rank :: dims.dp_size]
         # Ranks with a batch fewer run one more, uncounted, so all run as many forwards.
         padding = -(-len(chosen) // dims.dp_size) - len(mine)
+        plan = [(b, True) for b in mine] + [(chosen[0], False)] * padding
         self.batches = [
-            self._encode(stream.load(planned, 0, state), objective, counted)
-            for planned, counted in [(b, True) for b in mine] + [(chosen[0], False)] * padding
+            self._encode(stream.load(planned, 0, index, state), objective, counted)
+            for index, (planned, counted) in enumerate(plan)
         ]
 
     @torch.no_grad()

@@ -8,6 +8,7 @@ torch backends do; a user JSON (`parallel.deepspeed_config`) is merged over it f
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -69,6 +70,8 @@ def build_deepspeed(
     import deepspeed  # imported only for ZeRO runs: it is slow to import
 
     config = deepspeed_config(cfg, optim, dims, grad_accum, param_dtype)
+    # DeepSpeed reads LOCAL_RANK itself; a lone process started without torchrun has none.
+    os.environ.setdefault("LOCAL_RANK", "0")
     ds_engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(optim, model),
