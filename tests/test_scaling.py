@@ -148,7 +148,7 @@ def test_evaluation_is_fixed_and_deterministic(demo_shards, held_out, tmp_path):
     assert (tmp_path / "a" / "eval" / "step_00000004.json").exists()
 
     with torch.no_grad():
-        next(model.parameters()).add_(0.1)
+        model.patch_embed.weight.add_(0.1)
     assert first(model, {"step": 5}, final=False)["eval/loss"] != metrics["eval/loss"]
 
     with pytest.raises(ValueError, match="fewer than eval.samples=1000"):
