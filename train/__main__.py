@@ -15,6 +15,8 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from data.mp4 import write_mp4
@@ -38,7 +40,7 @@ from train.runtime import (
     shutdown,
 )
 from train.sample import VideoGenerator, training_samples
-from train.signals import StopSignals
+from train.signals import PREEMPTED_MARKER, Preempted, StopSignals
 from train.trainer import Progress, Trainer
 
 
@@ -235,7 +237,9 @@ def run(config: Config) -> list[float]:
     )
     try:
         losses = trainer.fit()
-    except BaseException:
+    except BaseException as error:
+        if isinstance(error, Preempted) and runtime.is_main:
+            (run_dir / PREEMPTED_MARKER).write_text(f"step {error.step} {error.signal_name}\n")
         shutdown()  # a failed or preempted run leaves no process group behind
         raise
     finally:
@@ -253,6 +257,12 @@ def run(config: Config) -> list[float]:
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    hydra_config = HydraConfig.get()
+    explicit_run_dir = any(o.startswith("train.run_dir=") for o in hydra_config.overrides.task)
+    if hydra_config.mode == RunMode.MULTIRUN and not explicit_run_dir:
+        # Each job of a sweep trains in its own sweep subdirectory (the same for all its ranks),
+        # not in the runs/<name> that every job of the sweep would share.
+        cfg.train.run_dir = hydra_config.runtime.output_dir
     run(to_config(cfg))
 
 
