@@ -13,11 +13,11 @@ import shlex
 import subprocess
 import sys
 
-from launch.command import process_env, process_threads, resolve_run, torchrun_args
+from launch.command import Run, process_env, process_threads, resolve_run, torchrun_args
 from launch.config import LauncherConfig, load_launcher, split_args
 
 
-def local_command(config: LauncherConfig, run) -> list[str]:
+def local_command(config: LauncherConfig, run: Run) -> list[str]:
     args = torchrun_args(config, config.rdzv_endpoint, run.name)
     if config.nodes > 1:
         # Node 0 serves the rendezvous store even when its hostname is not the endpoint's host.

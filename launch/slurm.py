@@ -93,7 +93,7 @@ def sbatch_script(config: LauncherConfig, run: Run) -> str:
         'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
         "export HEAD_NODE\n"
         'echo "job $SLURM_JOB_ID attempt ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST,'
-        f' rendezvous at $HEAD_NODE:{config.rdzv_port}, $(date -u)"\n'
+        f' head node $HEAD_NODE, $(date -u)"\n'
         f"rm -f {marker}\n"
         "\n"
         "# One torchrun per node. It ignores USR1, which only its workers handle (they checkpoint\n"
