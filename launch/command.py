@@ -50,7 +50,7 @@ def process_threads(config: LauncherConfig, cpus: int | None = None) -> int:
     return max(1, (cpus or os.cpu_count() or 1) // config.procs)
 
 
-def process_env(config: LauncherConfig, threads: int) -> dict[str, str]:
+def process_env(config: LauncherConfig, threads: int | str) -> dict[str, str]:
     """What the launcher adds to the environment of torchrun and its workers."""
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     if config.socket_ifname:

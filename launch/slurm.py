@@ -15,7 +15,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launch.command import PREEMPTED_MARKER, Run, process_env, resolve_run, torchrun_args
+from launch.command import (
+    PREEMPTED_MARKER,
+    Run,
+    process_env,
+    process_threads,
+    resolve_run,
+    torchrun_args,
+)
 from launch.config import LauncherConfig, load_launcher, split_args
 
 
@@ -60,17 +67,26 @@ def node_command(config: LauncherConfig, run: Run) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *args]
 
 
-def _shell_words(words: list[str]) -> str:
+def _shell_word(word: str) -> str:
     """Quoted for bash, except words holding $: those are double-quoted so they expand."""
-    return " ".join(f'"{w}"' if "$" in w else shlex.quote(w) for w in words)
+    return f'"{word}"' if "$" in word else shlex.quote(word)
+
+
+def _shell_words(words: list[str]) -> str:
+    return " ".join(_shell_word(w) for w in words)
+
+
+def _threads(config: LauncherConfig) -> int | str:
+    """Threads per process: fixed when the CPUs are asked for, else shared out at run time."""
+    if config.threads_per_proc or config.cpus_per_node:
+        return process_threads(config, config.cpus_per_node)
+    share = f"SLURM_CPUS_ON_NODE / {config.procs}"
+    return f"$(( {share} > 0 ? {share} : 1 ))"
 
 
 def sbatch_script(config: LauncherConfig, run: Run) -> str:
-    threads = max(1, config.cpus_per_node // config.procs) if config.cpus_per_node else 1
-    threads = config.threads_per_proc or threads
-    exports = "\n".join(
-        f"export {k}={shlex.quote(v)}" for k, v in process_env(config, threads).items()
-    )
+    env = process_env(config, _threads(config))
+    exports = "\n".join(f"export {k}={_shell_word(str(v))}" for k, v in env.items())
     marker = shlex.quote(str(run.run_dir / PREEMPTED_MARKER))
     torchrun = _shell_words(node_command(config, run))
     train = " ".join(shlex.quote(w) for w in ["-m", "train", *run.overrides])

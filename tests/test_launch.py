@@ -16,7 +16,9 @@ import pytest
 from launching import ROOT, metrics, process_env
 from slurm_cluster import SlurmCluster, SlurmUnavailable
 
+from launch.command import Run
 from launch.config import load_launcher
+from launch.slurm import sbatch_script
 
 STEPS = 8
 
@@ -254,3 +256,15 @@ def test_sweep_through_the_submitit_launcher(slurm, demo_shards, tmp_path):
         assert logged_steps(run_dir) == [1, 2, 3, 4]
         complete_checkpoint(run_dir, 4)
         assert f"lr: {lr}" in (run_dir / "config.yaml").read_text()
+
+
+def test_threads_are_shared_out_at_run_time_without_cpus_per_node(tmp_path):
+    config = load_launcher("slurm", ["launcher.procs_per_node=4"])
+    script = sbatch_script(config, Run("demo", tmp_path, [f"train.run_dir={tmp_path}"]))
+    export = next(line for line in script.splitlines() if "OMP_NUM_THREADS=" in line)
+    for cpus, threads in ((16, "4"), (2, "1")):
+        shell = subprocess.run(
+            ["bash", "-c", f"{export}; echo $OMP_NUM_THREADS"],
+            env={"SLURM_CPUS_ON_NODE": str(cpus)}, capture_output=True, text=True,
+        )  # fmt: skip
+        assert shell.stdout.strip() == threads, (export, shell.stderr)
