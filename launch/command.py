@@ -18,7 +18,9 @@ from omegaconf import OmegaConf
 
 from launch.config import LauncherConfig
 
-PREEMPTED_MARKER = "PREEMPTED"  # left in the run dir by a run that stopped on a signal
+# Left in the run dir by rank 0 of a run that checkpointed and stopped on a signal (the name
+# train/signals.py writes; torchrun's own exit status does not tell a preemption from a crash).
+PREEMPTED_MARKER = "PREEMPTED"
 
 
 @dataclass(frozen=True)
@@ -28,10 +30,10 @@ class Run:
     overrides: list[str]  # the run's Hydra overrides, run_dir pinned
 
 
-def resolve_run(overrides: list[str], python: str = sys.executable) -> Run:
+def resolve_run(overrides: list[str]) -> Run:
     """The run's name and directory, as `python -m train` composes them."""
     result = subprocess.run(
-        [python, "-m", "train", *overrides, "--cfg", "job", "--resolve"],
+        [sys.executable, "-m", "train", *overrides, "--cfg", "job", "--resolve"],
         capture_output=True,
         text=True,
     )

@@ -51,7 +51,7 @@ def launch(module: str, *args: str, env: dict | None = None, timeout: int = 300)
 
 
 def complete_checkpoint(run_dir: Path, step: int) -> Path:
-    """The step's checkpoint, asserted complete: `latest` names it and its manifest is written."""
+    """The step's checkpoint, asserted complete (its manifest is the last file written)."""
     checkpoint = run_dir / "checkpoints" / f"step_{step:08d}"
     assert (checkpoint / "manifest.json").is_file(), f"{checkpoint} is incomplete"
     return checkpoint
