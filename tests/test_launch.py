@@ -1,6 +1,7 @@
-"""Launching real runs of the tiny DiT: two network namespaces as two torchrun nodes, and a real
-single-node SLURM cluster started for this module (preemption with USR1, requeue and resume; a
-Hydra sweep through the submitit launcher); the sbatch script of a 16 x 8 GPU job."""
+"""Launching real runs of the tiny DiT: a local Hydra sweep, two network namespaces as two
+torchrun nodes, and a real single-node SLURM cluster started for this module (preemption with
+USR1, requeue and resume; a sweep through the submitit launcher); the sbatch script of a
+16 x 8 GPU job."""
 
 from __future__ import annotations
 
@@ -57,6 +58,12 @@ def complete_checkpoint(run_dir: Path, step: int) -> Path:
     return checkpoint
 
 
+def logged_steps(run_dir: Path) -> list[int]:
+    return (
+        [line["step"] for line in metrics(run_dir)] if (run_dir / "metrics.jsonl").exists() else []
+    )
+
+
 def test_dry_run_script_for_16_nodes_of_8_gpus(tmp_path):
     result = launch(
         "launch.slurm", "--dry-run", "experiment=demo", "parallel=fsdp",
@@ -100,6 +107,18 @@ def test_misspelt_launcher_key_and_bad_values_are_named():
         load_launcher("local", ["launcher.nodes=2", "launcher.node_rank=2"])
     with pytest.raises(ValueError, match="launcher=lsf"):
         load_launcher("local", ["launcher=lsf"])
+
+
+def test_local_sweep_runs_one_config_after_another_each_in_its_own_dir(demo_shards, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = launch(
+        "train", "-m", f"hydra.sweep.dir={sweep}", *run_overrides(demo_shards, None),
+        "train.steps=2", "optim.lr=1e-3,2e-3",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    for job, lr in ((0, "0.001"), (1, "0.002")):
+        assert logged_steps(sweep / str(job)) == [1, 2]
+        assert f"lr: {lr}" in (sweep / str(job) / "config.yaml").read_text()
 
 
 # --- two network namespaces as two nodes -----------------------------------------------------
@@ -192,12 +211,6 @@ def wait_for(condition, what: str, timeout: float):
             return value
         time.sleep(0.2)
     raise TimeoutError(f"{what} not seen in {timeout} s")
-
-
-def logged_steps(run_dir: Path) -> list[int]:
-    return (
-        [line["step"] for line in metrics(run_dir)] if (run_dir / "metrics.jsonl").exists() else []
-    )
 
 
 def test_usr1_checkpoints_requeues_and_the_rerun_resumes(slurm, demo_shards, tmp_path):
