@@ -258,10 +258,7 @@ def run(config: Config) -> list[float]:
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     hydra_config = HydraConfig.get()
-    explicit_run_dir = any(o.startswith("train.run_dir=") for o in hydra_config.overrides.task)
-    if hydra_config.mode == RunMode.MULTIRUN and not explicit_run_dir:
-        # Each job of a sweep trains in its own sweep subdirectory (the same for all its ranks),
-        # not in the runs/<name> that every job of the sweep would share.
+    if hydra_config.mode == RunMode.MULTIRUN:  # every job of a sweep gets its own directory
         cfg.train.run_dir = hydra_config.runtime.output_dir
     run(to_config(cfg))
 
