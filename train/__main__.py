@@ -42,7 +42,7 @@ from train.runtime import (
     shutdown,
 )
 from train.sample import VideoGenerator, training_samples
-from train.signals import StopSignals
+from train.signals import PREEMPTED_MARKER, Preempted, StopSignals
 from train.trainer import Progress, Trainer
 
 
@@ -270,7 +270,9 @@ def run(config: Config) -> list[float]:
     )
     try:
         losses = trainer.fit()
-    except BaseException:
+    except BaseException as error:
+        if isinstance(error, Preempted) and runtime.is_main:
+            (run_dir / PREEMPTED_MARKER).write_text(f"step {error.step} {error.signal_name}\n")
         shutdown()  # a failed or preempted run leaves no process group behind
         raise
     finally:

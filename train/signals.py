@@ -11,6 +11,9 @@ from __future__ import annotations
 import signal
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: a temporary failure, try again
+# Left in the run dir by rank 0 after the stop checkpoint: torchrun reports a failed worker
+# without its exit code, so launchers (launch/slurm.py) read this file as "requeue me".
+PREEMPTED_MARKER = "PREEMPTED"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
