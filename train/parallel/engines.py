@@ -9,6 +9,7 @@
     engine.full_tensors(pieces)  the full tensors of such pieces (collective)
     engine.load_full(pieces, full)  copy full tensors into such pieces
     engine.save(dir) / load(dir) checkpoint state (collective)
+    engine.check_resumable(layout, dir)  refuse, clearly, a checkpoint it cannot read
 
 `LocalEngine` serves one process and DDP (full parameters everywhere), `FSDPEngine` FSDP2
 (DTensor shards), `DeepSpeedEngine` ZeRO stages 1-3. Gradients are averaged over every rank;
