@@ -120,8 +120,9 @@ def fit_power_law(budgets, values) -> tuple[float, float]:
 
 
 def _fit_laws(curves: list[IsoFlop]) -> dict | None:
-    """The power laws of N* and D*, from the budgets with a minimum; None with fewer than 2."""
-    optimal = [c for c in curves if c.n_opt is not None]
+    """The power laws of N* and D*, from the budgets whose minimum lies within their sizes (an
+    extrapolated vertex says nothing reliable); None with fewer than 2."""
+    optimal = [c for c in curves if c.n_opt is not None and c.interior]
     if len(optimal) < 2:
         return None
     budgets = [c.budget for c in optimal]
@@ -168,11 +169,11 @@ def fit_scaling(runs: list[Run], draws: int = 1000, seed: int = 0) -> dict:
     }
     laws = _fit_laws(curves)
     if laws is None:
-        minima = len([c for c in curves if c.n_opt is not None])
+        minima = len([c for c in curves if c.n_opt is not None and c.interior])
         result["note"] = (
-            f"{minima} of {len(groups)} budgets have an IsoFLOP minimum (3+ sizes and a loss that "
-            "rises on both sides of it); the power laws need 2: add sizes around the best "
-            "one, or budgets"
+            f"{minima} of {len(groups)} budgets have an IsoFLOP minimum within their sizes (3+ "
+            "sizes and a loss that rises on both sides of it); the power laws need 2: add sizes "
+            "around the best one, or budgets"
         )
         return result
     fitted = {
@@ -250,7 +251,7 @@ def plot_isoflops(runs: list[Run], fit: dict, path: Path) -> None:
             continue
         grid = np.geomspace(params.min() / 1.5, params.max() * 1.5, 100)
         ax.plot(grid, np.polyval(curve["coeffs"], np.log(grid)), "-", color=color)
-        if curve["n_opt"] is not None:
+        if curve["n_opt"] is not None and curve["interior"]:
             ax.plot(curve["n_opt"], curve["loss_opt"], "*", color=color, markersize=14, mec="k")
     ax.plot([], [], "k*", markersize=10, label="IsoFLOP minimum N*")
     ax.set(
@@ -267,7 +268,7 @@ def plot_isoflops(runs: list[Run], fit: dict, path: Path) -> None:
 
 
 def plot_compute_optimal(fit: dict, path: Path) -> None:
-    optimal = [c for c in fit["isoflops"] if c["n_opt"] is not None]
+    optimal = [c for c in fit["isoflops"] if c["n_opt"] is not None and c["interior"]]
     budgets = np.array([c["budget"] for c in optimal])
     grid = np.geomspace(budgets.min() / 2, budgets.max() * 2, 100)
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))

@@ -229,10 +229,14 @@ def test_fit_without_minima_says_why():
     two_sizes = [r for i, r in enumerate(runs) if i % 7 < 2]  # no parabola through 2 sizes
     fit = fit_scaling(two_sizes, draws=10)
     assert fit["n_opt"] is None and fit["note"].startswith("0 of 5 budgets")
-    falling = [r for i, r in enumerate(runs) if i % 7 < 3 or r.budget > 1e18]
+    falling = [r for i, r in enumerate(runs) if 2 <= i % 7 <= 4 or r.budget > 1e18]
     falling = [replace(r, loss=-r.loss) if r.budget > 1e18 else r for r in falling]
     fit = fit_scaling(falling, draws=10)  # 4 budgets' parabolas open downwards
     assert fit["n_opt"] is None and fit["note"].startswith("1 of 5 budgets")
+    below = [r for i, r in enumerate(runs) if i % 7 < 3]  # every size smaller than the optimum
+    fit = fit_scaling(below, draws=10)  # convex, but each vertex is an extrapolation
+    assert all(c["n_opt"] and not c["interior"] for c in fit["isoflops"])
+    assert fit["n_opt"] is None and fit["note"].startswith("0 of 5 budgets")
 
 
 def test_fit_sweep_writes_json_and_labelled_plots(tmp_path):
