@@ -157,6 +157,7 @@ def run(config: Config) -> list[float]:
         autoencoder = frozen(build_autoencoder(config.autoencoder), runtime.device)
         text_encoder = frozen(TextEncoder(config.text_encoder), runtime.device)
         model = build_dit(config, autoencoder, text_encoder).to(runtime.device)
+        table = build_bucket_table(config, autoencoder)
         flops = partial(
             dit_train_flops,
             config.model,
@@ -177,7 +178,7 @@ def run(config: Config) -> list[float]:
             steps, _ = budget_steps(
                 config.train.budget_flops,
                 config.data,
-                build_bucket_table(config, autoencoder),
+                table,
                 lambda bucket: flops(num_tokens=bucket.tokens_per_sample),
                 config.train.grad_accum,
                 dims.dp_size,
@@ -185,6 +186,7 @@ def run(config: Config) -> list[float]:
             config = replace(config, train=replace(config.train, steps=steps))
     else:
         autoencoder = model = build_autoencoder(config.autoencoder).to(runtime.device)
+        table = build_bucket_table(config, autoencoder)
         objective = AutoencoderObjective()
 
     engine = build_engine(
@@ -209,7 +211,6 @@ def run(config: Config) -> list[float]:
         if progress.data_state
         else DataState(seed=config.data.seed, epoch=0, consumed_samples=0)
     )
-    table = build_bucket_table(config, autoencoder)
     batches = iter(build_loader(config.data, table, dims.dp_rank, dims.dp_size, data_state))
     evaluator = (
         _evaluator(config, table, objective, model, runtime, dims, run_dir)

@@ -9,9 +9,11 @@ sweep differ only by their weights.
 
 The set is a seeded choice of eval.samples held-out samples, cut into batches of one bucket
 each (partial batches too: a small held-out set still covers its buckets), the same batches
-on any number of ranks. Data-parallel rank r scores batches r, r + world, ...; a rank with a batch fewer
-runs one uncounted padding batch (under FSDP every rank must run the same number of
-forwards). The per-bucket sums are all-reduced, and only rank 0 writes `eval/step_XXXXXXXX.json` and, at the end of the run, `eval/final.json`.
+on any number of ranks. Data-parallel rank r scores batches r, r + world, ...; a rank with a
+batch fewer runs one uncounted padding batch (under FSDP every rank must run the same number of
+forwards). The per-bucket sums are all-reduced, and only rank 0 writes `eval/step_XXXXXXXX.json`
+and, at the end of the run, `eval/final.json`.
+
 """
 
 from __future__ import annotations

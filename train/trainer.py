@@ -2,8 +2,8 @@
 
 One step draws `grad_accum` batches on every data-parallel rank, normalises the loss over every
 sample of the global step (so a sample weighs the same whatever bucket, micro-batch or rank it
-came in), lets the engine reduce, clip and apply the gradients, updates the EMA, and then logs, evaluates,
-checkpoints and samples on their schedules.
+came in), lets the engine reduce, clip and apply the gradients, updates the EMA, and then logs,
+evaluates, checkpoints and samples on their schedules.
 
 Loss normalisation: engines average gradients over all ranks, so each rank scales its summed
 per-sample losses by world_size / (samples in the global step). The average is then exactly the

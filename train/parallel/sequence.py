@@ -3,9 +3,10 @@
 Applied from outside to an unmodified DiT with hooks: the patch embedding's output is cut into
 equal, contiguous token chunks (whole latent frames, so per-frame conditioning stays aligned),
 every block and the final layer get the matching slice of the rotary table and per-frame
-conditioning, and the final layer's output chunks are gathered back. Inside self-attention an all-to-all trades the token split for a
-head split, so each rank attends over the whole sequence with 1/sp of the heads, then trades back.
-Cross-attention and the MLP work on local tokens alone.
+conditioning, and the final layer's output chunks are gathered back. Inside self-attention an
+all-to-all trades the token split for a head split, so each rank attends over the whole sequence
+with 1/sp of the heads, then trades back. Cross-attention and the MLP work on local tokens
+alone.
 
 Every rank of the group computes the same loss on the gathered output; the gather's backward hands
 each rank the gradient of its own chunk, so a rank's parameter gradients are its tokens' share and
