@@ -280,6 +280,11 @@ class BatchStream(IterableDataset):
         self.batches_per_epoch = sum(
             len(ids) // bucket.batch_size for bucket, ids in self.by_bucket.items()
         )
+        if self.batches_per_epoch < dp_world:  # every rank needs a batch in every row
+            raise ValueError(
+                f"data.shards={cfg.shards!r}: {self.batches_per_epoch} full batches per "
+                f"epoch, fewer than the {dp_world} data-parallel ranks"
+            )
         self._plans: dict[int, tuple[list[PlannedBatch], list[int]]] = {}
         self._files: dict[str, BinaryIO] = {}
         # A bad state fails here, in the trainer's process, not later inside a worker.
@@ -405,11 +410,6 @@ def build_loader(
     stream = BatchStream(
         cfg, table, load_index(cfg.shards, cfg.cache_dir), dp_rank, dp_world, state
     )
-    if stream.batches_per_epoch < dp_world:  # every rank needs a batch in every row
-        raise ValueError(
-            f"data.shards={cfg.shards!r}: {stream.batches_per_epoch} full batches per "
-            f"epoch, fewer than the {dp_world} data-parallel ranks"
-        )
     log.info(
         "%d samples, %d of them in no bucket; %d batches an epoch in %d buckets",
         len(stream.samples),

@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
 
 from data.demo import build_demo
-from data.pipeline import assign_buckets, load_index, plan_epoch
+from data.pipeline import BatchStream, DataState, load_index, plan_epoch
 from launch.scaling import Run, fit_scaling, fit_sweep
 from model.autoencoder import build_autoencoder
 from model.flops import dit_train_flops
@@ -67,17 +67,25 @@ def held_out(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize(
-    "size, grad_accum, world, budget_steps_wanted",
-    [("micro", 1, 1, 60), ("tiny", 2, 1, 40), ("mini", 1, 3, 30), ("tiny", 1, 1, 400)],
+    "size, grad_accum, world, budget_steps_wanted, image_share",
+    [
+        ("micro", 1, 1, 60, "null"),
+        ("tiny", 2, 1, 40, "null"),
+        ("mini", 1, 3, 30, "null"),
+        ("tiny", 1, 1, 400, "null"),
+        ("tiny", 1, 1, 100, "0.5"),  # the plan the loader reads: images made half the batches
+    ],
 )
 def test_derived_steps_spend_the_budget_within_2_percent(
-    demo_shards, size, grad_accum, world, budget_steps_wanted
+    demo_shards, size, grad_accum, world, budget_steps_wanted, image_share
 ):
-    cfg = config(f"model={size}", f"data.shards={demo_shards}")
+    cfg = config(f"model={size}", f"data.shards={demo_shards}", f"data.image_share={image_share}")
     table = build_bucket_table(cfg, build_autoencoder(cfg.autoencoder))
     flops = sample_flops(cfg)
-    by_bucket, _ = assign_buckets(load_index(str(demo_shards)), table, cfg.data.fps)
-    first = list(itertools.islice(step_flops(by_bucket, table, 0, flops, grad_accum, world), 10))
+    stream = BatchStream(
+        cfg.data, table, load_index(str(demo_shards)), 0, world, DataState(cfg.data.seed, 0, 0)
+    )
+    first = list(itertools.islice(step_flops(stream, flops, grad_accum), 10))
     budget = budget_steps_wanted * float(np.mean(first)) * 1.013  # not a whole number of steps
 
     steps, planned = budget_steps(budget, cfg.data, table, flops, grad_accum, world)
@@ -86,7 +94,9 @@ def test_derived_steps_spend_the_budget_within_2_percent(
     assert budget_steps_wanted * 0.8 < steps < budget_steps_wanted * 1.2
     if world == 1 and grad_accum == 1:  # the same FLOPs, counted from the loader's own plan
         batches = itertools.chain.from_iterable(
-            plan_epoch(load_index(str(demo_shards)), table, cfg.data.fps, 0, epoch)[0]
+            plan_epoch(
+                load_index(str(demo_shards)), table, cfg.data.fps, 0, epoch, cfg.data.image_share
+            )[0]
             for epoch in itertools.count()
         )
         expected = sum(

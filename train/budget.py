@@ -3,9 +3,9 @@
 A step's FLOPs depend on the buckets its batches come from: at an equal token budget a batch
 of long clips pays more for attention than a batch of images, and batch sizes are rounded.
 The data plan is seeded and the same on any number of ranks, so the FLOPs of the first n
-steps are known before training: this module walks the plan as the loader will read it (rows
-of `dp_world` batches, `grad_accum` rows a step, epoch after epoch) and picks the step count
-whose cumulative FLOPs come closest to the budget.
+steps are known before training: this module walks the loader's own `BatchStream` (rows of
+`dp_world` batches, `grad_accum` rows a step, epoch after epoch) without decoding anything, and
+picks the step count whose cumulative FLOPs come closest to the budget.
 """
 
 from __future__ import annotations
@@ -15,31 +15,21 @@ import logging
 from collections.abc import Callable, Iterator
 
 from data.buckets import Bucket, BucketTable
-from data.pipeline import DataConfig, assign_buckets, load_index, shuffle_plan
+from data.pipeline import BatchStream, DataConfig, DataState, load_index
 
 log = logging.getLogger(__name__)
 
 
 def step_flops(
-    by_bucket: dict[Bucket, list[int]],
-    table: BucketTable,
-    seed: int,
-    sample_flops: Callable[[Bucket], float],
-    grad_accum: int,
-    dp_world: int,
+    stream: BatchStream, sample_flops: Callable[[Bucket], float], grad_accum: int
 ) -> Iterator[float]:
-    """Training FLOPs of every step in order, forever, summed over all ranks."""
+    """Training FLOPs of every step in order, forever, summed over all ranks: `stream`, rank 0's,
+    walks the rows every rank reads, and a row is its `dp_world` batches from rank 0's on."""
 
     def row_flops() -> Iterator[float]:
-        for epoch in itertools.count():
-            plan = shuffle_plan(by_bucket, table, seed, epoch)
-            for start in range(
-                0, len(plan) - dp_world + 1, dp_world
-            ):  # a short last row is dropped
-                yield sum(
-                    len(b.sample_ids) * sample_flops(b.bucket)
-                    for b in plan[start : start + dp_world]
-                )
+        for epoch, first, _ in stream.rows():
+            row = stream.plan(epoch)[0][first : first + stream.dp_world]
+            yield sum(len(b.sample_ids) * sample_flops(b.bucket) for b in row)
 
     rows = row_flops()
     while True:
@@ -67,15 +57,9 @@ def budget_steps(
     dp_world: int,
 ) -> tuple[int, float]:
     """(steps, planned FLOPs) of a run of `budget` training FLOPs on the data of `data`."""
-    by_bucket, _ = assign_buckets(load_index(data.shards, data.cache_dir), table, data.fps)
-    batches = sum(len(ids) // bucket.batch_size for bucket, ids in by_bucket.items())
-    if batches < dp_world:
-        raise ValueError(
-            f"data.shards={data.shards!r}: {batches} full batches per epoch, fewer than the "
-            f"{dp_world} data-parallel ranks, so train.budget_flops cannot be spent"
-        )
-    flops = step_flops(by_bucket, table, data.seed, sample_flops, grad_accum, dp_world)
-    steps, planned = steps_for_budget(flops, budget)
+    samples = load_index(data.shards, data.cache_dir)
+    stream = BatchStream(data, table, samples, 0, dp_world, DataState(data.seed, 0, 0))
+    steps, planned = steps_for_budget(step_flops(stream, sample_flops, grad_accum), budget)
     off = planned / budget - 1
     # One step's FLOPs bound the error: budgets of fewer than ~25 steps miss by more than 2%.
     (log.warning if abs(off) > 0.02 else log.info)(
