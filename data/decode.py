@@ -32,9 +32,14 @@ class DecodeError(RuntimeError):
 
 
 def frame_indices(
-    total: int, native_fps: float, target_fps: float, num_frames: int, rng: np.random.Generator
+    total: int,
+    native_fps: float,
+    target_fps: float,
+    num_frames: int,
+    rng: np.random.Generator | None,
 ) -> np.ndarray:
-    """`num_frames` indices at `target_fps` (never faster than native), from a random start."""
+    """`num_frames` indices at `target_fps` (never faster than native), from a random start, or
+    centred in the video when `rng` is None."""
     stride = max(1.0, native_fps / target_fps)
     span = (num_frames - 1) * stride
     if math.floor(span) + 1 > total:
@@ -42,7 +47,11 @@ def frame_indices(
             f"{num_frames} frames at stride {stride:.2f} need {math.floor(span) + 1} "
             f"frames, the video has {total}"
         )
-    start = rng.uniform(0, total - 1 - span) if total - 1 > span else 0.0
+    slack = total - 1 - span
+    if slack <= 0:
+        start = 0.0
+    else:
+        start = rng.uniform(0, slack) if rng is not None else slack / 2
     return np.minimum(np.round(start + stride * np.arange(num_frames)).astype(int), total - 1)
 
 
@@ -118,12 +127,13 @@ def decode_clip(
     target_fps: float,
     size: tuple[int, int],
     source_size: tuple[int, int],
-    rng: np.random.Generator,
+    rng: np.random.Generator | None,
     key: str = "",
 ) -> np.ndarray:
     """uint8 (num_frames, height, width, 3) of one sample, resized (during decoding) to cover
-    `size`, then randomly cropped to it. `source_size` is the sample's probed (height,
-    width). Raises DecodeError naming `key` on any failure."""
+    `size`, then randomly cropped to it; with `rng` None, the middle frames and the centre
+    crop, so the sample decodes to the same pixels every time. `source_size` is the sample's
+    probed (height, width). Raises DecodeError naming `key` on any failure."""
     ext = ext.lower()
     out_size = cover_size(*source_size, size)
 
@@ -144,7 +154,8 @@ def decode_clip(
             frames = _decode_pyav(data, indices_for, out_size)
     except Exception as error:  # decoders raise many types; a sample is skipped either way
         raise DecodeError(f"cannot decode sample {key!r} ({ext}): {error}") from error
-    return np.ascontiguousarray(random_crop(frames, size, rng))
+    cropped = random_crop(frames, size, rng) if rng is not None else center_crop(frames, size)
+    return np.ascontiguousarray(cropped)
 
 
 def probe(data: bytes, ext: str, name: str = "") -> dict:

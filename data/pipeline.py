@@ -57,6 +57,10 @@ class DataConfig:
     # compute, whereas an image batch holds many more samples than a video batch.
     image_share: float | None = None
     cache_dir: str = ".cache/shards"  # where remote shards are copied before reading
+    # A random clip start and crop each epoch; false: the middle frames and the centre crop, so a
+    # sample decodes to the same pixels every epoch (and train.encoding_cache_mb can keep its
+    # latents).
+    augment: bool = True
 
 
 @dataclass
@@ -361,7 +365,7 @@ class BatchStream(IterableDataset):
                         self.cfg.fps,
                         (bucket.height, bucket.width),
                         (meta["height"], meta["width"]),
-                        rng,
+                        rng if self.cfg.augment else None,
                         sample["key"],
                     )
                 )

@@ -31,7 +31,12 @@ from train.config import Config, config_to_dict, register_configs, to_config
 from train.ema import EMA
 from train.evaluate import Evaluator
 from train.logger import RunLogger
-from train.objectives import AutoencoderObjective, FlowMatchingObjective, video_to_float
+from train.objectives import (
+    AutoencoderObjective,
+    EncodingCache,
+    FlowMatchingObjective,
+    video_to_float,
+)
 from train.parallel import ParallelDims, build_engine
 from train.runtime import (
     Runtime,
@@ -173,6 +178,9 @@ def run(config: Config) -> list[float]:
             config.model.patch_size,
             lambda n: flops(num_tokens=n),
             config.train.seed,
+            EncodingCache(config.train.encoding_cache_mb * 2**20)
+            if config.train.encoding_cache_mb
+            else None,
         )
         if config.train.budget_flops:
             steps, _ = budget_steps(

@@ -51,6 +51,9 @@ class TrainConfig:
     resume: str = "auto"  # auto (latest complete checkpoint of run_dir) | never | <checkpoint dir>
     record_samples: bool = False  # write each step's sample keys to consumed/rank<r>.jsonl
     max_bad_steps: int = 10  # NaN/Inf steps in a row (each skipped) before the run stops
+    # > 0: keep up to this many MiB of frozen-encoder outputs (latents, caption embeddings) in
+    # host memory and reuse them; latents repeat only with data.augment=false
+    encoding_cache_mb: int = 0
     log_every: int = 10
     checkpoint_every: int = 500
     keep_last: int = 3  # keep the newest K checkpoints ...
@@ -164,6 +167,14 @@ def to_config(cfg: DictConfig) -> Config:
         raise ValueError(f"config key train.budget_flops={config.train.budget_flops} is negative")
     if config.train.budget_flops and config.train.stage != "dit":
         raise ValueError("config key train.budget_flops needs train.stage=dit (DiT FLOPs)")
+    if config.train.encoding_cache_mb < 0:
+        raise ValueError(
+            f"config key train.encoding_cache_mb={config.train.encoding_cache_mb} is negative"
+        )
+    if config.train.encoding_cache_mb and config.train.stage != "dit":
+        raise ValueError(
+            "config key train.encoding_cache_mb needs train.stage=dit (frozen encoders)"
+        )
     if config.eval.samples < 1 or config.eval.timesteps < 1 or config.eval.every < 0:
         raise ValueError(
             "config keys eval.samples and eval.timesteps must be at least 1, eval.every >= 0"

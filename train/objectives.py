@@ -5,7 +5,9 @@ number of samples it covers, so the trainer can normalise over the whole global 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +35,60 @@ def video_to_float(video_uint8: torch.Tensor, device: torch.device) -> torch.Ten
     return video.float().div_(127.5).sub_(1.0)
 
 
+class EncodingCache:
+    """The frozen encoders' outputs, remembered in host memory: a sample's latents by the hash
+    of its pixels, a caption's embedding by its text. A batch's misses are encoded together,
+    so a cached value can differ in its last bits from the same sample encoded beside others:
+    a run with the cache matches one without (or a resumed one) to float rounding, not bit for
+    bit. The least recently used entries go first beyond `max_bytes`. Pixels repeat only when
+    data.augment is false; with augmentation, latents rarely hit, but captions still do."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[Hashable, tuple[torch.Tensor, ...]] = OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = 0
+
+    def lookup(
+        self,
+        keys: list[Hashable],
+        encode: Callable[[list[int]], tuple[torch.Tensor, ...]],
+        device: torch.device,
+    ) -> tuple[torch.Tensor, ...]:
+        """The batch of values of `keys`; `encode(indices)` encodes the missing items together."""
+        found = {i: self.entries.get(key) for i, key in enumerate(keys)}
+        missing = [i for i, value in found.items() if value is None]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        for i, value in found.items():
+            if value is not None:  # the batch's own hits become the most recently used
+                self.entries.move_to_end(keys[i])
+        if missing:
+            encoded = [t.cpu() for t in encode(missing)]
+            for row, i in enumerate(missing):
+                found[i] = tuple(t[row : row + 1] for t in encoded)
+                self._insert(keys[i], found[i])
+        return tuple(torch.cat(parts).to(device) for parts in zip(*found.values(), strict=True))
+
+    def _insert(self, key: Hashable, value: tuple[torch.Tensor, ...]) -> None:
+        if key in self.entries:  # a batch can hold a caption twice
+            self.bytes -= _nbytes(self.entries[key])
+        self.entries[key] = tuple(t.clone() for t in value)  # not a view pinning the batch
+        self.bytes += _nbytes(value)
+        while self.bytes > self.max_bytes and self.entries:
+            self.bytes -= _nbytes(self.entries.popitem(last=False)[1])
+
+
+def _nbytes(tensors: tuple[torch.Tensor, ...]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def pixel_key(video: torch.Tensor) -> tuple:
+    """A sample's cache key: its shape and a digest of its uint8 pixels."""
+    digest = hashlib.blake2b(video.contiguous().numpy().tobytes(), digest_size=16).digest()
+    return ("pixels", tuple(video.shape), digest)
+
+
 class FlowMatchingObjective:
     """Flow matching on the latents of a frozen autoencoder, with frame conditioning (a mode and
     its given frames drawn per sample) and the micro-conditions frame rate and native size."""
@@ -46,8 +102,10 @@ class FlowMatchingObjective:
         patch: list[int],
         train_flops: Callable[[int], float],
         seed: int,
+        cache: EncodingCache | None = None,
     ):
         self.seed = seed
+        self.cache = cache
         self.train_flops = train_flops  # per sample, from its number of latent tokens
         self.autoencoder = autoencoder
         self.text_encoder = text_encoder
@@ -62,9 +120,33 @@ class FlowMatchingObjective:
 
     @torch.no_grad()
     def encode(self, batch: Batch, device: torch.device):
-        latents = self.autoencoder.encode(video_to_float(batch.video, device))
-        text, mask = self.text_encoder.encode(batch.captions)
+        """(latents, text embeddings, text mask) of a batch, from the cache where it has them."""
+        if self.cache is None:
+            latents = self.autoencoder.encode(video_to_float(batch.video, device))
+            text, mask = self.text_encoder.encode(batch.captions)
+            return latents, text, mask
+        video, captions = batch.video, batch.captions
+        (latents,) = self.cache.lookup(
+            [pixel_key(clip) for clip in video],
+            lambda rows: (self.autoencoder.encode(video_to_float(video[rows], device)),),
+            device,
+        )
+        text, mask = self.cache.lookup(
+            [("caption", caption) for caption in captions],
+            lambda rows: self.text_encoder.encode([captions[i] for i in rows]),
+            device,
+        )
         return latents, text, mask
+
+    def metrics(self) -> dict[str, float]:
+        """What the objective has to report beside the loss: the encoding cache's hit share."""
+        if self.cache is None or not self.cache.hits + self.cache.misses:
+            return {}
+        cache = self.cache
+        return {
+            "perf/encoding_cache_hit_share": cache.hits / (cache.hits + cache.misses),
+            "perf/encoding_cache_mib": cache.bytes / 2**20,
+        }
 
     def generator(self, batch: Batch, device: torch.device, stream: int = 0) -> torch.Generator:
         """Randomness seeded by the batch's place in the global data plan, so a batch gets the
@@ -98,6 +180,9 @@ class FlowMatchingObjective:
 
 class AutoencoderObjective:
     """Reconstruction + KL of the video autoencoder being trained."""
+
+    def metrics(self) -> dict[str, float]:
+        return {}
 
     def __call__(self, model: nn.Module, batch: Batch, device: torch.device) -> Loss:
         video = video_to_float(batch.video, device)

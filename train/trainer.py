@@ -130,6 +130,7 @@ class Trainer:
             "train/skipped_steps": p.skipped_steps,
             "progress/samples_seen": p.samples_seen,
             "progress/tokens_seen": p.tokens_seen,
+            **self.objective.metrics(),
         }
         if self.peak_flops and sums["flops"]:
             metrics["perf/mfu"] = (

@@ -1,0 +1,115 @@
+"""Deterministic decoding (data.augment=false) and the frozen-encoder cache it makes useful
+(train.encoding_cache_mb): the same pixels every epoch, encodings reused, values unchanged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from data.pipeline import BatchStream, DataState, load_index
+from model.autoencoder import build_autoencoder
+from model.text import TextEncoder
+from train.build import build_bucket_table, frozen
+from train.config import register_configs, to_config
+from train.objectives import EncodingCache, FlowMatchingObjective
+
+ROOT = Path(__file__).resolve().parents[1]
+register_configs()
+
+
+def config(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return to_config(compose("config", overrides=list(overrides)))
+
+
+def test_cache_encodes_each_key_once_and_drops_the_least_recently_used():
+    calls = []
+
+    def encode(rows):
+        calls.append(list(rows))
+        return (torch.tensor([[float(keys[i])] * 4 for i in rows]),)  # 16 bytes a key
+
+    cache = EncodingCache(max_bytes=48)  # room for 3 keys
+    keys = [1, 2, 3]
+    (values,) = cache.lookup(keys, encode, torch.device("cpu"))
+    assert calls == [[0, 1, 2]] and values[:, 0].tolist() == [1.0, 2.0, 3.0]
+
+    keys = [3, 4, 1]  # 3 and 1 hit; 4 is encoded alone and evicts 2, the least recently used
+    (values,) = cache.lookup(keys, encode, torch.device("cpu"))
+    assert calls[-1] == [1] and values[:, 0].tolist() == [3.0, 4.0, 1.0]
+    assert (cache.hits, cache.misses, cache.bytes) == (2, 4, 48)
+    assert sorted(cache.entries) == [1, 3, 4]
+
+    keys = [2]
+    cache.lookup(keys, encode, torch.device("cpu"))
+    assert calls[-1] == [0] and 2 in cache.entries and 3 not in cache.entries
+
+
+@pytest.fixture(scope="module")
+def parts(demo_shards):
+    cfg = config("model=micro", f"data.shards={demo_shards}", "data.augment=false")
+    torch.manual_seed(0)
+    autoencoder = frozen(build_autoencoder(cfg.autoencoder), torch.device("cpu"))
+    text_encoder = frozen(TextEncoder(cfg.text_encoder), torch.device("cpu"))
+    table = build_bucket_table(cfg, autoencoder)
+
+    def objective(cache):
+        return FlowMatchingObjective(
+            autoencoder,
+            text_encoder,
+            cfg.flow,
+            cfg.conditioning,
+            cfg.model.patch_size,
+            lambda tokens: 0.0,
+            cfg.train.seed,
+            cache,
+        )
+
+    return cfg, table, objective
+
+
+def load_same_samples(cfg, table, epoch: int):
+    """The plan's first batch of clips (more than one frame), decoded as in `epoch`."""
+    stream = BatchStream(
+        cfg.data, table, load_index(cfg.data.shards), 0, 1, DataState(cfg.data.seed, 0, 0)
+    )
+    planned = next(b for b in stream.plan(0)[0] if b.bucket.frames > 1)
+    return stream.load(planned, epoch, 0, DataState(cfg.data.seed, epoch, 0))
+
+
+def test_without_augmentation_a_sample_decodes_to_the_same_pixels_every_epoch(parts):
+    cfg, table, _ = parts
+    assert torch.equal(
+        load_same_samples(cfg, table, 0).video, load_same_samples(cfg, table, 1).video
+    )
+    augmented = config(f"data.shards={cfg.data.shards}")
+    first, second = (load_same_samples(augmented, table, e).video for e in (0, 1))
+    assert not torch.equal(first, second)  # a random start and crop each epoch
+
+
+def test_cached_encodings_equal_fresh_ones_and_the_next_epoch_hits(parts):
+    cfg, table, objective = parts
+    batch, again = load_same_samples(cfg, table, 0), load_same_samples(cfg, table, 3)
+    fresh = objective(None).encode(batch, torch.device("cpu"))
+    cached = objective(EncodingCache(2**20))
+    first = cached.encode(batch, torch.device("cpu"))
+    for value, expected in zip(first, fresh, strict=True):
+        assert value.shape == expected.shape
+        torch.testing.assert_close(value, expected, rtol=0, atol=0)  # the same batch: exact
+    assert cached.cache.misses == 2 * len(batch.keys)  # every clip and caption, once
+
+    captions_missing = sum(("caption", c) not in cached.cache.entries for c in again.captions)
+    second = cached.encode(again, torch.device("cpu"))  # epoch 3: a caption may be redrawn
+    assert cached.cache.misses == 2 * len(batch.keys) + captions_missing  # every clip hit
+    torch.testing.assert_close(second[0], first[0], rtol=0, atol=0)
+    assert cached.metrics()["perf/encoding_cache_hit_share"] > 0.4
+    assert np.isfinite(cached.metrics()["perf/encoding_cache_mib"])
+
+
+def test_a_negative_cache_size_is_named():
+    with pytest.raises(ValueError, match="train.encoding_cache_mb=-1"):
+        config("train.encoding_cache_mb=-1")
