@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.buckets import Bucket, BucketTable
 from data.decode import DecodeError, decode_clip
+from data.lru import ByteLRU
 from data.shards import INDEX_NAME, index_tar
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,9 @@ class DataConfig:
     # sample decodes to the same pixels every epoch (and train.encoding_cache_mb can keep its
     # latents).
     augment: bool = True
+    # > 0, with augment=false: each loader process keeps up to this many MiB of decoded clips,
+    # so later epochs of a small dataset skip decoding
+    decoded_cache_mb: int = 0
 
 
 @dataclass
@@ -284,13 +288,9 @@ class BatchStream(IterableDataset):
         self.batches_per_epoch = sum(
             len(ids) // bucket.batch_size for bucket, ids in self.by_bucket.items()
         )
-        if self.batches_per_epoch < dp_world:  # every rank needs a batch in every row
-            raise ValueError(
-                f"data.shards={cfg.shards!r}: {self.batches_per_epoch} full batches per "
-                f"epoch, fewer than the {dp_world} data-parallel ranks"
-            )
         self._plans: dict[int, tuple[list[PlannedBatch], list[int]]] = {}
         self._files: dict[str, BinaryIO] = {}
+        self._decoded = ByteLRU(cfg.decoded_cache_mb * 2**20)
         # A bad state fails here, in the trainer's process, not later inside a worker.
         self.first_batch(state.epoch, state.consumed_samples)
 
@@ -347,6 +347,26 @@ class BatchStream(IterableDataset):
         file.seek(sample["offset"])
         return file.read(sample["size"])
 
+    def _decode(self, sample_id: int, bucket: Bucket, rng: np.random.Generator) -> np.ndarray:
+        """One sample's frames; without augmentation, from the decoded-clip cache if it has them."""
+        key = (sample_id, bucket.shape)
+        clip = None if self.cfg.augment else self._decoded.get(key)
+        if clip is None:
+            sample, meta = self.samples[sample_id], self.samples[sample_id]["meta"]
+            clip = decode_clip(
+                self._read(sample),
+                sample["media"],
+                bucket.frames,
+                self.cfg.fps,
+                (bucket.height, bucket.width),
+                (meta["height"], meta["width"]),
+                rng if self.cfg.augment else None,
+                sample["key"],
+            )
+            if not self.cfg.augment and self._decoded.max_bytes:
+                self._decoded.put(key, clip, clip.nbytes)
+        return clip
+
     def load(self, planned: PlannedBatch, epoch: int, plan_index: int, after: DataState) -> Batch:
         """Decode a planned batch; samples that fail are dropped and counted (the batch may
         come out empty: the loader skips it, and keeps the count)."""
@@ -357,18 +377,7 @@ class BatchStream(IterableDataset):
             meta = sample["meta"]
             rng = np.random.default_rng([self.state.seed, epoch, sample_id])
             try:
-                videos.append(
-                    decode_clip(
-                        self._read(sample),
-                        sample["media"],
-                        bucket.frames,
-                        self.cfg.fps,
-                        (bucket.height, bucket.width),
-                        (meta["height"], meta["width"]),
-                        rng if self.cfg.augment else None,
-                        sample["key"],
-                    )
-                )
+                videos.append(self._decode(sample_id, bucket, rng))
             except (DecodeError, OSError) as error:
                 log.warning("skipping sample %s of %s: %s", sample["key"], sample["shard"], error)
                 continue
@@ -407,13 +416,26 @@ def _skip_empty(batches: Iterator[Batch]) -> Iterator[Batch]:
         yield batch
 
 
+def training_stream(
+    cfg: DataConfig, table: BucketTable, dp_rank: int, dp_world: int, state: DataState
+) -> BatchStream:
+    """This rank's stream of training batches; every rank needs a batch in every row."""
+    stream = BatchStream(
+        cfg, table, load_index(cfg.shards, cfg.cache_dir), dp_rank, dp_world, state
+    )
+    if stream.batches_per_epoch < dp_world:
+        raise ValueError(
+            f"data.shards={cfg.shards!r}: {stream.batches_per_epoch} full batches per "
+            f"epoch, fewer than the {dp_world} data-parallel ranks"
+        )
+    return stream
+
+
 def build_loader(
     cfg: DataConfig, table: BucketTable, dp_rank: int, dp_world: int, state: DataState
 ) -> Iterator[Batch]:
     """This rank's endless stream of batches from `state` on."""
-    stream = BatchStream(
-        cfg, table, load_index(cfg.shards, cfg.cache_dir), dp_rank, dp_world, state
-    )
+    stream = training_stream(cfg, table, dp_rank, dp_world, state)
     log.info(
         "%d samples, %d of them in no bucket; %d batches an epoch in %d buckets",
         len(stream.samples),

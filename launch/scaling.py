@@ -9,9 +9,12 @@ IsoFLOP approach:
 - per budget, a parabola of the loss in ln N; its vertex is that budget's optimal N*, and
   D* is read off the budget's near-linear ln D against ln N at the vertex;
 - N*(C) = k C^a and D*(C) = k' C^b by least squares in log-log space;
-- 95% confidence intervals of a and b by a parametric bootstrap: every run's loss is redrawn
-  around its budget's parabola with the larger of its evaluation standard error and the
-  parabola's residual standard deviation, and everything is refitted.
+- 95% confidence intervals of a and b by a bootstrap over the held-out set: every draw
+  resamples the evaluation samples with replacement, the same ones for every run (the runs
+  share the set, fixed times and noise, so what is common to them cancels as it should),
+  recomputes each run's loss from its per-sample losses and refits everything. Runs without
+  per-sample losses get a parametric bootstrap instead: each loss is redrawn around its
+  budget's parabola with the larger of its standard error and the parabola's residual scatter.
 
 It writes `fit.json` and three plots (loss against compute per size, the IsoFLOP curves,
 N* and D* against C) into `<sweep dir>/scaling/` or `--out`. It never imports the trainer:
@@ -26,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 
 matplotlib.use("Agg")  # files only, no display
@@ -44,6 +48,7 @@ class Run:
     loss: float  # final evaluation loss
     loss_se: float  # its standard error over the held-out samples
     path: str
+    sample_losses: dict[str, float] | None = None  # per held-out sample, by key
 
 
 @dataclass
@@ -52,7 +57,7 @@ class IsoFlop:
 
     budget: float
     coeffs: list[float]  # [c2, c1, c0]
-    n_opt: float | None  # None when the parabola opens downwards (no minimum)
+    n_opt: float | None  # None when the parabola opens downwards or its vertex is far off
     d_opt: float | None
     loss_opt: float | None
     interior: bool  # the vertex lies within the budget's sizes (not extrapolated)
@@ -83,6 +88,7 @@ def collect_runs(sweep_dir: Path) -> list[Run]:
                 values["loss"],
                 values.get("loss_se", 0.0),
                 str(path.parent.parent),
+                values.get("sample_losses"),
             )
         )
     if not runs:
@@ -102,6 +108,9 @@ def fit_isoflop(budget: float, params, tokens, losses) -> IsoFlop | None:
     if coeffs[0] <= 0:
         return IsoFlop(budget, coeffs.tolist(), None, None, None, False)
     x = -coeffs[1] / (2 * coeffs[0])
+    interior = bool(log_n.min() <= x <= log_n.max())
+    if not interior and abs(x) > 2 * np.abs(log_n).max():  # far off: exp() would overflow
+        return IsoFlop(budget, coeffs.tolist(), None, None, None, False)
     slope, intercept = np.polyfit(log_n, log_d, 1)
     return IsoFlop(
         budget,
@@ -109,7 +118,7 @@ def fit_isoflop(budget: float, params, tokens, losses) -> IsoFlop | None:
         float(np.exp(x)),
         float(np.exp(intercept + slope * x)),
         float(np.polyval(coeffs, x)),
-        bool(log_n.min() <= x <= log_n.max()),
+        interior,
     )
 
 
@@ -155,6 +164,38 @@ def _redraw_noise(group: list[Run], fitted: np.ndarray) -> np.ndarray:
     return np.maximum([r.loss_se for r in group], residual)
 
 
+def _shared_samples(runs: list[Run]) -> list[str] | None:
+    """The held-out samples that every run scored, if every run has per-sample losses on the
+    same set; else None."""
+    if any(not r.sample_losses for r in runs):
+        return None
+    keys = set(runs[0].sample_losses)
+    return sorted(keys) if all(set(r.sample_losses) == keys for r in runs) else None
+
+
+def _resampled_losses(
+    groups: dict[float, list[Run]], keys: list[str], rng: np.random.Generator, draws: int
+):
+    """Per draw, every run's loss over a resample (with replacement) of the held-out set."""
+    per_sample = {
+        b: np.array([[r.sample_losses[k] for k in keys] for r in group])
+        for b, group in groups.items()
+    }
+    for _ in range(draws):
+        chosen = rng.integers(0, len(keys), len(keys))
+        yield {b: values[:, chosen].mean(axis=1) for b, values in per_sample.items()}
+
+
+def _redrawn_losses(groups: dict[float, list[Run]], curves: list[IsoFlop], rng, draws: int):
+    """Per draw, every run's loss redrawn around its budget's parabola (parametric)."""
+    fitted = {
+        c.budget: np.polyval(c.coeffs, np.log([r.params for r in groups[c.budget]])) for c in curves
+    }
+    noise = {b: _redraw_noise(groups[b], fitted[b]) for b in fitted}
+    for _ in range(draws):
+        yield {b: fitted[b] + rng.normal(0.0, noise[b]) for b in fitted}
+
+
 def fit_scaling(runs: list[Run], draws: int = 1000, seed: int = 0) -> dict:
     """IsoFLOP curves, and N*(C) and D*(C) with bootstrap confidence intervals where at least
     two budgets have a minimum (else those two are None and `note` says why)."""
@@ -176,15 +217,18 @@ def fit_scaling(runs: list[Run], draws: int = 1000, seed: int = 0) -> dict:
             "around the best one, or budgets"
         )
         return result
-    fitted = {
-        c.budget: np.polyval(c.coeffs, np.log([r.params for r in groups[c.budget]])) for c in curves
-    }
-    noise = {b: _redraw_noise(groups[b], fitted[b]) for b in fitted}
     rng = np.random.default_rng(seed)
+    keys = _shared_samples(runs)
+    if keys is not None:
+        method = f"the {len(keys)} held-out samples, resampled for all runs together"
+        losses = _resampled_losses(groups, keys, rng, draws)
+    else:
+        method = "parametric: losses redrawn around each budget's parabola"
+        losses = _redrawn_losses(groups, curves, rng, draws)
+    fitted_budgets = {c.budget for c in curves}
     samples = []
-    for _ in range(draws):
-        redrawn = {b: fitted[b] + rng.normal(0.0, noise[b]) for b in fitted}
-        draw = _fit_laws(_curves({b: groups[b] for b in fitted}, redrawn))
+    for redrawn in losses:
+        draw = _fit_laws(_curves({b: groups[b] for b in fitted_budgets}, redrawn))
         if draw is not None:
             samples.append(draw)
     for name in ("n_opt", "d_opt"):
@@ -196,7 +240,7 @@ def fit_scaling(runs: list[Run], draws: int = 1000, seed: int = 0) -> dict:
             "exponent_ci95": np.percentile(exponents, CONFIDENCE).tolist() if samples else None,
             "draws": [list(s[name]) for s in samples],
         }
-    result["bootstrap"] = {"draws": draws, "valid": len(samples), "seed": seed}
+    result["bootstrap"] = {"draws": draws, "valid": len(samples), "seed": seed, "method": method}
     return result
 
 
@@ -209,6 +253,20 @@ def _count(n: float) -> str:
         if n >= scale:
             return f"{n / scale:.3g}{suffix}"
     return f"{n:.3g}"
+
+
+def _ticks_at(axis, values, labels) -> None:
+    """Labelled ticks at the sweep's own sizes or budgets only, when there are few: a log axis
+    over a decade or two otherwise crowds its minor labels into each other."""
+    if len(values) > 8:
+        return
+    axis.set_ticks(values, labels)
+    axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def _budget_ticks(axis, budgets) -> None:
+    budgets = sorted(set(budgets))
+    _ticks_at(axis, budgets, [f"{b:.3g}" for b in budgets])
 
 
 def plot_loss_vs_compute(runs: list[Run], path: Path) -> None:
@@ -228,6 +286,7 @@ def plot_loss_vs_compute(runs: list[Run], path: Path) -> None:
         ylabel="evaluation loss",
         title="Evaluation loss against compute, per model size",
     )
+    _budget_ticks(ax.xaxis, [r.budget for r in runs])
     ax.grid(True, which="both", alpha=0.3)
     if len(sizes) <= 10:
         ax.legend(title="model")
@@ -260,6 +319,8 @@ def plot_isoflops(runs: list[Run], fit: dict, path: Path) -> None:
         ylabel="evaluation loss",
         title="IsoFLOP curves: loss against model size at fixed compute",
     )
+    sizes = sorted({(r.params, r.model) for r in runs})
+    _ticks_at(ax.xaxis, [n for n, _ in sizes], [f"{m}\n{_count(n)}" for n, m in sizes])
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -293,6 +354,7 @@ def plot_compute_optimal(fit: dict, path: Path) -> None:
             ylabel="parameters N*" if key == "n_opt" else "latent tokens D*",
             title=f"Compute-optimal {'model size' if key == 'n_opt' else 'training tokens'}",
         )
+        _budget_ticks(ax.xaxis, budgets)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=9)
     fig.tight_layout()

@@ -12,14 +12,16 @@ Cross-attention is ungated, as in PixArt-alpha: the caption matters at every noi
 time-dependent gate buys little and would cost width² parameters per block; its zero-initialised
 output projection keeps every block the identity at initialisation, like the adaLN-Zero gates.
 
-Sizes follow one rule: head dim 64, ``width = 64 * depth`` and ``num_heads = depth``. Per block this
-is 22·width² parameters (self-attn 4, cross-attn 4, MLP 8, adaLN 6), so depth alone sets the size
-(block parameters; embeddings add text_dim·width and a little more):
+Sizes follow one rule, set by the width w: ``depth = num_heads = max(1, w / 64)``, so heads are 64
+wide, and below w = 64 the single block has one head of width w. Per block this is 22·w² parameters
+(self-attn 4, cross-attn 4, MLP 8, adaLN 6), so the width alone sets the size (block parameters;
+embeddings add text_dim·width and a little more):
 
-    micro 1 (~0.09M)  tiny 2 (~0.7M)   mini 3 (~2.4M)    small 4 (~5.8M)   base 6 (~19M)
-    medium 12 (~156M) large 16 (~369M) 1b 22 (~0.96B)    3b 32 (~2.95B)    10b 48 (~10.0B)
+    pico 16 (~6K)      nano 32 (~23K)     micro 64 (~0.09M)  tiny 128 (~0.7M)  mini 192 (~2.4M)
+    small 256 (~5.8M)  base 384 (~19M)    medium 768 (~156M) large 1024 (~369M)
+    1b 1408 (~0.96B)   3b 2048 (~2.95B)   10b 3072 (~10.0B)
 
-micro, tiny and mini are CPU sizes for tests and the scaling-law demo sweep.
+pico to mini are CPU sizes for tests and the scaling-law demo sweep.
 """
 
 from __future__ import annotations
@@ -49,23 +51,26 @@ class DiTConfig:
     rope_theta: float = 10000.0
 
 
-def _config_for_depth(size: str, depth: int) -> DiTConfig:
-    return DiTConfig(size=size, depth=depth, width=64 * depth, num_heads=depth)
+def _config_for_width(size: str, width: int) -> DiTConfig:
+    depth = max(1, width // 64)
+    return DiTConfig(size=size, depth=depth, width=width, num_heads=depth)
 
 
 DIT_SIZES: dict[str, DiTConfig] = {
-    size: _config_for_depth(size, depth)
-    for size, depth in [
-        ("micro", 1),
-        ("tiny", 2),
-        ("mini", 3),
-        ("small", 4),
-        ("base", 6),
-        ("medium", 12),
-        ("large", 16),
-        ("1b", 22),
-        ("3b", 32),
-        ("10b", 48),
+    size: _config_for_width(size, width)
+    for size, width in [
+        ("pico", 16),
+        ("nano", 32),
+        ("micro", 64),
+        ("tiny", 128),
+        ("mini", 192),
+        ("small", 256),
+        ("base", 384),
+        ("medium", 768),
+        ("large", 1024),
+        ("1b", 1408),
+        ("3b", 2048),
+        ("10b", 3072),
     ]
 }
 

@@ -159,9 +159,12 @@ def test_attention_with_no_valid_key_is_zero_not_nan():
 
 def test_sizes_follow_the_rule_and_match_their_presets():
     for size, cfg in DIT_SIZES.items():
-        assert (cfg.width, cfg.num_heads) == (64 * cfg.depth, cfg.depth)
+        assert cfg.depth == cfg.num_heads == max(1, cfg.width // 64), size
+        assert cfg.width // cfg.num_heads == min(64, cfg.width), size
         preset = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model" / f"{size}.yaml"))
         assert preset == dataclasses.asdict(cfg), size
     assert {p.stem for p in (ROOT / "conf/model").glob("*.yaml")} == set(DIT_SIZES)
-    with pytest.raises(ValueError, match="unknown DiT size 'huge'; known sizes: micro, tiny, mini"):
+    with pytest.raises(
+        ValueError, match="unknown DiT size 'huge'; known sizes: pico, nano, micro, tiny"
+    ):
         dit_config("huge")

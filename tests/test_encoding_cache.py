@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,12 +42,12 @@ def test_cache_encodes_each_key_once_and_drops_the_least_recently_used():
     keys = [3, 4, 1]  # 3 and 1 hit; 4 is encoded alone and evicts 2, the least recently used
     (values,) = cache.lookup(keys, encode, torch.device("cpu"))
     assert calls[-1] == [1] and values[:, 0].tolist() == [3.0, 4.0, 1.0]
-    assert (cache.hits, cache.misses, cache.bytes) == (2, 4, 48)
-    assert sorted(cache.entries) == [1, 3, 4]
+    assert (cache.store.hits, cache.store.misses, cache.store.bytes) == (2, 4, 48)
+    assert sorted(cache.store.entries) == [1, 3, 4]
 
     keys = [2]
     cache.lookup(keys, encode, torch.device("cpu"))
-    assert calls[-1] == [0] and 2 in cache.entries and 3 not in cache.entries
+    assert calls[-1] == [0] and 2 in cache.store and 3 not in cache.store
 
 
 @pytest.fixture(scope="module")
@@ -100,16 +101,38 @@ def test_cached_encodings_equal_fresh_ones_and_the_next_epoch_hits(parts):
     for value, expected in zip(first, fresh, strict=True):
         assert value.shape == expected.shape
         torch.testing.assert_close(value, expected, rtol=0, atol=0)  # the same batch: exact
-    assert cached.cache.misses == 2 * len(batch.keys)  # every clip and caption, once
+    assert cached.cache.store.misses == 2 * len(batch.keys)  # every clip and caption, once
 
-    captions_missing = sum(("caption", c) not in cached.cache.entries for c in again.captions)
+    captions_missing = sum(("caption", c) not in cached.cache.store for c in again.captions)
     second = cached.encode(again, torch.device("cpu"))  # epoch 3: a caption may be redrawn
-    assert cached.cache.misses == 2 * len(batch.keys) + captions_missing  # every clip hit
+    assert cached.cache.store.misses == 2 * len(batch.keys) + captions_missing  # every clip hit
     torch.testing.assert_close(second[0], first[0], rtol=0, atol=0)
     assert cached.metrics()["perf/encoding_cache_hit_share"] > 0.4
     assert np.isfinite(cached.metrics()["perf/encoding_cache_mib"])
 
 
-def test_a_negative_cache_size_is_named():
-    with pytest.raises(ValueError, match="train.encoding_cache_mb=-1"):
-        config("train.encoding_cache_mb=-1")
+def test_later_epochs_take_decoded_clips_from_the_cache(parts):
+    cfg, table, _ = parts
+    cached = replace(cfg.data, decoded_cache_mb=64)
+    stream = BatchStream(cached, table, load_index(cfg.data.shards), 0, 1, DataState(0, 0, 0))
+    planned = next(b for b in stream.plan(0)[0] if b.bucket.frames > 1)
+    first = stream.load(planned, 0, 0, DataState(0, 0, 0))
+    stream._read = None  # a later epoch must not read the shards again
+    second = stream.load(planned, 1, 0, DataState(0, 1, 0))
+    assert torch.equal(first.video, second.video) and torch.equal(
+        first.video, load_same_samples(cfg, table, 0).video
+    )
+    assert stream._decoded.hits == len(planned.sample_ids)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.encoding_cache_mb=-1"], "train.encoding_cache_mb=-1"),
+        (["data.decoded_cache_mb=-1", "data.augment=false"], "data.decoded_cache_mb=-1"),
+        (["data.decoded_cache_mb=8"], "data.decoded_cache_mb needs data.augment=false"),
+    ],
+)
+def test_bad_cache_settings_are_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        config(*overrides)

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Iterator
 
 from data.buckets import Bucket, BucketTable
-from data.pipeline import BatchStream, DataConfig, DataState, load_index
+from data.pipeline import BatchStream, DataConfig, DataState, training_stream
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,7 @@ def budget_steps(
     dp_world: int,
 ) -> tuple[int, float]:
     """(steps, planned FLOPs) of a run of `budget` training FLOPs on the data of `data`."""
-    samples = load_index(data.shards, data.cache_dir)
-    stream = BatchStream(data, table, samples, 0, dp_world, DataState(data.seed, 0, 0))
+    stream = training_stream(data, table, 0, dp_world, DataState(data.seed, 0, 0))
     steps, planned = steps_for_budget(step_flops(stream, sample_flops, grad_accum), budget)
     off = planned / budget - 1
     # One step's FLOPs bound the error: budgets of fewer than ~25 steps miss by more than 2%.

@@ -167,6 +167,15 @@ def to_config(cfg: DictConfig) -> Config:
         raise ValueError(f"config key train.budget_flops={config.train.budget_flops} is negative")
     if config.train.budget_flops and config.train.stage != "dit":
         raise ValueError("config key train.budget_flops needs train.stage=dit (DiT FLOPs)")
+    if config.data.decoded_cache_mb < 0:
+        raise ValueError(
+            f"config key data.decoded_cache_mb={config.data.decoded_cache_mb} is negative"
+        )
+    if config.data.decoded_cache_mb and config.data.augment:
+        raise ValueError(
+            "config key data.decoded_cache_mb needs data.augment=false: an augmented sample "
+            "decodes to new pixels every epoch"
+        )
     if config.train.encoding_cache_mb < 0:
         raise ValueError(
             f"config key train.encoding_cache_mb={config.train.encoding_cache_mb} is negative"

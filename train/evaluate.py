@@ -12,7 +12,8 @@ each (partial batches too: a small held-out set still covers its buckets), the s
 on any number of ranks. Data-parallel rank r scores batches r, r + world, ...; a rank with a
 batch fewer runs one uncounted padding batch (under FSDP every rank must run the same number of
 forwards). The per-bucket sums are all-reduced, and only rank 0 writes `eval/step_XXXXXXXX.json`
-and, at the end of the run, `eval/final.json`.
+and, at the end of the run, `eval/final.json`; both hold every sample's loss as well, so that a
+sweep's fit can resample the held-out set for all its runs at once.
 
 """
 
@@ -104,6 +105,8 @@ class Evaluator:
         stream = BatchStream(held_out, table, load_index(cfg.shards, data.cache_dir), 0, 1, state)
         chosen = eval_batches(stream.by_bucket, table, cfg)
         self.buckets = list(dict.fromkeys(b.bucket.shape for b in chosen))  # most tokens first
+        keys = [stream.samples[i]["key"] for batch in chosen for i in batch.sample_ids]
+        self.sample_index = {key: i for i, key in enumerate(keys)}
         self.num_tokens = objective.num_tokens  # of a latent batch, as training counts them
         # Split by data-parallel rank: the ranks of a sequence-parallel group share batches.
         mine = chosen[dims.dp_rank :: dims.dp_size]
@@ -128,9 +131,11 @@ class Evaluator:
         return EncodedBatch(latents, text, mask, batch.keys, micro, bucket, counted)
 
     @torch.no_grad()
-    def _sums(self, model: nn.Module) -> Tensor:
-        """(buckets, 3) float64 sums of per-sample loss, its square and the sample count."""
+    def _sums(self, model: nn.Module) -> tuple[Tensor, Tensor]:
+        """(buckets, 3) float64 sums of per-sample loss, its square and the sample count, and
+        (samples, 2) every held-out sample's loss and whether it was scored (1) or not (0)."""
         sums = torch.zeros(len(self.buckets), 3, dtype=torch.float64, device=self.runtime.device)
+        samples = torch.zeros(len(self.sample_index), 2, dtype=torch.float64, device=sums.device)
         for batch in self.batches:
             times = eval_times(self.cfg.timesteps, self.num_tokens(batch.latents), self.flow)
             noise = torch.stack(
@@ -157,6 +162,8 @@ class Evaluator:
             per_sample /= len(times)
             if not batch.counted:
                 continue
+            rows = [self.sample_index[key] for key in batch.keys]
+            samples[rows] = torch.stack([per_sample, torch.ones_like(per_sample)], dim=1)
             sums[batch.bucket] += torch.stack(
                 [
                     per_sample.sum(),
@@ -165,15 +172,16 @@ class Evaluator:
                 ]
             )
         if dist.is_initialized():
-            dist.all_reduce(sums)
-            sums /= self.dims.sp  # each sequence-parallel group counted its batches sp times
-        return sums
+            for values in (sums, samples):
+                dist.all_reduce(values)
+                values /= self.dims.sp  # each sequence-parallel group counted its batches sp times
+        return sums, samples
 
     def __call__(self, model: nn.Module, progress: dict, final: bool) -> dict[str, float]:
         """Evaluate on every rank; returns the metrics to log, and writes the JSON on rank 0."""
         was_training = model.training
         model.eval()
-        sums = self._sums(model).cpu()
+        sums, samples = (values.cpu() for values in self._sums(model))
         model.train(was_training)
         result = {
             **self.run_facts,
@@ -182,6 +190,12 @@ class Evaluator:
             "buckets": {
                 "x".join(map(str, shape)): summarise(row)
                 for shape, row in zip(self.buckets, sums, strict=True)
+            },
+            # Per sample, so a sweep's fit can resample the held-out set for all runs at once.
+            "sample_losses": {
+                key: samples[i, 0].item()
+                for key, i in self.sample_index.items()
+                if samples[i, 1] > 0
             },
         }
         if self.runtime.is_main:

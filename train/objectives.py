@@ -6,7 +6,6 @@ number of samples it covers, so the trainer can normalise over the whole global 
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from data.lru import ByteLRU
 from data.pipeline import Batch
 from model.conditioning import ConditioningConfig, draw_given_frames
 from model.flow import FlowConfig, drop_captions, sample_timesteps, training_loss
@@ -44,10 +44,7 @@ class EncodingCache:
     data.augment is false; with augmentation, latents rarely hit, but captions still do."""
 
     def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self.entries: OrderedDict[Hashable, tuple[torch.Tensor, ...]] = OrderedDict()
-        self.bytes = 0
-        self.hits = self.misses = 0
+        self.store = ByteLRU(max_bytes)
 
     def lookup(
         self,
@@ -56,31 +53,15 @@ class EncodingCache:
         device: torch.device,
     ) -> tuple[torch.Tensor, ...]:
         """The batch of values of `keys`; `encode(indices)` encodes the missing items together."""
-        found = {i: self.entries.get(key) for i, key in enumerate(keys)}
-        missing = [i for i, value in found.items() if value is None]
-        self.hits += len(keys) - len(missing)
-        self.misses += len(missing)
-        for i, value in found.items():
-            if value is not None:  # the batch's own hits become the most recently used
-                self.entries.move_to_end(keys[i])
+        found = [self.store.get(key) for key in keys]
+        missing = [i for i, value in enumerate(found) if value is None]
         if missing:
             encoded = [t.cpu() for t in encode(missing)]
             for row, i in enumerate(missing):
-                found[i] = tuple(t[row : row + 1] for t in encoded)
-                self._insert(keys[i], found[i])
-        return tuple(torch.cat(parts).to(device) for parts in zip(*found.values(), strict=True))
-
-    def _insert(self, key: Hashable, value: tuple[torch.Tensor, ...]) -> None:
-        if key in self.entries:  # a batch can hold a caption twice
-            self.bytes -= _nbytes(self.entries[key])
-        self.entries[key] = tuple(t.clone() for t in value)  # not a view pinning the batch
-        self.bytes += _nbytes(value)
-        while self.bytes > self.max_bytes and self.entries:
-            self.bytes -= _nbytes(self.entries.popitem(last=False)[1])
-
-
-def _nbytes(tensors: tuple[torch.Tensor, ...]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+                # Copies, so that an entry does not hold its whole batch's storage.
+                found[i] = tuple(t[row : row + 1].clone() for t in encoded)
+                self.store.put(keys[i], found[i], sum(t.nbytes for t in found[i]))
+        return tuple(torch.cat(parts).to(device) for parts in zip(*found, strict=True))
 
 
 def pixel_key(video: torch.Tensor) -> tuple:
@@ -140,12 +121,12 @@ class FlowMatchingObjective:
 
     def metrics(self) -> dict[str, float]:
         """What the objective has to report beside the loss: the encoding cache's hit share."""
-        if self.cache is None or not self.cache.hits + self.cache.misses:
+        if self.cache is None or not self.cache.store.hits + self.cache.store.misses:
             return {}
-        cache = self.cache
+        store = self.cache.store
         return {
-            "perf/encoding_cache_hit_share": cache.hits / (cache.hits + cache.misses),
-            "perf/encoding_cache_mib": cache.bytes / 2**20,
+            "perf/encoding_cache_hit_share": store.hits / (store.hits + store.misses),
+            "perf/encoding_cache_mib": store.bytes / 2**20,
         }
 
     def generator(self, batch: Batch, device: torch.device, stream: int = 0) -> torch.Generator:
