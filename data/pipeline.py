@@ -12,7 +12,8 @@ before the position, so a run resumes exactly where it stopped, on any number of
 An epoch ends when fewer than `world` batches are left.
 
 Per-sample randomness (clip start, crop, caption or recaption) is seeded by (seed, epoch,
-sample id), so it does not depend on the rank or the loader worker either. Workers take
+sample id), so it does not depend on the rank or the loader worker either; with
+`data.augment=false` a clip is always its middle frames and centre crop. Workers take
 whole rows of the plan in turn, and the DataLoader returns them in that order.
 """
 
