@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from model.dit import DiT, dit_config
+from train.objectives import EncodingCache, FlowMatchingObjective
 
 
 def perturbed_tiny_dit(in_channels: int, text_dim: int, scale: float = 0.05) -> DiT:
@@ -16,3 +17,17 @@ def perturbed_tiny_dit(in_channels: int, text_dim: int, scale: float = 0.05) -> 
         for p in model.parameters():
             p.add_(scale * torch.randn_like(p))
     return model
+
+
+def flow_objective(cfg, autoencoder, text_encoder, cache: EncodingCache | None = None):
+    """The training objective of a composed config, without a FLOP count."""
+    return FlowMatchingObjective(
+        autoencoder,
+        text_encoder,
+        cfg.flow,
+        cfg.conditioning,
+        cfg.model.patch_size,
+        lambda tokens: 0.0,
+        cfg.train.seed,
+        cache,
+    )

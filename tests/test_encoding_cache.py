@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from models import flow_objective
 
 from data.pipeline import BatchStream, DataState, load_index
 from model.autoencoder import build_autoencoder
 from model.text import TextEncoder
 from train.build import build_bucket_table, frozen
 from train.config import register_configs, to_config
-from train.objectives import EncodingCache, FlowMatchingObjective
+from train.objectives import EncodingCache
 
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()
@@ -59,16 +60,7 @@ def parts(demo_shards):
     table = build_bucket_table(cfg, autoencoder)
 
     def objective(cache):
-        return FlowMatchingObjective(
-            autoencoder,
-            text_encoder,
-            cfg.flow,
-            cfg.conditioning,
-            cfg.model.patch_size,
-            lambda tokens: 0.0,
-            cfg.train.seed,
-            cache,
-        )
+        return flow_objective(cfg, autoencoder, text_encoder, cache)
 
     return cfg, table, objective
 

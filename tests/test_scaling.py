@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
+from models import flow_objective
 
 from data.demo import build_demo
 from data.pipeline import BatchStream, DataState, load_index, plan_epoch
@@ -29,7 +30,6 @@ from train.budget import budget_steps, step_flops
 from train.build import build_bucket_table, build_dit, frozen
 from train.config import EvalConfig, ParallelConfig, register_configs, to_config
 from train.evaluate import Evaluator
-from train.objectives import FlowMatchingObjective
 from train.parallel import ParallelDims
 from train.runtime import init_runtime
 
@@ -122,15 +122,7 @@ def eval_parts(demo_shards: Path, held_out: Path, run_dir: Path, samples: int = 
     for p in model.parameters():  # leave adaLN-Zero's identity start, so the weights matter
         torch.nn.init.normal_(p, std=0.02)
     table = build_bucket_table(cfg, autoencoder)
-    objective = FlowMatchingObjective(
-        autoencoder,
-        text_encoder,
-        cfg.flow,
-        cfg.conditioning,
-        cfg.model.patch_size,
-        lambda tokens: 0.0,
-        cfg.train.seed,
-    )
+    objective = flow_objective(cfg, autoencoder, text_encoder)
     # Evaluation splits by data-parallel rank: plain data parallelism over this world.
     dims = ParallelDims.resolve(ParallelConfig(backend="ddp"), runtime.world_size, runtime.rank)
     evaluator = Evaluator(
