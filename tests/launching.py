@@ -18,14 +18,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_command(*args: str, nproc: int = 2, torchrun_args: tuple[str, ...] = ()) -> list[str]:
+def torchrun_command(
+    *args: str, nproc: int = 2, torchrun_args: tuple[str, ...] = (), standalone: bool = False
+) -> list[str]:
+    """torchrun on this machine: a static rendezvous on a free port, or with `standalone` the
+    c10d rendezvous that `launch.local` uses on one node (a fresh round for every restart)."""
+    rendezvous = (
+        ["--standalone"]
+        if standalone
+        else ["--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    )
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
+        *rendezvous,
         *torchrun_args,
         *args,
     ]

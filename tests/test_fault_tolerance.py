@@ -100,9 +100,11 @@ def test_stop_and_resume_is_bitwise_identical(backend, straight_runs, demo_shard
 
 def test_killed_rank_restarts_and_ends_with_the_same_weights(straight_runs, demo_shards, tmp_path):
     kill_after = random.Random().randint(4, 9)
+    # The c10d rendezvous, as launch.local runs one node. The restarted ranks must not read the
+    # first attempt's addresses from the agent's store (train.runtime._attempt_store).
     command = torchrun_command(
         "-m", "train", *overrides(demo_shards, tmp_path, "parallel=fsdp"),
-        torchrun_args=("--max_restarts=1",),
+        torchrun_args=("--max_restarts=1",), standalone=True,
     )  # fmt: skip
     agent = subprocess.Popen(
         command, cwd=ROOT, env=process_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT

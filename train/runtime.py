@@ -68,13 +68,34 @@ def init_runtime(
     if (world_size > 1 or distributed) and not dist.is_initialized():
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
         # A lone rank needs no rendezvous: an in-process store will do.
-        store = {"store": dist.HashStore(), "rank": 0, "world_size": 1} if world_size == 1 else {}
+        store = (
+            {"store": dist.HashStore(), "rank": 0, "world_size": 1}
+            if world_size == 1
+            else _attempt_store(rank, world_size)
+        )
         dist.init_process_group(
             backend, device_id=torch_device if backend == "nccl" else None, **store
         )
     return Runtime(
         rank, world_size, local_rank, torch_device, _pick_autocast(precision, torch_device)
     )
+
+
+def _attempt_store(rank: int, world_size: int) -> dict:
+    """init_process_group's store: the torchrun agent's, under a prefix per restart attempt.
+
+    The agent keeps one store across the restarts of its workers (static and c10d rendezvous
+    alike), and torch does not prefix it per attempt, so a restarted rank can read a dead
+    peer's gloo or NCCL address and fail to connect. The workers of one agent share its restart
+    count, so on a single node the count is a safe prefix; across nodes the agents' counts can
+    differ, and there the default (env://) store is left as it is. {} means the default."""
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or env.get("GROUP_WORLD_SIZE") != "1":
+        return {}
+    agent_store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False)
+    attempt = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"tessera/attempt_{attempt}", agent_store)
+    return {"store": store, "rank": rank, "world_size": world_size}
 
 
 def seed_everything(seed: int) -> None:
