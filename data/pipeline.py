@@ -351,7 +351,8 @@ class BatchStream(IterableDataset):
     def _decode(self, sample_id: int, bucket: Bucket, rng: np.random.Generator) -> np.ndarray:
         """One sample's frames; without augmentation, from the decoded-clip cache if it has them."""
         key = (sample_id, bucket.shape)
-        clip = None if self.cfg.augment else self._decoded.get(key)
+        cached = not self.cfg.augment and self._decoded.max_bytes > 0
+        clip = self._decoded.get(key) if cached else None
         if clip is None:
             sample, meta = self.samples[sample_id], self.samples[sample_id]["meta"]
             clip = decode_clip(
@@ -364,7 +365,7 @@ class BatchStream(IterableDataset):
                 rng if self.cfg.augment else None,
                 sample["key"],
             )
-            if not self.cfg.augment and self._decoded.max_bytes:
+            if cached:
                 self._decoded.put(key, clip, clip.nbytes)
         return clip
 

@@ -162,7 +162,6 @@ def run(config: Config) -> list[float]:
         autoencoder = frozen(build_autoencoder(config.autoencoder), runtime.device)
         text_encoder = frozen(TextEncoder(config.text_encoder), runtime.device)
         model = build_dit(config, autoencoder, text_encoder).to(runtime.device)
-        table = build_bucket_table(config, autoencoder)
         flops = partial(
             dit_train_flops,
             config.model,
@@ -182,20 +181,20 @@ def run(config: Config) -> list[float]:
             if config.train.encoding_cache_mb
             else None,
         )
-        if config.train.budget_flops:
-            steps, _ = budget_steps(
-                config.train.budget_flops,
-                config.data,
-                table,
-                lambda bucket: flops(num_tokens=bucket.tokens_per_sample),
-                config.train.grad_accum,
-                dims.dp_size,
-            )
-            config = replace(config, train=replace(config.train, steps=steps))
     else:
         autoencoder = model = build_autoencoder(config.autoencoder).to(runtime.device)
-        table = build_bucket_table(config, autoencoder)
         objective = AutoencoderObjective()
+    table = build_bucket_table(config, autoencoder)
+    if config.train.budget_flops:  # a DiT stage (checked): its steps come from the budget
+        steps, _ = budget_steps(
+            config.train.budget_flops,
+            config.data,
+            table,
+            lambda bucket: flops(num_tokens=bucket.tokens_per_sample),
+            config.train.grad_accum,
+            dims.dp_size,
+        )
+        config = replace(config, train=replace(config.train, steps=steps))
 
     engine = build_engine(
         model,

@@ -100,7 +100,8 @@ class Evaluator:
         self.cfg, self.flow, self.runtime, self.dims = cfg, flow, runtime, dims
         self.out = Path(run_dir) / "eval"
         self.run_facts = run_facts  # written into every result, e.g. model size and parameters
-        held_out = replace(data, shards=cfg.shards, num_workers=0)
+        # Read once, in this process: nothing to gain from loader workers or a clip cache.
+        held_out = replace(data, shards=cfg.shards, num_workers=0, decoded_cache_mb=0)
         state = DataState(cfg.seed, epoch=0, consumed_samples=0)
         stream = BatchStream(held_out, table, load_index(cfg.shards, data.cache_dir), 0, 1, state)
         chosen = eval_batches(stream.by_bucket, table, cfg)
