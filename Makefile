@@ -7,9 +7,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev
 DEMO_DIR ?= .cache/demo
-DEMO_SHARDS := $(DEMO_DIR)/shards/index.json
+DEMO_SHARDS := $(DEMO_DIR)/shards/manifest.parquet
 DEMO_AUTOENCODER := runs/demo-autoencoder/export/model.safetensors
-DEMO_EVAL_SHARDS := $(DEMO_DIR)/eval/shards/index.json
+DEMO_EVAL_SHARDS := $(DEMO_DIR)/eval/shards/manifest.parquet
 SCALING_SWEEP := runs/sweeps/scaling-demo
 ARGS ?=
 

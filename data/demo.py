@@ -25,6 +25,7 @@ import av
 import numpy as np
 from PIL import Image
 
+from data.manifest import MANIFEST_NAME
 from data.mp4 import write_mp4
 from data.shards import write_shards
 
@@ -292,7 +293,7 @@ def build_demo(
     """Build the demo shards under `out/shards` (once); returns that folder."""
     out = Path(out)
     shards = out / "shards"
-    if (shards / "index.json").exists():
+    if (shards / MANIFEST_NAME).exists():
         return shards
     shutil.rmtree(shards, ignore_errors=True)  # what an interrupted build left behind
     raw = out / "clips"

@@ -1,10 +1,10 @@
-"""Webdataset tar shards: the writer, and the index the loader reads them by.
+"""Webdataset tar shards: the writer.
 
 Each sample holds the original file's bytes (`mp4`, `jpg`, ...) and a `json` member with
 metadata probed at write time (width, height, fps, frames, duration, caption, recaption,
-source). Beside the shards, `index.json` records where each sample's members sit in
-its tar, so the loader can read any sample with one seek; shards from other webdataset
-tools are indexed by scanning their tar headers.
+source). Beside the shards, `manifest.parquet` (`data/manifest.py`) records where each
+sample's members sit in its tar and its sizes, so the loader can plan without opening a tar
+and read any sample with one byte-range request.
 
     python -m data.shards VIDEOS --captions captions.csv --out SHARDS [--shard-size 256MB]
 """
@@ -16,15 +16,13 @@ import csv
 import json
 import logging
 import random
-import tarfile
 from pathlib import Path
 
 import webdataset as wds
 
 from data.decode import IMAGE_EXTS, VIDEO_EXTS, DecodeError, probe
+from data.manifest import MANIFEST_NAME, index_shards, write_manifest
 
-INDEX_NAME = "index.json"
-PROBED_FIELDS = ("width", "height", "fps", "frames")
 log = logging.getLogger(__name__)
 
 
@@ -62,67 +60,6 @@ def _json_row(path: Path, number: int, line: str) -> dict:
     if not isinstance(row, dict):
         raise ValueError(f"{path}: line {number} is not a JSON object")
     return row
-
-
-def split_member_name(name: str) -> tuple[str, str]:
-    """(key, extension) by the webdataset rule: the key ends at the first dot of the base name."""
-    folder, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return f"{folder}/{stem}" if folder else stem, ext.lower()
-
-
-def index_tar(path: Path) -> list[dict]:
-    """Samples of one tar: key, media member (extension, offset, size) and metadata.
-
-    Metadata comes from each sample's `json` member; shards from other tools may lack it, so
-    a missing caption is read from a `txt` member and missing sizes are probed."""
-    by_key: dict[str, dict[str, tarfile.TarInfo]] = {}
-    try:
-        with tarfile.open(path, "r:") as tar:  # offsets only mean something uncompressed
-            for member in tar:
-                if member.isfile():
-                    key, ext = split_member_name(member.name)
-                    by_key.setdefault(key, {})[ext] = member
-            samples = [_index_sample(tar, path, key, members) for key, members in by_key.items()]
-    except tarfile.ReadError as error:
-        raise ValueError(f"shard {path} is not an uncompressed tar: {error}") from error
-    return [sample for sample in samples if sample is not None]
-
-
-def _index_sample(
-    tar: tarfile.TarFile, path: Path, key: str, members: dict[str, tarfile.TarInfo]
-) -> dict | None:
-    media = next((ext for ext in members if ext in VIDEO_EXTS + IMAGE_EXTS), None)
-    if media is None:
-        return None
-    try:
-        meta = json.loads(tar.extractfile(members["json"]).read()) if "json" in members else {}
-        if "caption" not in meta and "txt" in members:
-            meta["caption"] = tar.extractfile(members["txt"]).read().decode().strip()
-        if "caption" not in meta:
-            raise ValueError("no caption (neither a json 'caption' nor a txt member)")
-        if any(field not in meta for field in PROBED_FIELDS):
-            meta.update(probe(tar.extractfile(members[media]).read(), media, key))
-    except (ValueError, UnicodeDecodeError, DecodeError) as error:
-        log.warning("leaving sample %s of %s out of the index: %s", key, path, error)
-        return None
-    member = members[media]
-    return {
-        "key": key,
-        "media": media,
-        "offset": member.offset_data,
-        "size": member.size,
-        "meta": meta,
-    }
-
-
-def write_index(out_dir: Path, shards: list[Path]) -> dict:
-    """Index `shards` into `out_dir/index.json` (atomically: a reader never sees half)."""
-    index = {"version": 1, "shards": [{"file": s.name, "samples": index_tar(s)} for s in shards]}
-    tmp = out_dir / (INDEX_NAME + ".tmp")
-    tmp.write_text(json.dumps(index))
-    tmp.replace(out_dir / INDEX_NAME)
-    return index
 
 
 def write_shards(
@@ -169,9 +106,12 @@ def write_shards(
             )
             sink.write({"__key__": f"{written:08d}", ext: data, "json": json.dumps(meta).encode()})
             written += 1
-    index = write_index(out_dir, shards)
+    write_manifest(
+        index_shards([str(s) for s in shards], [s.name for s in shards]),
+        str(out_dir / MANIFEST_NAME),
+    )
     size = sum(s.stat().st_size for s in shards)
-    return {"samples": written, "skipped": skipped, "shards": len(index["shards"]), "bytes": size}
+    return {"samples": written, "skipped": skipped, "shards": len(shards), "bytes": size}
 
 
 def _parse_size(text: str) -> int:
@@ -188,7 +128,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--captions", required=True, help="CSV or JSONL: file, caption[, recaption]"
     )
-    parser.add_argument("--out", required=True, help="folder for the tar shards and index.json")
+    parser.add_argument(
+        "--out", required=True, help="folder for the tar shards and manifest.parquet"
+    )
     parser.add_argument("--shard-size", default="256MB", type=_parse_size)
     parser.add_argument("--seed", default=0, type=int)
     args = parser.parse_args(argv)

@@ -20,7 +20,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from data.mp4 import write_mp4
-from data.pipeline import DataState, build_loader
+from data.pipeline import build_loader, open_plan
+from data.plan import DataState
 from model.autoencoder import build_autoencoder
 from model.flops import dit_param_count, dit_train_flops, peak_flops
 from model.text import TextEncoder
@@ -185,11 +186,12 @@ def run(config: Config) -> list[float]:
         autoencoder = model = build_autoencoder(config.autoencoder).to(runtime.device)
         objective = AutoencoderObjective()
     table = build_bucket_table(config, autoencoder)
+    plan = open_plan(config.data, table)  # once per run: the loader and the budget share it
     if config.train.budget_flops:  # a DiT stage (checked): its steps come from the budget
         steps, _ = budget_steps(
             config.train.budget_flops,
             config.data,
-            table,
+            plan,
             lambda bucket: flops(num_tokens=bucket.tokens_per_sample),
             config.train.grad_accum,
             dims.dp_size,
@@ -218,7 +220,7 @@ def run(config: Config) -> list[float]:
         if progress.data_state
         else DataState(seed=config.data.seed, epoch=0, consumed_samples=0)
     )
-    batches = iter(build_loader(config.data, table, dims.dp_rank, dims.dp_size, data_state))
+    batches = iter(build_loader(config.data, plan, dims.dp_rank, dims.dp_size, data_state))
     evaluator = (
         _evaluator(config, table, objective, model, runtime, dims, run_dir)
         if is_dit and config.eval.shards
@@ -254,7 +256,7 @@ def run(config: Config) -> list[float]:
         # A batch of its own, so sampling never takes one from the training stream.
         held_out = build_loader(
             replace(config.data, num_workers=0),
-            table,
+            plan,
             0,
             1,
             DataState(seed=config.data.seed + 1, epoch=0, consumed_samples=0),

@@ -3,9 +3,9 @@
 A step's FLOPs depend on the buckets its batches come from: at an equal token budget a batch
 of long clips pays more for attention than a batch of images, and batch sizes are rounded.
 The data plan is seeded and the same on any number of ranks, so the FLOPs of the first n
-steps are known before training: this module walks the loader's own `BatchStream` (rows of
-`dp_world` batches, `grad_accum` rows a step, epoch after epoch) without decoding anything, and
-picks the step count whose cumulative FLOPs come closest to the budget.
+steps are known before training: this module walks the loader's own plan (rows of `dp_world`
+batches, `grad_accum` rows a step, epoch after epoch) without reading anything, and picks the
+step count whose cumulative FLOPs come closest to the budget.
 """
 
 from __future__ import annotations
@@ -14,8 +14,11 @@ import itertools
 import logging
 from collections.abc import Callable, Iterator
 
-from data.buckets import Bucket, BucketTable
-from data.pipeline import BatchStream, DataConfig, DataState, training_stream
+import numpy as np
+
+from data.buckets import Bucket
+from data.pipeline import BatchStream, DataConfig, training_stream
+from data.plan import DataPlan, DataState
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +29,13 @@ def step_flops(
     """Training FLOPs of every step in order, forever, summed over all ranks: `stream`, rank 0's,
     walks the rows every rank reads, and a row is its `dp_world` batches from rank 0's on."""
 
+    plan, seed = stream.plan, stream.state.seed
+    batch_flops = np.array([b.batch_size * sample_flops(b) for b in plan.table.buckets])
+
     def row_flops() -> Iterator[float]:
         for epoch, first, _ in stream.rows():
-            row = stream.plan(epoch)[0][first : first + stream.dp_world]
-            yield sum(len(b.sample_ids) * sample_flops(b.bucket) for b in row)
+            row = plan.epoch(seed, epoch).bucket[first : first + stream.dp_world]
+            yield float(batch_flops[row].sum())
 
     rows = row_flops()
     while True:
@@ -51,13 +57,13 @@ def steps_for_budget(flops_per_step: Iterator[float], budget: float) -> tuple[in
 def budget_steps(
     budget: float,
     data: DataConfig,
-    table: BucketTable,
+    plan: DataPlan,
     sample_flops: Callable[[Bucket], float],
     grad_accum: int,
     dp_world: int,
 ) -> tuple[int, float]:
     """(steps, planned FLOPs) of a run of `budget` training FLOPs on the data of `data`."""
-    stream = training_stream(data, table, 0, dp_world, DataState(data.seed, 0, 0))
+    stream = training_stream(data, plan, 0, dp_world, DataState(data.seed, 0, 0))
     steps, planned = steps_for_budget(step_flops(stream, sample_flops, grad_accum), budget)
     off = planned / budget - 1
     # One step's FLOPs bound the error: budgets of fewer than ~25 steps miss by more than 2%.

@@ -30,8 +30,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from data.buckets import Bucket, BucketTable
-from data.pipeline import BatchStream, DataConfig, DataState, PlannedBatch, load_index
+from data.buckets import BucketTable
+from data.pipeline import BatchStream, DataConfig, open_plan
+from data.plan import DataPlan, DataState, PlannedBatch
 from model.flow import FlowConfig, time_shift, training_loss
 from train.config import EvalConfig
 from train.parallel import ParallelDims
@@ -63,11 +64,12 @@ def sample_noise(key: str, seed: int, timesteps: int, shape: tuple[int, ...]) ->
     return torch.randn(timesteps, *shape, generator=generator)
 
 
-def eval_batches(
-    by_bucket: dict[Bucket, list[int]], table: BucketTable, cfg: EvalConfig
-) -> list[PlannedBatch]:
+def eval_batches(plan: DataPlan, cfg: EvalConfig) -> list[PlannedBatch]:
     """eval.samples held-out samples (a seeded choice) in batches of one bucket each."""
-    bucket_of = {i: bucket for bucket, ids in by_bucket.items() for i in ids}
+    table = plan.table
+    bucket_of = {
+        int(i): bucket for index, bucket in enumerate(table.buckets) for i in plan.bucket_ids(index)
+    }
     if len(bucket_of) < cfg.samples:
         raise ValueError(
             f"eval.shards={cfg.shards!r} holds {len(bucket_of)} samples that fit a bucket, "
@@ -101,12 +103,15 @@ class Evaluator:
         self.out = Path(run_dir) / "eval"
         self.run_facts = run_facts  # written into every result, e.g. model size and parameters
         # Read once, in this process: nothing to gain from loader workers or a clip cache.
-        held_out = replace(data, shards=cfg.shards, num_workers=0, decoded_cache_mb=0)
+        held_out = replace(
+            data, shards=cfg.shards, num_workers=0, decoded_cache_mb=0, image_share=None
+        )
         state = DataState(cfg.seed, epoch=0, consumed_samples=0)
-        stream = BatchStream(held_out, table, load_index(cfg.shards, data.cache_dir), 0, 1, state)
-        chosen = eval_batches(stream.by_bucket, table, cfg)
+        plan = open_plan(held_out, table)
+        stream = BatchStream(held_out, plan, 0, 1, state)
+        chosen = eval_batches(plan, cfg)
         self.buckets = list(dict.fromkeys(b.bucket.shape for b in chosen))  # most tokens first
-        keys = [stream.samples[i]["key"] for batch in chosen for i in batch.sample_ids]
+        keys = [plan.key(i) for batch in chosen for i in batch.sample_ids]
         self.sample_index = {key: i for i, key in enumerate(keys)}
         self.num_tokens = objective.num_tokens  # of a latent batch, as training counts them
         # Split by data-parallel rank: the ranks of a sequence-parallel group share batches.

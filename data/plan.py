@@ -1,0 +1,394 @@
+"""The data plan: which samples make which batch, in which order, epoch after epoch. Pure: it
+reads the manifests and nothing else (the sample reader fetches the samples).
+
+The data position is one explicit, JSON-serialisable state: `DataState(seed, epoch,
+consumed_samples)`. For each epoch a seeded global plan of batches is built that does not
+depend on the number of ranks: each bucket's samples are shuffled and cut into batches of
+that bucket's size, then the batches are shuffled (with `image_share` set, a seeded choice of
+image or video batches is left out first, so that images make that share of the batches:
+joint image and video training at a chosen mix). From the current position the plan is read in
+rows of `world` batches, rank r taking the r-th of each row (batch j goes to rank j % world in
+a fresh epoch), and `consumed_samples` counts the samples of every plan batch before the
+position, so a run resumes exactly where it stopped, on any number of ranks. An epoch ends when
+fewer than `world` batches are left.
+
+Scale. At 100 million samples nothing here may hold Python objects per sample. The manifests'
+columns are read once and the buckets assigned per distinct (width, height, frames) with numpy;
+the result is cached as files beside the manifest (under a key of the manifests, the bucket
+table and the frame rate): an Arrow file of the per-sample columns the reader needs, and the
+sample ids grouped by bucket. Epoch plans are arrays cached the same way. Every process (ranks,
+their loader workers, the budget walk) memory-maps the same files, so the operating system keeps
+one copy per node, and a warm start reads no manifest at all.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from data.buckets import Bucket, BucketTable
+from data.manifest import SCHEMA, ManifestSource, read_manifest, resolve_sources
+from data.storage import identity, is_remote, local_path, parent
+
+PLAN_FORMAT = 1  # bump when the cached files change meaning
+SAMPLE_COLUMNS = ("key", "offset", "size", "width", "height", "frames", "fps")
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataState:
+    seed: int
+    epoch: int
+    consumed_samples: int  # samples of this epoch's plan consumed by all ranks together
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> DataState:
+        names = {f.name for f in fields(cls)}
+        if set(values) != names:
+            raise ValueError(f"data state {values}: expected exactly the keys {sorted(names)}")
+        return cls(**{name: int(values[name]) for name in names})
+
+
+@dataclass(frozen=True)
+class PlannedBatch:
+    bucket: Bucket
+    sample_ids: tuple[int, ...]
+
+
+def frames_at_fps(frames: np.ndarray, fps: np.ndarray, target_fps: float) -> np.ndarray:
+    """How many frames each sample offers at the target frame rate."""
+    stride = np.maximum(1.0, fps / target_fps)
+    return np.where(frames <= 1, 1, ((frames - 1) // stride).astype(np.int64) + 1)
+
+
+def assign_buckets(
+    width: np.ndarray, height: np.ndarray, frames: np.ndarray, table: BucketTable
+) -> np.ndarray:
+    """Each sample's bucket index in `table.buckets` (-1: none fits). The table's own rule runs
+    once per distinct (width, height, frames), where frames beyond the longest bucket's are all
+    alike."""
+    capped = np.minimum(frames, max(b.frames for b in table.buckets)).astype(np.int64)
+    valid = (width > 0) & (height > 0) & (width < 2**21) & (height < 2**21)
+    combined = (width.astype(np.int64) << 42) | (height.astype(np.int64) << 21) | capped
+    distinct, inverse = np.unique(np.where(valid, combined, -1), return_inverse=True)
+    index = {bucket: i for i, bucket in enumerate(table.buckets)}
+    choice = np.full(len(distinct), -1, dtype=np.int16)
+    for i, value in enumerate(distinct.tolist()):
+        if value >= 0:
+            bucket = table.assign(value >> 42, (value >> 21) & (2**21 - 1), value & (2**21 - 1))
+            choice[i] = -1 if bucket is None else index[bucket]
+    return choice[inverse.reshape(-1)]
+
+
+class EpochPlan:
+    """One epoch's batches as arrays: batch i is `order[start[i] : start[i] + size]` of bucket
+    `bucket[i]`, and `cumulative[i]` samples come before it."""
+
+    def __init__(self, order: np.ndarray, bucket: np.ndarray, start: np.ndarray, sizes: np.ndarray):
+        self.order, self.bucket, self.start = order, bucket, start
+        self.cumulative = np.concatenate([[0], np.cumsum(sizes[bucket], dtype=np.int64)])
+
+    def __len__(self) -> int:
+        return len(self.bucket)
+
+    def sample_ids(self, index: int) -> np.ndarray:
+        start = int(self.start[index])
+        return self.order[start : start + int(self.cumulative[index + 1] - self.cumulative[index])]
+
+    def first_batch(self, consumed: int, where: str) -> int:
+        """The plan index after `consumed` samples."""
+        first = int(np.searchsorted(self.cumulative, consumed))
+        if first >= len(self.cumulative) or self.cumulative[first] != consumed:
+            raise ValueError(
+                f"data state consumed_samples={consumed} is not a batch boundary of {where}"
+            )
+        return first
+
+
+class DataPlan:
+    """The samples of `data.shards` (columns, memory-mapped), their buckets, and every epoch's
+    seeded plan; see the module docstring. Build it with `DataPlan.open`."""
+
+    def __init__(self, folder: Path, table: BucketTable, image_share: float | None):
+        self.folder, self.table, self.image_share = folder, table, image_share
+        meta = json.loads((folder / "plan.json").read_text())
+        self.shards: list[str] = meta["shards"]
+        self.medias: list[str] = meta["medias"]
+        self.unassigned: int = meta["unassigned"]
+        self.num_samples: int = meta["samples"]
+        columns = pa.ipc.open_file(pa.memory_map(str(folder / "samples.arrow"))).read_all()
+        self.keys = columns.column("key").chunk(0)
+        self.columns = {
+            name: columns.column(name).chunk(0).to_numpy(zero_copy_only=True)
+            for name in columns.column_names
+            if name != "key"
+        }
+        self.by_bucket_ids = np.load(folder / "by_bucket.npy", mmap_mode="r")
+        self.bucket_counts = np.asarray(meta["bucket_counts"], dtype=np.int64)
+        self.batch_sizes = np.array([b.batch_size for b in table.buckets], dtype=np.int64)
+        self.batches_per_epoch = int(sum(self.bucket_counts // self.batch_sizes))
+        self._epoch: tuple[tuple, EpochPlan] | None = None
+
+    # Loader workers started by `spawn` re-open the files rather than copying arrays.
+    def __reduce__(self):
+        return DataPlan, (self.folder, self.table, self.image_share)
+
+    @classmethod
+    def open(
+        cls,
+        shards: str,
+        table: BucketTable,
+        fps: float,
+        image_share: float | None = None,
+        cache_dir: str | Path = ".cache/data",
+    ) -> DataPlan:
+        """The plan of `shards` (a `data.shards` spec), from its cache when one matches."""
+        sources = resolve_sources(shards)
+        key = _cache_key(sources, table, fps)
+        folder = _cache_root(sources, Path(cache_dir)) / f"plan-{key}"
+        if not (folder / "plan.json").exists():
+            with _locked(folder.with_suffix(".lock")):
+                if not (folder / "plan.json").exists():
+                    _build(folder, sources, table, fps, shards)
+        return cls(folder, table, image_share)
+
+    # --- samples ---
+
+    def bucket_ids(self, bucket: int) -> np.ndarray:
+        """The ids of bucket `bucket` (an index into `table.buckets`) in manifest order."""
+        end = int(self.bucket_counts[: bucket + 1].sum())
+        return self.by_bucket_ids[end - int(self.bucket_counts[bucket]) : end]
+
+    def key(self, sample_id: int) -> str:
+        return self.keys[sample_id].as_py()
+
+    def shard(self, sample_id: int) -> str:
+        return self.shards[int(self.columns["shard"][sample_id])]
+
+    def media(self, sample_id: int) -> str:
+        return self.medias[int(self.columns["media"][sample_id])]
+
+    # --- epochs ---
+
+    def epoch(self, seed: int, epoch: int) -> EpochPlan:
+        """Epoch `epoch`'s plan; the latest one asked for is kept."""
+        name = f"epoch-s{seed}-e{epoch}-i{self.image_share}"
+        if self._epoch is None or self._epoch[0] != name:
+            self._epoch = (name, self._load_epoch(name, seed, epoch))
+        return self._epoch[1]
+
+    def batch(self, seed: int, epoch: int, index: int) -> PlannedBatch:
+        plan = self.epoch(seed, epoch)
+        ids = plan.sample_ids(index)
+        return PlannedBatch(self.table.buckets[int(plan.bucket[index])], tuple(ids.tolist()))
+
+    def first_batch(self, state: DataState) -> int:
+        """The plan index of `state`; a state that is no batch boundary fails."""
+        plan = self.epoch(state.seed, state.epoch)
+        return plan.first_batch(
+            state.consumed_samples, f"epoch {state.epoch}'s plan (seed {state.seed})"
+        )
+
+    def rows(
+        self, state: DataState, dp_rank: int, dp_world: int
+    ) -> Iterator[tuple[int, int, DataState]]:
+        """(epoch, plan index of this rank's batch, state after the row) for every row from
+        `state` on."""
+        epoch, consumed = state.epoch, state.consumed_samples
+        while True:
+            plan = self.epoch(state.seed, epoch)
+            if len(plan) < dp_world:
+                raise ValueError(
+                    f"epoch {epoch}'s plan has {len(plan)} batches (data.image_share="
+                    f"{self.image_share}), fewer than the {dp_world} data-parallel ranks"
+                )
+            first = self.first_batch(DataState(state.seed, epoch, consumed))
+            num_rows = (len(plan) - first) // dp_world
+            for row in range(num_rows):
+                end = first + (row + 1) * dp_world
+                after = (
+                    DataState(state.seed, epoch + 1, 0)
+                    if row == num_rows - 1
+                    else DataState(state.seed, epoch, int(plan.cumulative[end]))
+                )
+                yield epoch, end - dp_world + dp_rank, after
+            epoch, consumed = epoch + 1, 0
+
+    def _load_epoch(self, name: str, seed: int, epoch: int) -> EpochPlan:
+        folder = self.folder / name
+        with _locked(self.folder / "epochs.lock"):  # so no process removes it mid-load
+            if not folder.exists():
+                _write_arrays(folder, self._shuffle(seed, epoch))
+                self._forget_old_epochs(seed, epoch)
+            arrays = {
+                n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in ("order", "bucket", "start")
+            }
+        return EpochPlan(arrays["order"], arrays["bucket"], arrays["start"], self.batch_sizes)
+
+    def _forget_old_epochs(self, seed: int, epoch: int) -> None:
+        """Keep the newest two epochs of each (seed, image share); a process still reading an
+        older one keeps its mapping."""
+        for old in self.folder.glob(f"epoch-s{seed}-e*-i{self.image_share}"):
+            if int(old.name.split("-e")[1].split("-")[0]) < epoch - 1:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _shuffle(self, seed: int, epoch: int) -> dict[str, np.ndarray]:
+        """Each bucket shuffled and cut (dropping a last, partial batch), then, with
+        `image_share`, image or video batches left out to make images that share of them, then
+        the batches shuffled; all seeded by (seed, epoch)."""
+        rng = np.random.default_rng([seed, epoch])
+        parts, buckets, starts, position = [], [], [], 0
+        for index, size in enumerate(self.batch_sizes.tolist()):  # a fixed order
+            ids = rng.permutation(self.bucket_ids(index))
+            count = len(ids) // size
+            parts.append(ids[: count * size])
+            buckets.append(np.full(count, index, dtype=np.int16))
+            starts.append(position + size * np.arange(count, dtype=np.int64))
+            position += count * size
+        bucket, start = np.concatenate(buckets), np.concatenate(starts)
+        if self.image_share is not None:
+            kept = self._mix_images(bucket, rng)
+            bucket, start = bucket[kept], start[kept]
+        order = rng.permutation(len(bucket))
+        return {"order": np.concatenate(parts), "bucket": bucket[order], "start": start[order]}
+
+    def _mix_images(self, bucket: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Indices of a seeded subset of batches in which images are `image_share` of all: the
+        scarcer kind is kept whole."""
+        share = self.image_share
+        is_image = np.array([b.frames == 1 for b in self.table.buckets])[bucket]
+        images, videos = np.flatnonzero(is_image), np.flatnonzero(~is_image)
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"data.image_share={share}: must be in [0, 1]")
+        if (share > 0 and not len(images)) or (share < 1 and not len(videos)):
+            raise ValueError(
+                f"data.image_share={share}: the plan has {len(images)} image and {len(videos)} "
+                "video batches, so that share cannot be met"
+            )
+        if share in (0.0, 1.0):
+            keep_images, keep_videos = (len(images), 0) if share == 1.0 else (0, len(videos))
+        elif len(images) * (1 - share) > len(videos) * share:  # too many images
+            keep_images, keep_videos = round(len(videos) * share / (1 - share)), len(videos)
+        else:
+            keep_images, keep_videos = len(images), round(len(images) * (1 - share) / share)
+
+        def chosen(kind: np.ndarray, count: int) -> np.ndarray:
+            return kind[np.sort(rng.permutation(len(kind))[:count])]
+
+        return np.concatenate([chosen(images, keep_images), chosen(videos, keep_videos)])
+
+
+# --- the cache ---------------------------------------------------------------------------
+
+
+def _cache_key(sources: list[ManifestSource], table: BucketTable, fps: float) -> str:
+    facts = {
+        "format": PLAN_FORMAT,
+        "manifests": [[identity(s.url), s.shards] for s in sources],
+        "buckets": [[*b.shape, b.batch_size] for b in table.buckets],
+        "max_aspect_change": table.cfg.max_aspect_change,
+        "fps": fps,
+    }
+    return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
+
+
+def _cache_root(sources: list[ManifestSource], cache_dir: Path) -> Path:
+    """Beside the first manifest when it is local and its folder writable, else `cache_dir`."""
+    first = sources[0].url
+    if not is_remote(first):
+        folder = Path(parent(local_path(first)))
+        if os.access(folder, os.W_OK):
+            return folder / ".tessera-plans"
+    return cache_dir / "plans"
+
+
+@contextmanager
+def _locked(path: Path):
+    """One process of a node at a time (the others find the result when they get the lock)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _write_arrays(folder: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write `folder` whole or not at all: files go to a temporary folder renamed into place."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    for name, array in arrays.items():
+        np.save(tmp / f"{name}.npy", array)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another node wrote it first (same inputs, same arrays)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build(
+    folder: Path, sources: list[ManifestSource], table: BucketTable, fps: float, spec: str
+) -> None:
+    """Read the manifests, assign buckets and write the cache folder."""
+    manifest = pa.concat_tables([read_manifest(source) for source in sources]).combine_chunks()
+    n = manifest.num_rows
+    if n == 0:
+        raise FileNotFoundError(f"data.shards={spec!r}: the shards hold no samples")
+    column = {
+        name: manifest.column(name).to_numpy() for name in ("width", "height", "frames", "fps")
+    }
+    bucket = assign_buckets(
+        column["width"],
+        column["height"],
+        frames_at_fps(column["frames"], column["fps"], fps),
+        table,
+    )
+    id_type = np.int32 if n < 2**31 else np.int64
+    by_bucket = np.argsort(bucket, kind="stable").astype(id_type)[int((bucket < 0).sum()) :]
+    counts = np.bincount(bucket[bucket >= 0], minlength=len(table.buckets))
+    shard = manifest.column("shard").dictionary_encode().combine_chunks()
+    media = manifest.column("media").dictionary_encode().combine_chunks()
+    samples = pa.table(
+        {
+            **{name: manifest.column(name).combine_chunks() for name in SAMPLE_COLUMNS},
+            "key": manifest.column("key").combine_chunks().cast(pa.large_string()),
+            "shard": shard.indices.cast(pa.int32()),
+            "media": media.indices.cast(pa.int8()),
+            "bucket": pa.array(bucket),
+        }
+    )
+    meta = {
+        "samples": n,
+        "unassigned": int((bucket < 0).sum()),
+        "bucket_counts": counts.tolist(),
+        "shards": shard.dictionary.to_pylist(),
+        "medias": media.dictionary.to_pylist(),
+        "schema": SCHEMA.names,
+    }
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    with pa.OSFile(str(tmp / "samples.arrow"), "wb") as sink:
+        with pa.ipc.new_file(sink, samples.schema) as writer:
+            writer.write_table(samples, max_chunksize=max(n, 1))
+    np.save(tmp / "by_bucket.npy", by_bucket)
+    (tmp / "plan.json").write_text(json.dumps(meta))
+    try:
+        tmp.rename(folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("data plan of %d samples cached at %s", n, folder)

@@ -1,0 +1,248 @@
+"""Where shard bytes live: local paths, and object stores (`s3://`, `gs://`, `http(s)://`) through
+fsspec. A sample is read as one byte range of its shard; no shard is ever copied whole.
+
+Credentials come from each store's own environment and configuration files (for S3 the AWS
+chain: `AWS_ACCESS_KEY_ID`, `~/.aws/credentials`, instance roles, `AWS_ENDPOINT_URL` for
+S3-compatible servers; for GCS the Google application-default credentials). They never pass
+through Tessera's config, so they are never logged or written into a run directory; a URL that
+carries a user or password is refused for that reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import posixpath
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlparse
+
+import fsspec
+
+REMOTE_SCHEMES = ("s3", "gs", "gcs", "http", "https")
+log = logging.getLogger(__name__)
+
+
+class ReadError(OSError):
+    """A byte range that could not be read, after every retry."""
+
+
+def is_remote(url: str) -> bool:
+    return urlparse(url).scheme in REMOTE_SCHEMES
+
+
+def local_path(url: str) -> str:
+    """A local path for `url` (a plain path or a file:// URL)."""
+    return urlparse(url).path if url.startswith("file://") else url
+
+
+def checked_url(url: str) -> str:
+    """`url` as given, unless it names a scheme this module cannot read or carries credentials."""
+    parsed = urlparse(url)
+    if "://" in url and parsed.scheme not in REMOTE_SCHEMES + ("file",):
+        raise ValueError(
+            f"{url}: unsupported scheme {parsed.scheme!r} (use one of s3, gs, http(s))"
+        )
+    if parsed.username or parsed.password:
+        raise ValueError(
+            f"{redact(url)}: the URL carries credentials; give them through the store's "
+            "environment or configuration files, which are never written into a run directory"
+        )
+    return url
+
+
+def redact(url: str) -> str:
+    """`url` without any user or password, for messages."""
+    parsed = urlparse(url)
+    if parsed.username or parsed.password:
+        return parsed._replace(
+            netloc=parsed.hostname + (f":{parsed.port}" if parsed.port else "")
+        ).geturl()
+    return url
+
+
+def join(folder: str, name: str) -> str:
+    """`name` inside `folder`; an absolute path or a URL is returned unchanged."""
+    if "://" in name or name.startswith("/"):
+        return name
+    if "://" in folder:
+        return posixpath.join(folder.rstrip("/"), name)
+    return str(Path(folder) / name)
+
+
+def parent(url: str) -> str:
+    return posixpath.dirname(url.rstrip("/")) if "://" in url else str(Path(url).parent)
+
+
+def _filesystem(url: str):
+    """fsspec's filesystem for `url`; fsspec keeps one instance per process (and makes new ones
+    after a fork, as its async clients do not survive one)."""
+    return fsspec.core.url_to_fs(url)[0]
+
+
+def exists(url: str) -> bool:
+    return _filesystem(url).exists(url) if is_remote(url) else os.path.exists(local_path(url))
+
+
+def read_bytes(url: str) -> bytes:
+    """A whole (small) file, such as a manifest."""
+    if is_remote(url):
+        return _filesystem(url).cat_file(url)
+    return Path(local_path(url)).read_bytes()
+
+
+def identity(url: str) -> str:
+    """What changes when the file at `url` changes: size and modification time, or the ETag."""
+    if not is_remote(url):
+        stat = os.stat(local_path(url))
+        return f"{os.path.abspath(local_path(url))}:{stat.st_size}:{stat.st_mtime_ns}"
+    info = _filesystem(url).info(url)
+    version = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime")
+    return f"{url}:{info.get('size')}:{version}"
+
+
+def missing(urls: list[str], threads: int = 16) -> list[str]:
+    """The URLs of `urls` that do not exist: one listing per folder where the store can list
+    (local, S3, GCS), one HEAD per file over HTTP."""
+    by_folder: dict[str, list[str]] = {}
+    for url in urls:
+        by_folder.setdefault(parent(url), []).append(url)
+    absent: list[str] = []
+    heads: list[str] = []
+    for folder, members in by_folder.items():
+        scheme = urlparse(folder).scheme
+        if scheme in ("http", "https"):
+            heads += members
+            continue
+        if scheme in REMOTE_SCHEMES:
+            fs = _filesystem(folder)
+            listed = (
+                {posixpath.basename(p.rstrip("/")) for p in fs.ls(folder, detail=False)}
+                if fs.exists(folder)
+                else set()
+            )
+        else:
+            path = local_path(folder)
+            listed = set(os.listdir(path)) if os.path.isdir(path) else set()
+        absent += [url for url in members if posixpath.basename(url) not in listed]
+    if heads:
+        with ThreadPoolExecutor(threads) as pool:
+            found = list(pool.map(exists, heads))
+        absent += [url for url, ok in zip(heads, found, strict=True) if not ok]
+    return absent
+
+
+class DiskCache:
+    """Byte ranges on local disk, shared by every process of a node, least recently used out.
+
+    An entry is a file named by a hash of its URL and range; a read refreshes its time. A
+    process rescans the folder (and evicts the oldest entries) when its own writes since the
+    last scan reach 1/16 of the budget or the budget itself is passed, so the folder stays
+    within the budget plus 1/16 of it per writing process."""
+
+    def __init__(self, folder: str | Path, max_bytes: int):
+        self.folder, self.max_bytes = Path(folder), max_bytes
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.hits = self.misses = 0
+        self._lock = threading.Lock()
+        self._total = self._scan_and_evict()
+        self._written = 0
+
+    @staticmethod
+    def entry_name(url: str, offset: int, size: int) -> str:
+        return hashlib.sha1(f"{url}\0{offset}\0{size}".encode()).hexdigest()
+
+    def get(self, name: str) -> bytes | None:
+        path = self.folder / name
+        try:
+            data = path.read_bytes()
+            os.utime(path)
+        except FileNotFoundError:  # never cached, or evicted by another process meanwhile
+            self.misses += 1
+            return None
+        self.hits += 1
+        return data
+
+    def put(self, name: str, data: bytes) -> None:
+        tmp = self.folder / f".{name}.{os.getpid()}.{threading.get_ident()}"
+        tmp.write_bytes(data)
+        tmp.replace(self.folder / name)
+        with self._lock:
+            self._total += len(data)
+            self._written += len(data)
+            if self._total > self.max_bytes or self._written * 16 >= self.max_bytes:
+                self._total, self._written = self._scan_and_evict(), 0
+
+    def _scan_and_evict(self) -> int:
+        entries = []
+        for entry in os.scandir(self.folder):
+            if entry.name.startswith("."):
+                continue
+            try:
+                stat = entry.stat()
+            except FileNotFoundError:
+                continue
+            entries.append((stat.st_mtime_ns, stat.st_size, entry.path))
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            total -= size
+        return total
+
+
+class RangeReader:
+    """Byte ranges of files, local or remote: one request a range, each retried with
+    exponential backoff; remote ranges optionally go through a `DiskCache`."""
+
+    def __init__(self, retries: int = 3, backoff_s: float = 0.5, cache: DiskCache | None = None):
+        self.retries, self.backoff_s, self.cache = retries, backoff_s, cache
+        self._files: dict[str, int] = {}  # local path -> descriptor, opened in this process
+        self._pid = os.getpid()
+
+    def read(self, url: str, offset: int, size: int) -> bytes:
+        if not is_remote(url):
+            return self._read_local(local_path(url), offset, size)
+        name = DiskCache.entry_name(url, offset, size) if self.cache else ""
+        data = self.cache.get(name) if self.cache else None
+        if data is None:
+            data = self._read_remote(url, offset, size)
+            if self.cache:
+                self.cache.put(name, data)
+        return data
+
+    def _read_local(self, path: str, offset: int, size: int) -> bytes:
+        if self._pid != os.getpid():  # a forked loader worker opens its own descriptors
+            self._files, self._pid = {}, os.getpid()
+        fd = self._files.get(path)
+        if fd is None:
+            fd = self._files[path] = os.open(path, os.O_RDONLY)
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise ReadError(f"{path}: {len(data)} bytes at offset {offset}, {size} expected")
+        return data
+
+    def _read_remote(self, url: str, offset: int, size: int) -> bytes:
+        for attempt in range(self.retries + 1):
+            try:
+                data = _filesystem(url).cat_file(url, start=offset, end=offset + size)
+                if len(data) != size:  # e.g. a server that ignores the Range header
+                    raise ReadError(f"{len(data)} bytes returned for a range of {size}")
+                return data
+            except Exception as error:  # stores raise many types; every one is retried
+                if attempt == self.retries:
+                    raise ReadError(
+                        f"{redact(url)} bytes {offset}-{offset + size - 1}: {error!r} "
+                        f"(after {self.retries + 1} attempts)"
+                    ) from error
+                delay = self.backoff_s * 2**attempt
+                log.debug("retrying %s in %.2f s: %r", redact(url), delay, error)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
