@@ -125,7 +125,9 @@ def _row(tar: tarfile.TarFile, url: str, shard: str, key: str, members: dict) ->
         "key": key,
         "shard": shard,
         "offset": first.offset,
-        "size": last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE - first.offset,
+        "size": last.offset_data
+        + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        - first.offset,
         "media": media,
         "width": int(meta["width"]),
         "height": int(meta["height"]),
@@ -195,6 +197,8 @@ def _tars(entry: str) -> list[str]:
             os.path.normpath(p) for p in glob.glob(local_path(entry)) if p.endswith(".tar")
         )
     if entry.endswith(".tar"):
+        if not exists(entry):
+            raise FileNotFoundError(f"no such shard folder or file {redact(entry)}")
         return [entry if is_remote(entry) else os.path.normpath(local_path(entry))]
     if is_remote(entry):
         fs, path = fsspec.core.url_to_fs(entry)

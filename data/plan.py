@@ -254,7 +254,7 @@ class DataPlan:
         rng = np.random.default_rng([seed, epoch])
         parts, buckets, starts, position = [], [], [], 0
         for index, size in enumerate(self.batch_sizes.tolist()):  # a fixed order
-            ids = rng.permutation(self.bucket_ids(index))
+            ids = rng.permutation(np.array(self.bucket_ids(index)))  # a copy: mmaps are read-only
             count = len(ids) // size
             parts.append(ids[: count * size])
             buckets.append(np.full(count, index, dtype=np.int16))

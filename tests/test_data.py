@@ -12,11 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from manifests import manifest_rows
 from omegaconf import OmegaConf
 
 from data.buckets import BucketConfig, BucketTable
 from data.decode import DecodeError, decode_clip, probe
-from data.pipeline import DataConfig, DataState, build_loader, load_index, plan_epoch
+from data.pipeline import DataConfig, build_loader, open_plan
+from data.plan import DataState
 from data.shards import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,31 +154,34 @@ def test_writer_skips_bad_files_and_writes_valid_webdataset(small_source, tmp_pa
     metas = {json.loads(s["json"])["source"]: s for s in read}
     assert set(metas) == {"carphone.mp4", "bikes.mp4", "grey.png"}
     assert json.loads(metas["carphone.mp4"]["json"])["frames"] == 120
-    # The index's offsets read back exactly the member bytes.
-    for entry in load_index(str(tmp_path / "shards")):
-        with open(entry["shard"], "rb") as f:
-            f.seek(entry["offset"])
-            data = f.read(entry["size"])
-        assert data == metas[entry["meta"]["source"]][entry["media"]]
+    # The manifest's spans read back exactly the members' bytes.
+    for row in manifest_rows(str(tmp_path / "shards")):
+        with open(row["shard"], "rb") as f:
+            f.seek(row["offset"])
+            data = f.read(row["size"])
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            meta = json.loads(tar.extractfile(f"{row['key']}.json").read())
+            media = tar.extractfile(f"{row['key']}.{row['media']}").read()
+        assert media == metas[meta["source"]][row["media"]]
 
 
 def test_missing_shard_folder_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no-such-folder"):
-        load_index(str(tmp_path / "no-such-folder"))
+        manifest_rows(str(tmp_path / "no-such-folder"))
 
 
 # --- the loader ---------------------------------------------------------------------------
 
 
 def take(cfg: DataConfig, table: BucketTable, rank: int, world: int, state: DataState, n: int):
-    stream = build_loader(cfg, table, rank, world, state)
+    stream = build_loader(cfg, open_plan(cfg, table), rank, world, state)
     return [next(stream) for _ in range(n)]
 
 
 def test_batches_have_one_shape_and_no_upscaling(demo_shards):
     table = demo_table()
     cfg = DataConfig(shards=str(demo_shards), num_workers=2)
-    samples = {s["key"]: s["meta"] for s in load_index(str(demo_shards))}
+    samples = {row["key"]: row for row in manifest_rows(str(demo_shards))}
     seen = Counter()
     for batch in take(cfg, table, 0, 1, DataState(0, 0, 0), 25):
         frames, height, width = batch.bucket
@@ -216,9 +221,7 @@ def test_workers_do_not_change_the_stream(demo_shards):
 def test_ranks_split_the_global_plan_and_resume_on_another_world_size(demo_shards):
     table = demo_table()
     cfg = DataConfig(shards=str(demo_shards), num_workers=0)
-    samples = load_index(str(demo_shards))
-    plan, _ = plan_epoch(samples, table, cfg.fps, 0, 0)
-    rows = len(plan) // 2
+    rows = len(open_plan(cfg, table).epoch(0, 0)) // 2
     one = take(cfg, table, 0, 1, DataState(0, 0, 0), 2 * rows)
     rank0 = take(cfg, table, 0, 2, DataState(0, 0, 0), rows)
     rank1 = take(cfg, table, 1, 2, DataState(0, 0, 0), rows)
@@ -252,6 +255,8 @@ def test_corrupt_video_inside_a_shard_is_skipped_and_counted(demo_shards, tmp_pa
                 corrupted.add(member.name.split(".")[0])
                 data = bytes(len(data))  # same size, all zeros
             tar_out.addfile(member, io.BytesIO(data))
+    # The same bytes at the same places: the original manifest describes the broken shard too.
+    (broken_dir / "manifest.parquet").write_bytes((demo_shards / "manifest.parquet").read_bytes())
     cfg = DataConfig(shards=str(broken_dir), num_workers=0)
     batches = take(cfg, demo_table(), 0, 1, DataState(0, 0, 0), 30)
     skipped = sum(b.skipped for b in batches)

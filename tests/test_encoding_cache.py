@@ -12,7 +12,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from models import flow_objective
 
-from data.pipeline import BatchStream, DataState, load_index
+from data.pipeline import BatchStream, open_plan
+from data.plan import DataState
 from model.autoencoder import build_autoencoder
 from model.text import TextEncoder
 from train.build import build_bucket_table, frozen
@@ -65,12 +66,16 @@ def parts(demo_shards):
     return cfg, table, objective
 
 
+def batches(plan):
+    """Epoch 0's planned batches."""
+    return (plan.batch(0, 0, index) for index in range(len(plan.epoch(0, 0))))
+
+
 def load_same_samples(cfg, table, epoch: int):
     """The plan's first batch of clips (more than one frame), decoded as in `epoch`."""
-    stream = BatchStream(
-        cfg.data, table, load_index(cfg.data.shards), 0, 1, DataState(cfg.data.seed, 0, 0)
-    )
-    planned = next(b for b in stream.plan(0)[0] if b.bucket.frames > 1)
+    plan = open_plan(cfg.data, table)
+    stream = BatchStream(cfg.data, plan, 0, 1, DataState(cfg.data.seed, 0, 0))
+    planned = next(b for b in batches(plan) if b.bucket.frames > 1)
     return stream.load(planned, epoch, 0, DataState(cfg.data.seed, epoch, 0))
 
 
@@ -106,10 +111,11 @@ def test_cached_encodings_equal_fresh_ones_and_the_next_epoch_hits(parts):
 def test_later_epochs_take_decoded_clips_from_the_cache(parts):
     cfg, table, _ = parts
     cached = replace(cfg.data, decoded_cache_mb=64)
-    stream = BatchStream(cached, table, load_index(cfg.data.shards), 0, 1, DataState(0, 0, 0))
-    planned = next(b for b in stream.plan(0)[0] if b.bucket.frames > 1)
+    plan = open_plan(cached, table)
+    stream = BatchStream(cached, plan, 0, 1, DataState(0, 0, 0))
+    planned = next(b for b in batches(plan) if b.bucket.frames > 1)
     first = stream.load(planned, 0, 0, DataState(0, 0, 0))
-    stream._read = None  # a later epoch must not read the shards again
+    stream.reader = None  # a later epoch must not read the shards again
     second = stream.load(planned, 1, 0, DataState(0, 1, 0))
     assert torch.equal(first.video, second.video) and torch.equal(
         first.video, load_same_samples(cfg, table, 0).video

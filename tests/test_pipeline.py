@@ -1,5 +1,5 @@
 """The loader on real demo shards: shard specs, the per-epoch plan split over ranks, epoch
-ends, resume across world sizes, failed batches and the data state's errors."""
+ends, resume across world sizes, failed batches, the data state's errors and the plan cache."""
 
 from __future__ import annotations
 
@@ -9,11 +9,18 @@ import logging
 import tarfile
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from manifests import manifest_rows, planned_keys
 from omegaconf import OmegaConf
 
 from data.buckets import BucketConfig, BucketTable
-from data.pipeline import DataConfig, DataState, build_loader, load_index, plan_epoch
+from data.manifest import SCHEMA
+from data.manifest import main as manifest_command
+from data.pipeline import DataConfig, build_loader, open_plan
+from data.plan import DataPlan, DataState, assign_buckets, frames_at_fps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,30 +34,24 @@ def table() -> BucketTable:
 
 
 def take(shards: Path, table: BucketTable, rank: int, world: int, state: DataState, n: int):
-    stream = build_loader(DataConfig(shards=str(shards), num_workers=0), table, rank, world, state)
+    cfg = DataConfig(shards=str(shards), num_workers=0)
+    stream = build_loader(cfg, open_plan(cfg, table), rank, world, state)
     return [next(stream) for _ in range(n)]
 
 
-def planned_keys(samples: list[dict], table: BucketTable, epoch: int) -> list[list[str]]:
-    plan, _ = plan_epoch(samples, table, 8.0, 0, epoch)
-    return [[samples[i]["key"] for i in batch.sample_ids] for batch in plan]
+def demo_plan(shards: Path, table: BucketTable, image_share: float | None = None) -> DataPlan:
+    return DataPlan.open(str(shards), table, 8.0, image_share)
 
 
-def test_every_form_of_shard_spec_finds_the_same_samples(demo_shards, tmp_path):
+def test_every_form_of_shard_spec_finds_the_same_samples(demo_shards):
     tars = sorted(demo_shards.glob("*.tar"))
-    by_folder = load_index(str(demo_shards))
-    as_list = load_index(",".join(str(t) for t in tars))
-    as_glob = load_index(str(demo_shards / "shard-*.tar"))
-    # A URL is copied into the cache, then indexed by scanning like any foreign tar.
-    urls = ",".join(t.as_uri() for t in tars)
-    as_urls = load_index(urls, tmp_path / "cache")
-    assert len(list((tmp_path / "cache").glob("*.tar"))) == len(tars)
-
-    def strip(samples):
-        return [{k: v for k, v in s.items() if k != "shard"} for s in samples]
-
-    assert strip(as_list) == strip(as_glob) == strip(as_urls) == strip(by_folder)
-    assert len(by_folder) == 320
+    by_folder = manifest_rows(str(demo_shards))
+    as_list = manifest_rows(",".join(str(t) for t in tars))
+    as_glob = manifest_rows(str(demo_shards / "shard-*.tar"))
+    as_urls = manifest_rows(",".join(t.as_uri() for t in tars))
+    as_manifest = manifest_rows(str(demo_shards / "manifest.parquet"))
+    assert as_list == as_glob == as_urls == as_manifest == by_folder
+    assert len(by_folder) == 320 and {row["shard"] for row in by_folder} == {str(t) for t in tars}
 
 
 @pytest.mark.parametrize(
@@ -60,20 +61,37 @@ def test_every_form_of_shard_spec_finds_the_same_samples(demo_shards, tmp_path):
         (" , ", "data.shards is empty"),
         ("{tmp}/nowhere/*.tar", "matches no .tar file"),
         ("{shards},{tmp}/gone.tar", "no such shard folder or file .*gone.tar"),
-        ("{tmp}", "holds no .tar"),
+        ("{tmp}/nowhere", "no such shard folder or file .*nowhere"),
+        ("{tmp}/none.parquet", "no manifest .*none.parquet"),
+        ("{tmp}", "no manifest .*: index the folder's shards with `python -m data.manifest index"),
     ],
 )
 def test_bad_shard_specs_are_named(demo_shards, tmp_path, spec, message):
     with pytest.raises(FileNotFoundError, match=message):
-        load_index(spec.format(tmp=tmp_path, shards=demo_shards))
+        manifest_rows(spec.format(tmp=tmp_path, shards=demo_shards))
+
+
+def test_a_folder_of_the_old_index_format_names_the_command_that_converts_it(demo_shards, tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    for tar in demo_shards.glob("*.tar"):
+        (old / tar.name).symlink_to(tar)
+    (old / "index.json").write_text('{"version": 1, "shards": []}')
+    with pytest.raises(FileNotFoundError, match=f"python -m data.manifest index {old}"):
+        manifest_rows(str(old))
+    manifest_command(["index", str(old), "--workers", "2"])
+    assert manifest_rows(str(old)) == [
+        {**row, "shard": str(old / Path(row["shard"]).name)}
+        for row in manifest_rows(str(demo_shards))
+    ]
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_split_each_epoch_of_the_global_plan(demo_shards, table, world):
     """Rank r takes plan batches r, r + world, ...; the epoch ends when fewer than `world`
     are left, and the next epoch is a new shuffle."""
-    samples = load_index(str(demo_shards))
-    epoch0, epoch1 = planned_keys(samples, table, 0), planned_keys(samples, table, 1)
+    plan = demo_plan(demo_shards, table)
+    epoch0, epoch1 = planned_keys(plan, 0), planned_keys(plan, 1)
     assert epoch0 != epoch1
     rows = len(epoch0) // world
     streams = [
@@ -94,8 +112,7 @@ def test_ranks_split_each_epoch_of_the_global_plan(demo_shards, table, world):
 def test_resume_on_fewer_ranks_repeats_and_skips_nothing(demo_shards, table):
     """Three ranks take one row (plan batches 0-2); two ranks go on from batch 3, so the
     rows now start at odd plan indices."""
-    samples = load_index(str(demo_shards))
-    epoch0 = planned_keys(samples, table, 0)
+    epoch0 = planned_keys(demo_plan(demo_shards, table), 0)
     before = [take(demo_shards, table, r, 3, DataState(0, 0, 0), 1)[0] for r in range(3)]
     state = DataState.from_dict(json.loads(json.dumps(before[0].state_after)))
     assert all(DataState.from_dict(b.state_after) == state for b in before)
@@ -130,10 +147,10 @@ def test_a_batch_that_fails_entirely_is_counted_in_the_next(demo_shards, table, 
             if member.name.endswith(".mp4"):
                 data = bytes(len(data))
             tar_out.addfile(member, io.BytesIO(data))
-    samples = load_index(str(broken))
-    plan, _ = plan_epoch(samples, table, 8.0, 0, 0)
+    manifest_command(["index", str(broken)])
+    plan = demo_plan(broken, table)
     expected, failed = [], 0
-    for batch in plan:
+    for batch in (plan.batch(0, 0, i) for i in range(len(plan.epoch(0, 0)))):
         if batch.bucket.frames == 1:
             expected.append((batch.bucket.shape, failed))
             failed = 0
@@ -148,27 +165,83 @@ def test_a_batch_that_fails_entirely_is_counted_in_the_next(demo_shards, table, 
 
 @pytest.mark.parametrize("share", [0.0, 0.25, 0.5, 1.0])
 def test_image_share_sets_the_share_of_image_batches_deterministically(demo_shards, table, share):
-    samples = load_index(str(demo_shards))
-    natural, _ = plan_epoch(samples, table, 8.0, 0, 0)
-    plan, _ = plan_epoch(samples, table, 8.0, 0, 0, image_share=share)
+    def batches(image_share, epoch):
+        plan = demo_plan(demo_shards, table, image_share)
+        return [plan.batch(0, epoch, i) for i in range(len(plan.epoch(0, epoch)))]
+
+    natural, plan = batches(None, 0), batches(share, 0)
     images = sum(batch.bucket.frames == 1 for batch in plan)
     assert images == pytest.approx(share * len(plan), abs=0.5)
     natural_images = sum(batch.bucket.frames == 1 for batch in natural)
     # The scarcer kind is kept whole; the plan is a seeded function of (seed, epoch) alone.
     assert images == natural_images or len(plan) - images == len(natural) - natural_images
-    assert plan == plan_epoch(samples, table, 8.0, 0, 0, image_share=share)[0]
-    assert plan != plan_epoch(samples, table, 8.0, 0, 1, image_share=share)[0]
+    assert plan == batches(share, 0)
+    assert plan != batches(share, 1)
 
 
-def test_image_share_that_cannot_be_met_is_named(demo_shards, table):
-    videos_only = [s for s in load_index(str(demo_shards)) if s["meta"]["frames"] > 1]
+def videos_only(demo_shards: Path, folder: Path) -> Path:
+    """A manifest file of the demo's clips alone (its shards named by absolute path)."""
+    rows = [row for row in manifest_rows(str(demo_shards)) if row["frames"] > 1]
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), folder / "videos.parquet")
+    return folder / "videos.parquet"
+
+
+def test_image_share_that_cannot_be_met_is_named(demo_shards, table, tmp_path):
+    plan = demo_plan(videos_only(demo_shards, tmp_path), table, image_share=0.3)
     with pytest.raises(ValueError, match="data.image_share=0.3: the plan has 0 image"):
-        plan_epoch(videos_only, table, 8.0, 0, 0, image_share=0.3)
+        plan.epoch(0, 0)
+
+
+def test_an_image_share_that_leaves_fewer_batches_than_ranks_fails_instead_of_looping(
+    demo_shards, table
+):
+    """image_share=1 keeps only the image batches: fewer than a row of all the batches needs."""
+    plan = demo_plan(demo_shards, table, image_share=1.0)
+    world = len(plan.epoch(0, 0)) + 1
+    assert world <= plan.batches_per_epoch  # enough batches before the mix, too few after it
+    with pytest.raises(ValueError, match=f"epoch 0's plan has .* fewer than the {world} data-par"):
+        next(plan.rows(DataState(0, 0, 0), 0, world))
+
+
+def test_bucket_assignment_follows_the_table_rule_for_every_sample(demo_shards, table):
+    rows = manifest_rows(str(demo_shards))
+    column = {
+        name: np.array([row[name] for row in rows]) for name in ("width", "height", "frames", "fps")
+    }
+    available = frames_at_fps(column["frames"], column["fps"], 8.0)
+    assigned = assign_buckets(column["width"], column["height"], available, table)
+    expected = [
+        table.assign(r["width"], r["height"], int(f)) for r, f in zip(rows, available, strict=True)
+    ]
+    assert [table.buckets[i] if i >= 0 else None for i in assigned] == expected
+    assert (assigned >= 0).sum() > 200 and (assigned < 0).sum() > 0
+
+
+def test_the_plan_is_cached_beside_the_manifest_and_rebuilt_when_it_changes(
+    demo_shards, table, tmp_path
+):
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for tar in demo_shards.glob("*.tar"):
+        (folder / tar.name).symlink_to(tar)
+    (folder / "manifest.parquet").write_bytes((demo_shards / "manifest.parquet").read_bytes())
+    first = demo_plan(folder, table)
+    cached = sorted(p.name for p in (folder / ".tessera-plans").iterdir())
+    assert len(cached) == 2 and cached[0].startswith("plan-")  # the plan and its lock
+    again = demo_plan(folder, table)
+    assert again.folder == first.folder and planned_keys(again, 0) == planned_keys(first, 0)
+    other_fps = DataPlan.open(str(folder), table, 4.0)
+    assert other_fps.folder != first.folder
+    rows = manifest_rows(str(folder))[:100]
+    renamed = [{**row, "shard": Path(row["shard"]).name} for row in rows]
+    pq.write_table(pa.Table.from_pylist(renamed, schema=SCHEMA), folder / "manifest.parquet")
+    smaller = demo_plan(folder, table)
+    assert smaller.folder != first.folder and smaller.num_samples == 100
 
 
 def test_batches_carry_frame_rate_and_native_size(demo_shards, table):
     batch = take(demo_shards, table, 0, 1, DataState(0, 0, 0), 1)[0]
-    samples = {s["key"]: s["meta"] for s in load_index(str(demo_shards))}
+    samples = {row["key"]: row for row in manifest_rows(str(demo_shards))}
     expected = [[samples[key]["height"], samples[key]["width"]] for key in batch.keys]
     assert batch.native_size.tolist() == expected
     assert batch.fps.shape == (len(batch.keys),)

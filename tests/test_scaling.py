@@ -21,7 +21,8 @@ from hydra import compose, initialize_config_dir
 from models import flow_objective
 
 from data.demo import build_demo
-from data.pipeline import BatchStream, DataState, load_index, plan_epoch
+from data.pipeline import BatchStream, open_plan
+from data.plan import DataState
 from launch.scaling import Run, fit_scaling, fit_sweep
 from model.autoencoder import build_autoencoder
 from model.flops import dit_train_flops
@@ -82,22 +83,20 @@ def test_derived_steps_spend_the_budget_within_2_percent(
     cfg = config(f"model={size}", f"data.shards={demo_shards}", f"data.image_share={image_share}")
     table = build_bucket_table(cfg, build_autoencoder(cfg.autoencoder))
     flops = sample_flops(cfg)
-    stream = BatchStream(
-        cfg.data, table, load_index(str(demo_shards)), 0, world, DataState(cfg.data.seed, 0, 0)
-    )
+    plan = open_plan(cfg.data, table)
+    stream = BatchStream(cfg.data, plan, 0, world, DataState(cfg.data.seed, 0, 0))
     first = list(itertools.islice(step_flops(stream, flops, grad_accum), 10))
     budget = budget_steps_wanted * float(np.mean(first)) * 1.013  # not a whole number of steps
 
-    steps, planned = budget_steps(budget, cfg.data, table, flops, grad_accum, world)
+    steps, planned = budget_steps(budget, cfg.data, plan, flops, grad_accum, world)
 
     assert planned == pytest.approx(budget, rel=0.02)
     assert budget_steps_wanted * 0.8 < steps < budget_steps_wanted * 1.2
     if world == 1 and grad_accum == 1:  # the same FLOPs, counted from the loader's own plan
-        batches = itertools.chain.from_iterable(
-            plan_epoch(
-                load_index(str(demo_shards)), table, cfg.data.fps, 0, epoch, cfg.data.image_share
-            )[0]
+        batches = (
+            plan.batch(0, epoch, index)
             for epoch in itertools.count()
+            for index in range(len(plan.epoch(0, epoch)))
         )
         expected = sum(
             len(b.sample_ids) * flops(b.bucket) for b in itertools.islice(batches, steps)
@@ -326,8 +325,9 @@ def test_sweep_runs_as_a_hydra_multirun_and_fits(demo_shards, held_out, tmp_path
         result = json.loads(path.read_text())
         cfg = config(f"model={result['model']}", overrides[0])
         table = build_bucket_table(cfg, build_autoencoder(cfg.autoencoder))
+        plan = open_plan(cfg.data, table)
         steps, planned = budget_steps(
-            result["budget_flops"], cfg.data, table, sample_flops(cfg), 1, 1
+            result["budget_flops"], cfg.data, plan, sample_flops(cfg), 1, 1
         )
         # The run trained exactly the derived steps and spent exactly the planned FLOPs.
         assert (result["steps"], result["step"], result["flops_seen"]) == (steps, steps, planned)

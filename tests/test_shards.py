@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import tarfile
@@ -10,11 +11,26 @@ from pathlib import Path
 import decord
 import pytest
 import webdataset as wds
+from manifests import manifest_rows
 from PIL import Image
 
+from data.manifest import main as manifest_command
+from data.manifest import sample_members
 from data.mp4 import write_mp4
-from data.pipeline import load_index
 from data.shards import main, write_shards
+
+
+def span_members(row: dict) -> dict[str, dict[str, bytes]]:
+    """The members in a manifest row's byte span, read as the small tar it is."""
+    with open(row["shard"], "rb") as f:
+        f.seek(row["offset"])
+        span = f.read(row["size"])
+    assert len(span) == row["size"] and row["size"] % 512 == 0
+    with tarfile.open(fileobj=io.BytesIO(span)) as tar:
+        return {
+            key: {ext: tar.extractfile(member).read() for ext, member in members.items()}
+            for key, members in sample_members(tar).items()
+        }
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +81,22 @@ def test_cli_writes_several_shards_and_an_index_that_reads_back(source, tmp_path
     tars = sorted(str(p) for p in out.glob("*.tar"))
     read = {s["__key__"]: s for s in wds.WebDataset(tars, shardshuffle=False)}
     assert len(read) == 7
-    index = json.loads((out / "index.json").read_text())
-    assert [s["file"] for s in index["shards"]] == [Path(t).name for t in tars]
-    for entry in load_index(str(out)):
-        with open(entry["shard"], "rb") as f:
-            f.seek(entry["offset"])
-            assert f.read(entry["size"]) == read[entry["key"]][entry["media"]]
-        assert json.loads(read[entry["key"]]["json"]) == entry["meta"]
-    metas = {e["meta"]["source"]: e["meta"] for e in load_index(str(out))}
+    rows = manifest_rows(str(out))
+    assert sorted({row["shard"] for row in rows}) == tars
+    # One byte range per sample holds exactly its members, nothing of its neighbours.
+    for row in rows:
+        members = span_members(row)
+        assert list(members) == [row["key"]]
+        assert members[row["key"]][row["media"]] == read[row["key"]][row["media"]]
+        assert members[row["key"]]["json"] == read[row["key"]]["json"]
+        meta = json.loads(read[row["key"]]["json"])
+        assert [row[k] for k in ("width", "height", "fps", "frames")] == [
+            meta[k] for k in ("width", "height", "fps", "frames")
+        ]
+        assert row["has_recaption"] == bool(meta["recaption"])
+    metas = {
+        meta["source"]: meta for meta in (json.loads(read[row["key"]]["json"]) for row in rows)
+    }
     assert metas["bikes_1.mp4"] | {"duration": 0.8} == {
         "width": 160,
         "height": 68,
@@ -113,7 +137,8 @@ def test_caption_file_errors_name_the_file_and_column(source, tmp_path):
 
 
 def test_tars_from_other_tools_are_indexed_by_scanning(source, tmp_path, caplog):
-    """No index.json, no json members: captions come from txt, sizes are probed."""
+    """No manifest, no json members: `python -m data.manifest index` takes captions from txt
+    and probes sizes."""
     folder = tmp_path / "foreign"
     folder.mkdir()
     with wds.TarWriter(str(folder / "other-00.tar")) as sink:
@@ -133,23 +158,17 @@ def test_tars_from_other_tools_are_indexed_by_scanning(source, tmp_path, caplog)
         )
         sink.write({"__key__": "clips/c", "mp4": (source / "bikes_0.mp4").read_bytes()})
     with caplog.at_level(logging.WARNING):
-        samples = {s["key"]: s for s in load_index(str(folder))}
+        manifest_command(["index", str(folder)])
+    samples = {row["key"]: row for row in manifest_rows(str(folder))}
     assert set(samples) == {"clips/a", "clips/b"}
     assert "clips/c" in caplog.text and "no caption" in caplog.text
-    a, b = samples["clips/a"]["meta"], samples["clips/b"]["meta"]
-    assert (a["caption"], a["width"], a["height"], a["frames"]) == (
-        "a man talking in a car",
-        88,
-        72,
-        20,
-    )
-    assert (b["caption"], b["width"], b["height"], b["frames"]) == ("a rabbit", 128, 72, 1)
+    a, b = samples["clips/a"], samples["clips/b"]
+    assert (a["width"], a["height"], a["frames"], a["media"]) == (88, 72, 20, "mp4")
+    assert (b["width"], b["height"], b["frames"], b["media"]) == (128, 72, 1, "jpg")
+    assert span_members(a)["clips/a"]["txt"] == b"a man talking in a car"
+    assert span_members(a)["clips/a"]["mp4"] == (source / "carphone_0.mp4").read_bytes()
     with tarfile.open(folder / "other-00.tar") as tar:
-        member = tar.getmember("clips/a.mp4")
-        assert (samples["clips/a"]["offset"], samples["clips/a"]["size"]) == (
-            member.offset_data,
-            member.size,
-        )
+        assert a["offset"] == tar.getmember("clips/a.mp4").offset  # the sample's first header
 
 
 def test_compressed_tar_is_refused(source, tmp_path):
@@ -158,4 +177,4 @@ def test_compressed_tar_is_refused(source, tmp_path):
     with tarfile.open(folder / "shard.tar", "w:gz") as tar:
         tar.add(source / "bunny.jpg", "x.jpg")
     with pytest.raises(ValueError, match="shard.tar is not an uncompressed tar"):
-        load_index(str(folder))
+        manifest_command(["index", str(folder)])
