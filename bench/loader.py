@@ -14,7 +14,8 @@ augmentation on) three ways, each with the same number of DataLoader workers:
 - `s3`: `build_loader` over `s3://tessera-bench/demo/` on a moto S3 server started here on
   127.0.0.1 in its own process (fake credentials, `AWS_ENDPOINT_URL`), the tars and
   manifest.parquet uploaded with boto3. The server shares the 2 CPUs with the workers, so this
-  also pays for the server's own CPU, which a real store would not charge.
+  also pays for the server's own CPU, which a real store would not charge: `s3_server_cpu_cores`
+  is the share of a core the server used during the S3 run.
 
 The first `--warmup` batches of each (worker start-up, first reads) are not timed. Prints a table
 and one JSON line with clips/s and the ratios to the bound (targets: >= 0.9 local, >= 0.8 S3).
@@ -126,8 +127,8 @@ def decode_rate(shards: str, table: BucketTable, workers: int, count: int, warmu
     reader = SampleReader(plan)
     media = {
         i: reader.read(i).media
-        for _, index, _ in rows
-        for i in plan.batch(cfg.seed, 0, index).sample_ids
+        for epoch, index, _ in rows
+        for i in plan.batch(cfg.seed, epoch, index).sample_ids
     }
     dataset = DecodeOnly(cfg, plan, rows, media)
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4)
@@ -174,6 +175,13 @@ def start_s3(shards: Path) -> tuple[subprocess.Popen, str]:
     return server, f"s3://{BUCKET}/demo/"
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", type=int, default=2)
@@ -189,7 +197,9 @@ def main() -> None:
     local, _ = loader_rate(str(shards), table, *run)
     server, url = start_s3(shards)
     try:
+        cpu_before, started = cpu_seconds(server.pid), time.perf_counter()
         s3, _ = loader_rate(url, table, *run)
+        server_cpu = (cpu_seconds(server.pid) - cpu_before) / (time.perf_counter() - started)
     finally:
         server.kill()
         server.wait()
@@ -202,6 +212,7 @@ def main() -> None:
         "s3_clips_s": round(s3, 1),
         "local_ratio": round(local / bound, 3),
         "s3_ratio": round(s3 / bound, 3),
+        "s3_server_cpu_cores": round(server_cpu, 2),
         "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     print("| source | clips/s | vs decode-only |")
