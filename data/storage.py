@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import fsspec
+import fsspec.asyn
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "http", "https")
 log = logging.getLogger(__name__)
@@ -84,7 +85,18 @@ def _filesystem(url: str):
 
 
 def exists(url: str) -> bool:
-    return _filesystem(url).exists(url) if is_remote(url) else os.path.exists(local_path(url))
+    if not is_remote(url):
+        return os.path.exists(local_path(url))
+    fs = _filesystem(url)
+    if urlparse(url).scheme in ("http", "https"):
+        # fsspec's HTTP exists() is a GET, which makes the server send the whole file (a whole
+        # shard); info() asks with a HEAD (a GET only where HEAD gives no size or fails).
+        try:
+            fs.info(url)
+        except FileNotFoundError:
+            return False
+        return True
+    return fs.exists(url)
 
 
 def read_bytes(url: str) -> bytes:
@@ -198,6 +210,39 @@ class DiskCache:
         return total
 
 
+class RangeUnsupported(ReadError):
+    """A server that answers a Range request with the whole file."""
+
+
+def _cat_range(url: str, start: int, end: int) -> bytes:
+    """Bytes [start, end) of a remote file, in one ranged GET."""
+    fs = _filesystem(url)
+    if urlparse(url).scheme not in ("http", "https"):
+        return fs.cat_file(url, start=start, end=end)
+    return fsspec.asyn.sync(fs.loop, _http_range, fs, url, start, end)
+
+
+async def _http_range(fs, url: str, start: int, end: int) -> bytes:
+    """fsspec's HTTP cat_file reads whatever body comes back: from a server that ignores Range,
+    the whole shard for every sample. Here a reply other than 206 fails before its body is
+    read."""
+    kwargs = dict(fs.kwargs)
+    headers = {
+        **kwargs.pop("headers", {}),
+        "Range": f"bytes={start}-{end - 1}",
+        "Accept-Encoding": "identity",  # byte ranges of the file itself, never of a gzip of it
+    }
+    session = await fs.set_session()
+    async with session.get(fs.encode_url(url), headers=headers, **kwargs) as response:
+        fs._raise_not_found_for_status(response, url)
+        if response.status != 206:
+            raise RangeUnsupported(
+                f"{redact(url)} answered {response.status}, not 206, to a request for bytes "
+                f"{start}-{end - 1}: the server does not serve byte ranges, which remote shards need"
+            )
+        return await response.read()
+
+
 class RangeReader:
     """Byte ranges of files, local or remote: one request a range, each retried with
     exponential backoff; remote ranges optionally go through a `DiskCache`."""
@@ -232,10 +277,12 @@ class RangeReader:
     def _read_remote(self, url: str, offset: int, size: int) -> bytes:
         for attempt in range(self.retries + 1):
             try:
-                data = _filesystem(url).cat_file(url, start=offset, end=offset + size)
-                if len(data) != size:  # e.g. a server that ignores the Range header
+                data = _cat_range(url, offset, offset + size)
+                if len(data) != size:
                     raise ReadError(f"{len(data)} bytes returned for a range of {size}")
                 return data
+            except RangeUnsupported:  # asking again will not help
+                raise
             except Exception as error:  # stores raise many types; every one is retried
                 if attempt == self.retries:
                     raise ReadError(
