@@ -107,12 +107,16 @@ def read_bytes(url: str) -> bytes:
 
 
 def identity(url: str) -> str:
-    """What changes when the file at `url` changes: size and modification time, or the ETag."""
+    """What changes when the file at `url` changes: size and modification time, or the ETag;
+    the content's hash where a server gives neither."""
     if not is_remote(url):
         stat = os.stat(local_path(url))
         return f"{os.path.abspath(local_path(url))}:{stat.st_size}:{stat.st_mtime_ns}"
     info = _filesystem(url).info(url)
-    version = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime")
+    fields = ("ETag", "etag", "LastModified", "Last-Modified", "mtime", "generation")
+    version = next((info[field] for field in fields if info.get(field)), None)
+    if version is None:
+        version = hashlib.sha256(read_bytes(url)).hexdigest()
     return f"{url}:{info.get('size')}:{version}"
 
 
