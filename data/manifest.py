@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import argparse
 import glob
-import io
 import json
 import logging
 import os
 import posixpath
 import tarfile
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -238,27 +239,36 @@ def resolve_sources(spec: str) -> list[ManifestSource]:
     return sources
 
 
-def read_manifest(source: ManifestSource) -> pa.Table:
-    """A manifest's rows with `shard` resolved to a full path or URL (and filtered to
-    `source.shards` when given); fails naming the file and the columns it lacks."""
+def manifest_batches(source: ManifestSource, rows: int = 1 << 20) -> Iterator[pa.RecordBatch]:
+    """A manifest's rows, up to `rows` at a time, so that no more than a batch of them is ever in
+    memory. `shard` comes dictionary-encoded with full paths or URLs (a batch names each of its
+    shards once) and filtered to `source.shards` when given. Fails naming the file and the
+    columns it lacks or leaves empty."""
     with fsspec.open(source.url, "rb") as f:
-        table = pq.read_table(io.BytesIO(f.read()))
-    lacking = [name for name in SCHEMA.names if name not in table.column_names]
-    if lacking:
-        raise ValueError(f"manifest {redact(source.url)} has no column {lacking}")
-    table = table.select(SCHEMA.names).cast(SCHEMA)
-    with_nulls = [name for name in SCHEMA.names if table.column(name).null_count]
-    if with_nulls:
-        raise ValueError(f"manifest {redact(source.url)} has empty values in {with_nulls}")
-    folder = parent(source.url)
-    shards = table.column("shard").dictionary_encode().combine_chunks()
-    urls = [join(folder, name) for name in shards.dictionary.to_pylist()]
-    resolved = pa.DictionaryArray.from_arrays(shards.indices, pa.array(urls)).cast(pa.string())
-    table = table.set_column(SCHEMA.get_field_index("shard"), "shard", resolved)
-    if source.shards is not None:
-        keep = pa.compute.is_in(table.column("shard"), value_set=pa.array(source.shards))
-        table = table.filter(keep)
-    return table
+        parquet = pq.ParquetFile(f, read_dictionary=["shard", "media"])
+        lacking = [name for name in SCHEMA.names if name not in parquet.schema_arrow.names]
+        if lacking:
+            raise ValueError(f"manifest {redact(source.url)} has no column {lacking}")
+        folder = parent(source.url)
+        wanted = None if source.shards is None else set(source.shards)
+        for batch in parquet.iter_batches(batch_size=rows, columns=SCHEMA.names):
+            with_nulls = [name for name in SCHEMA.names if batch.column(name).null_count]
+            if with_nulls:
+                raise ValueError(f"manifest {redact(source.url)} has empty values in {with_nulls}")
+            shard = batch.column("shard")
+            urls = [join(folder, name) for name in shard.dictionary.to_pylist()]
+            shard = pa.DictionaryArray.from_arrays(shard.indices, pa.array(urls))
+            batch = batch.set_column(SCHEMA.get_field_index("shard"), "shard", shard)
+            if wanted is not None:
+                keep = np.array([url in wanted for url in urls], dtype=bool)
+                batch = batch.filter(pa.array(keep[shard.indices.to_numpy(zero_copy_only=False)]))
+            yield batch
+
+
+def read_manifest(source: ManifestSource) -> pa.Table:
+    """A whole manifest as a table, `shard` as full paths or URLs: for inspecting small ones."""
+    batches = list(manifest_batches(source))
+    return pa.Table.from_batches(batches).cast(SCHEMA) if batches else SCHEMA.empty_table()
 
 
 # --- the command ---------------------------------------------------------------------------

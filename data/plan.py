@@ -37,13 +37,27 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from data.buckets import Bucket, BucketTable
-from data.manifest import SCHEMA, ManifestSource, read_manifest, resolve_sources
+from data.manifest import ManifestSource, manifest_batches, resolve_sources
 from data.storage import identity, is_remote, local_path, parent
 
-PLAN_FORMAT = 1  # bump when the cached files change meaning
-SAMPLE_COLUMNS = ("key", "offset", "size", "width", "height", "frames", "fps")
+PLAN_FORMAT = 2  # bump when the cached files change meaning
+# The per-sample columns the reader needs, as raw little-endian arrays; `shard` and `media`
+# index the plan's lists of shard URLs and media extensions.
+COLUMN_TYPES = {
+    "shard": "<i4",
+    "offset": "<i8",
+    "size": "<i8",
+    "media": "i1",
+    "width": "<i4",
+    "height": "<i4",
+    "frames": "<i4",
+    "fps": "<f8",
+    "bucket": "<i2",
+}
+ID_TYPE = np.dtype("<i4")  # sample ids: a plan holds fewer than 2**31 samples
 log = logging.getLogger(__name__)
 
 
@@ -77,22 +91,36 @@ def frames_at_fps(frames: np.ndarray, fps: np.ndarray, target_fps: float) -> np.
 
 
 def assign_buckets(
-    width: np.ndarray, height: np.ndarray, frames: np.ndarray, table: BucketTable
+    width: np.ndarray,
+    height: np.ndarray,
+    frames: np.ndarray,
+    table: BucketTable,
+    known: dict[int, int] | None = None,
 ) -> np.ndarray:
     """Each sample's bucket index in `table.buckets` (-1: none fits). The table's own rule runs
     once per distinct (width, height, frames), where frames beyond the longest bucket's are all
-    alike."""
+    alike; `known` carries those answers from one call to the next."""
+    known = {} if known is None else known
     capped = np.minimum(frames, max(b.frames for b in table.buckets)).astype(np.int64)
     valid = (width > 0) & (height > 0) & (width < 2**21) & (height < 2**21)
-    combined = (width.astype(np.int64) << 42) | (height.astype(np.int64) << 21) | capped
-    distinct, inverse = np.unique(np.where(valid, combined, -1), return_inverse=True)
+    packed = (width.astype(np.int64) << 42) | (height.astype(np.int64) << 21) | capped
+    encoded = pc.dictionary_encode(pa.array(np.where(valid, packed, -1)))
     index = {bucket: i for i, bucket in enumerate(table.buckets)}
-    choice = np.full(len(distinct), -1, dtype=np.int16)
-    for i, value in enumerate(distinct.tolist()):
-        if value >= 0:
-            bucket = table.assign(value >> 42, (value >> 21) & (2**21 - 1), value & (2**21 - 1))
-            choice[i] = -1 if bucket is None else index[bucket]
-    return choice[inverse.reshape(-1)]
+
+    def bucket_of(value: int) -> int:
+        if value < 0:
+            return -1
+        bucket = table.assign(value >> 42, (value >> 21) & (2**21 - 1), value & (2**21 - 1))
+        return -1 if bucket is None else index[bucket]
+
+    choice = np.array(
+        [
+            known[value] if value in known else known.setdefault(value, bucket_of(value))
+            for value in encoded.dictionary.to_pylist()
+        ],
+        dtype=np.int16,
+    )
+    return choice[encoded.indices.to_numpy(zero_copy_only=False)]
 
 
 class EpochPlan:
@@ -131,18 +159,18 @@ class DataPlan:
         self.medias: list[str] = meta["medias"]
         self.unassigned: int = meta["unassigned"]
         self.num_samples: int = meta["samples"]
-        columns = pa.ipc.open_file(pa.memory_map(str(folder / "samples.arrow"))).read_all()
-        self.keys = columns.column("key").chunk(0)
+        self.keys = pa.ipc.open_file(pa.memory_map(str(folder / "keys.arrow"))).read_all()["key"]
         self.columns = {
-            name: columns.column(name).chunk(0).to_numpy(zero_copy_only=True)
-            for name in columns.column_names
-            if name != "key"
+            name: np.memmap(folder / f"{name}.bin", np.dtype(dtype), "r", shape=(self.num_samples,))
+            for name, dtype in COLUMN_TYPES.items()
         }
-        self.by_bucket_ids = np.load(folder / "by_bucket.npy", mmap_mode="r")
         self.bucket_counts = np.asarray(meta["bucket_counts"], dtype=np.int64)
+        self.by_bucket_ids = np.memmap(
+            folder / "by_bucket.bin", ID_TYPE, "r", shape=(int(self.bucket_counts.sum()),)
+        )
         self.batch_sizes = np.array([b.batch_size for b in table.buckets], dtype=np.int64)
         self.batches_per_epoch = int(sum(self.bucket_counts // self.batch_sizes))
-        self._epoch: tuple[tuple, EpochPlan] | None = None
+        self._epoch: tuple[str, EpochPlan] | None = None
 
     # Loader workers started by `spawn` re-open the files rather than copying arrays.
     def __reduce__(self):
@@ -344,51 +372,80 @@ def _write_arrays(folder: Path, arrays: dict[str, np.ndarray]) -> None:
 def _build(
     folder: Path, sources: list[ManifestSource], table: BucketTable, fps: float, spec: str
 ) -> None:
-    """Read the manifests, assign buckets and write the cache folder."""
-    manifest = pa.concat_tables([read_manifest(source) for source in sources]).combine_chunks()
-    n = manifest.num_rows
-    if n == 0:
-        raise FileNotFoundError(f"data.shards={spec!r}: the shards hold no samples")
-    column = {
-        name: manifest.column(name).to_numpy() for name in ("width", "height", "frames", "fps")
-    }
-    bucket = assign_buckets(
-        column["width"],
-        column["height"],
-        frames_at_fps(column["frames"], column["fps"], fps),
-        table,
-    )
-    id_type = np.int32 if n < 2**31 else np.int64
-    by_bucket = np.argsort(bucket, kind="stable").astype(id_type)[int((bucket < 0).sum()) :]
-    counts = np.bincount(bucket[bucket >= 0], minlength=len(table.buckets))
-    shard = manifest.column("shard").dictionary_encode().combine_chunks()
-    media = manifest.column("media").dictionary_encode().combine_chunks()
-    samples = pa.table(
-        {
-            **{name: manifest.column(name).combine_chunks() for name in SAMPLE_COLUMNS},
-            "key": manifest.column("key").combine_chunks().cast(pa.large_string()),
-            "shard": shard.indices.cast(pa.int32()),
-            "media": media.indices.cast(pa.int8()),
-            "bucket": pa.array(bucket),
-        }
-    )
-    meta = {
-        "samples": n,
-        "unassigned": int((bucket < 0).sum()),
-        "bucket_counts": counts.tolist(),
-        "shards": shard.dictionary.to_pylist(),
-        "medias": media.dictionary.to_pylist(),
-        "schema": SCHEMA.names,
-    }
+    """Stream the manifests a batch of rows at a time (memory stays flat in the dataset's size):
+    assign buckets, append each column to its file, and group sample ids by bucket."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    with pa.OSFile(str(tmp / "samples.arrow"), "wb") as sink:
-        with pa.ipc.new_file(sink, samples.schema) as writer:
-            writer.write_table(samples, max_chunksize=max(n, 1))
-    np.save(tmp / "by_bucket.npy", by_bucket)
+    shards: dict[str, int] = {}
+    medias: dict[str, int] = {}
+    known: dict[int, int] = {}
+    by_bucket: list[list[np.ndarray]] = [[] for _ in table.buckets]
+    files = {name: open(tmp / f"{name}.bin", "wb") for name in COLUMN_TYPES}
+    keys = pa.ipc.new_file(str(tmp / "keys.arrow"), pa.schema([("key", pa.large_string())]))
+    count = 0
+    try:
+        for source in sources:
+            for batch in manifest_batches(source):
+                column = {name: batch.column(name) for name in batch.schema.names}
+                numbers = {
+                    name: column[name].to_numpy().astype(COLUMN_TYPES[name])
+                    for name in ("offset", "size", "width", "height", "frames", "fps")
+                }
+                numbers["shard"] = _indices(column["shard"], shards, COLUMN_TYPES["shard"])
+                numbers["media"] = _indices(column["media"], medias, COLUMN_TYPES["media"])
+                available = frames_at_fps(numbers["frames"], numbers["fps"], fps)
+                numbers["bucket"] = assign_buckets(
+                    numbers["width"], numbers["height"], available, table, known
+                )
+                for name, file in files.items():
+                    file.write(numbers[name].astype(COLUMN_TYPES[name]).tobytes())
+                keys.write_batch(
+                    pa.record_batch([column["key"].cast(pa.large_string())], names=["key"])
+                )
+                _group_by_bucket(numbers["bucket"], count, by_bucket)
+                count += batch.num_rows
+                if count >= 2**31:
+                    raise ValueError(f"data.shards={spec!r}: over 2**31 samples in one plan")
+    finally:
+        keys.close()
+        for file in files.values():
+            file.close()
+    if count == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FileNotFoundError(f"data.shards={spec!r}: the shards hold no samples")
+    counts = [sum(len(ids) for ids in parts) for parts in by_bucket]
+    with open(tmp / "by_bucket.bin", "wb") as file:
+        for parts in by_bucket:
+            for ids in parts:
+                file.write(ids.tobytes())
+    meta = {
+        "samples": count,
+        "unassigned": count - sum(counts),
+        "bucket_counts": counts,
+        "shards": list(shards),
+        "medias": list(medias),
+    }
     (tmp / "plan.json").write_text(json.dumps(meta))
     try:
         tmp.rename(folder)
-    except OSError:
+    except OSError:  # another node wrote it first (same inputs, same files)
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("data plan of %d samples cached at %s", n, folder)
+    log.info("data plan of %d samples cached at %s", count, folder)
+
+
+def _indices(values: pa.DictionaryArray, index: dict[str, int], dtype: str) -> np.ndarray:
+    """Dictionary indices of one batch turned into indices of the plan-wide list `index`."""
+    if not pa.types.is_dictionary(values.type):
+        values = values.dictionary_encode()
+    lookup = np.array(
+        [index.setdefault(name, len(index)) for name in values.dictionary.to_pylist()], dtype=dtype
+    )
+    return lookup[values.indices.to_numpy(zero_copy_only=False)]
+
+
+def _group_by_bucket(bucket: np.ndarray, first_id: int, by_bucket: list[list[np.ndarray]]) -> None:
+    """Append each bucket's sample ids of a batch (ids from `first_id`) in manifest order."""
+    order = np.argsort(bucket, kind="stable").astype(ID_TYPE) + ID_TYPE.type(first_id)
+    ends = np.cumsum(np.bincount(bucket + 1, minlength=len(by_bucket) + 1))
+    for index, parts in enumerate(by_bucket):
+        parts.append(order[ends[index] : ends[index + 1]])
