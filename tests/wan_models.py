@@ -16,6 +16,8 @@ from diffusers import (
 )
 
 from model.text import default_text_encoder_path
+from model.wan import WanConfig, WanVideoModel
+from train.config import ModelConfig
 
 # Two heads of 12 (Ulysses sp=2 splits them), umT5 states of 32.
 TINY_WAN = {
@@ -34,14 +36,27 @@ TINY_WAN = {
 }
 
 
-def tiny_transformer(seed: int = 0) -> WanTransformer3DModel:
-    """Every weight random (seed), so that no branch of a block starts closed."""
+def tiny_transformer(seed: int = 0, **changes) -> WanTransformer3DModel:
+    """Every weight random (seed), so that no branch of a block starts closed; `changes` replace
+    entries of TINY_WAN."""
     torch.manual_seed(seed)
-    transformer = WanTransformer3DModel(**TINY_WAN)
+    transformer = WanTransformer3DModel(**(TINY_WAN | changes))
     with torch.no_grad():
         for param in transformer.parameters():
             param.copy_(0.2 * torch.randn_like(param))
     return transformer.eval()
+
+
+def tiny_wan_model(variant: str, in_channels: int, text_dim: int) -> WanVideoModel:
+    """The tiny transformer behind Tessera's call, built in memory."""
+    transformer = tiny_transformer(
+        in_channels=in_channels, out_channels=in_channels, text_dim=text_dim
+    )
+    heads, head_dim = TINY_WAN["num_attention_heads"], TINY_WAN["attention_head_dim"]
+    geometry = ModelConfig(
+        depth=TINY_WAN["num_layers"], width=heads * head_dim, num_heads=heads, wan=WanConfig()
+    )
+    return WanVideoModel(transformer.train(), geometry, variant)
 
 
 def tiny_pipeline(seed: int = 0) -> WanPipeline:

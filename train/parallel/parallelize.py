@@ -18,9 +18,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from model.wan import WanVideoModel
 from train.config import ParallelConfig
 from train.parallel.dims import ParallelDims
-from train.parallel.sequence import apply_sequence_parallel
+from train.parallel.sequence import apply_sequence_parallel, apply_wan_sequence_parallel
 
 
 def parallelize(
@@ -28,7 +29,9 @@ def parallelize(
 ) -> nn.Module:
     """Apply every configured parallelism to the DiT; returns what forward is called on."""
     if dims.sp > 1:
-        apply_sequence_parallel(model, dims.mesh["sp"].get_group())
+        wan = isinstance(model, WanVideoModel)
+        split = apply_wan_sequence_parallel if wan else apply_sequence_parallel
+        split(model, dims.mesh["sp"].get_group())
     if cfg.activation_checkpointing != "none":
         every = 1 if cfg.activation_checkpointing == "full" else cfg.checkpoint_every_k
         apply_activation_checkpointing(model, every)
