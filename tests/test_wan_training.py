@@ -2,7 +2,8 @@
 gloo, 2 CPU ranks), from a tiny random Wan pipeline folder saved with diffusers' `save_pretrained`:
 
 - full fine-tuning and LoRA run with FSDP2 and ZeRO-2 on 2 ranks and match one process with the
-  same global batch step by step; LoRA checkpoints hold only the adapters;
+  same global batch step by step (LoRA's FSDP run with optimizer offload to the host and
+  activation checkpointing); LoRA checkpoints hold only the adapters;
 - a LoRA run stopped and resumed (FSDP) gives the same losses and adapters, bit for bit;
 - Ulysses sequence parallelism (sp=2) gives the loss and gradients of sp=1 for Wan 2.1 T2V and
   Wan 2.2 TI2V (per-token times, a given first frame);
@@ -59,6 +60,12 @@ FINE_TUNES = {
     "full": ["optim.lr=1e-3"],
     "lora": ["optim.lr=1e-2", "lora.rank=4", "lora.alpha=8"],
 }
+# LoRA's FSDP run also takes the memory switches of a 14B fine-tune (host-offloaded optimizer,
+# activation checkpointing): they must change no number.
+FSDP = {
+    "full": ["parallel=fsdp"],
+    "lora": ["parallel=fsdp", "parallel.cpu_offload=true", "parallel.activation_checkpointing=full"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +77,7 @@ def fine_tunes(pipeline, demo_shards, tmp_path_factory) -> dict[str, dict[str, P
         runs[kind] = {}
         for layout, extra, nproc in [
             ("none x1", ["train.grad_accum=2"], 1),
-            ("fsdp x2", ["parallel=fsdp"], 2),
+            ("fsdp x2", FSDP[kind], 2),
             ("zero2 x2", ["parallel=zero2"], 2),
         ]:
             run_dir = tmp_path_factory.mktemp(f"{kind}_{layout.split()[0]}")
@@ -111,7 +118,7 @@ def test_lora_stop_and_resume_is_bitwise_identical(fine_tunes, pipeline, demo_sh
         straight / "checkpoints" / "step_00000003", tmp_path / "checkpoints" / "step_00000003"
     )
     args = overrides("wan_lora", pipeline, demo_shards, tmp_path, *FINE_TUNES["lora"])
-    result = launch_training(*args, "parallel=fsdp")
+    result = launch_training(*args, *FSDP["lora"])
     assert "resumed from step 3" in result.stdout + result.stderr
     expected, resumed = step_losses(straight)[3:], step_losses(tmp_path)
     print(f"\nLoRA fsdp steps 4-6 straight {expected}\nresumed at 3 {resumed}")

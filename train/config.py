@@ -133,6 +133,9 @@ class ParallelConfig:
     checkpoint_every_k: int = 2  # with every_k: recompute blocks 0, k, 2k, ...
     compile: bool = False  # torch.compile each transformer block
     reshard_after_forward: bool = True  # FSDP: free gathered params after forward (ZeRO-3 style)
+    # FSDP on GPU: keep sharded params, grads and the optimizer state in host memory, and step
+    # the optimizer there (FSDP2's CPUOffloadPolicy); the ZeRO backends use zero_offload
+    cpu_offload: bool = False
     zero_offload: str = "none"  # ZeRO on GPU: none | optimizer | params (zero3 only)
     deepspeed_config: str | None = None  # a user JSON merged over the generated DeepSpeed config
 
