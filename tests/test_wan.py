@@ -5,7 +5,8 @@ random Wan models saved with `save_pretrained` (nothing is downloaded):
   and saving it back loads in diffusers with identical tensors;
 - a wrong or partial folder fails naming the file;
 - LoRA: only the adapters change while training, bitwise; the diffusers-format export loads into
-  diffusers' WanPipeline and changes its output; the merged export is base + adapter.
+  diffusers' WanPipeline and changes its output; the merged export is base + adapter;
+- the memory arithmetic (bench/wan_memory.py) counts the parameters diffusers and peft make.
 """
 
 from __future__ import annotations
@@ -242,3 +243,19 @@ def test_exported_lora_loads_in_the_wan_pipeline_and_merges_to_base_plus_adapter
             assert torch.equal(merged[name], weight), name
     print(f"merged export vs base + adapter: max relative difference {worst:.3g}")
     assert worst <= 1e-6
+
+
+def test_memory_arithmetic_counts_the_parameters_peft_and_diffusers_make():
+    from bench.wan_memory import lora_param_count, meta_transformer, preset
+
+    tiny, wan = geometry("t2v", None)
+    counted = sum(p.numel() for p in meta_transformer(tiny, wan).parameters())
+    real = tiny_transformer()
+    assert counted == sum(p.numel() for p in real.parameters())
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+    adapters = lora_param_count(real, 4, targets)
+    model = WanVideoModel(real, tiny, "t2v")
+    add_lora(model, 4, 4.0, targets)
+    assert adapters == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    big = preset("wan2.1_t2v_14b")
+    assert 14.0e9 < sum(p.numel() for p in meta_transformer(big, big.wan).parameters()) < 14.5e9
