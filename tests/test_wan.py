@@ -259,3 +259,26 @@ def test_memory_arithmetic_counts_the_parameters_peft_and_diffusers_make():
     assert adapters == sum(p.numel() for p in model.parameters() if p.requires_grad)
     big = preset("wan2.1_t2v_14b")
     assert 14.0e9 < sum(p.numel() for p in meta_transformer(big, big.wan).parameters()) < 14.5e9
+
+
+def test_presets_compose_and_refuse_what_wan_21_cannot_do():
+    def config(*overrides: str):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+            return to_config(compose("config", overrides=list(overrides)))
+
+    for name, heads, variant in [
+        ("wan2.1_t2v_1.3b", 12, "t2v"),
+        ("wan2.1_t2v_14b", 40, "t2v"),
+        ("wan2.2_ti2v_5b", 24, "ti2v"),
+    ]:
+        composed = config("experiment=wan_lora", f"model={name}", "model.wan.path=/data/wan")
+        assert composed.model.num_heads == heads and composed.model.wan.variant == variant
+        assert composed.autoencoder.pretrained_path == "/data/wan"
+        assert composed.text_encoder.tokenizer_path == "/data/wan/tokenizer"
+        assert composed.lora.rank == 32
+    with pytest.raises(ValueError, match="Wan 2.1 T2V model .* cannot keep given frames"):
+        config("experiment=wan_finetune", "conditioning=mixed")
+    with pytest.raises(ValueError, match="lora.rank > 0 needs a pretrained Wan model"):
+        config("lora.rank=4")
+    with pytest.raises(Exception, match="rnak"):
+        config("experiment=wan_lora", "lora.rnak=4")

@@ -226,6 +226,14 @@ def _check_wan(config: Config) -> None:
     wan, lora = config.model.wan, config.lora
     if wan is not None:
         _choice("model.wan.variant", wan.variant, WAN_VARIANTS)
+    if wan is not None and wan.variant == "t2v":  # one time per sample: no frame stays clean
+        given_modes = [m for m in config.train.sample_modes if m not in ("t2v", "t2i")]
+        if config.conditioning.t2v != 1.0 or given_modes:
+            raise ValueError(
+                "a Wan 2.1 T2V model (model.wan.variant=t2v) cannot keep given frames clean: "
+                "use conditioning=t2v and train.sample_modes of t2v/t2i only "
+                f"(conditioning.t2v={config.conditioning.t2v}, given modes {given_modes})"
+            )
     _choice("lora.frozen_dtype", lora.frozen_dtype, ("auto", "fp32", "bf16"))
     if lora.rank < 0 or lora.alpha < 0:
         raise ValueError(f"config keys lora.rank={lora.rank} and lora.alpha={lora.alpha} must be >= 0")
