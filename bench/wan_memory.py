@@ -41,7 +41,9 @@ def preset(name: str):
     """The model preset conf/model/<name>.yaml (geometry and Wan sizes)."""
     from train.config import ModelConfig
 
-    values = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(CONF / f"{name}.yaml"))
+    values = OmegaConf.merge(
+        OmegaConf.structured(ModelConfig), OmegaConf.load(CONF / f"{name}.yaml")
+    )
     return OmegaConf.to_object(values)
 
 
@@ -61,7 +63,8 @@ def lora_param_count(transformer: nn.Module, rank: int, targets: list[str]) -> i
     return sum(
         rank * (module.in_features + module.out_features)
         for name, module in transformer.named_modules()
-        if isinstance(module, nn.Linear) and any(name == t or name.endswith(f".{t}") for t in targets)
+        if isinstance(module, nn.Linear)
+        and any(name == t or name.endswith(f".{t}") for t in targets)
     )
 
 
@@ -135,7 +138,13 @@ def main() -> None:
         Plan("full FT", lora=False, checkpointing=False, cpu_offload=False),
         Plan("full FT +AC", lora=False, checkpointing=True, cpu_offload=False),
         Plan("full FT +AC +offload", lora=False, checkpointing=True, cpu_offload=True),
-        Plan("LoRA, frozen fp32", lora=True, checkpointing=False, cpu_offload=False, frozen_bf16=False),
+        Plan(
+            "LoRA, frozen fp32",
+            lora=True,
+            checkpointing=False,
+            cpu_offload=False,
+            frozen_bf16=False,
+        ),
         Plan("LoRA +AC, frozen bf16", lora=True, checkpointing=True, cpu_offload=False),
     ]
     parts = list(bytes_per_gpu(plans[0], counts, tokens, args.gpus)[0])

@@ -107,7 +107,9 @@ def check_folder(folder: Path, expected: dict) -> dict:
         if (list(config[key]) if isinstance(config.get(key), list) else config.get(key)) != value
     }
     if wrong:
-        details = ", ".join(f"{k}={got} (the preset has {want})" for k, (got, want) in wrong.items())
+        details = ", ".join(
+            f"{k}={got} (the preset has {want})" for k, (got, want) in wrong.items()
+        )
         raise WanFolderError(f"{config_file} is another model than the preset: {details}")
     for shard in _weight_files(folder):
         if not shard.is_file():
@@ -132,7 +134,9 @@ class WanVideoModel(nn.Module):
     def __init__(self, transformer: nn.Module, geometry, variant: str):
         super().__init__()
         if variant not in WAN_VARIANTS:
-            raise ValueError(f"model.wan.variant={variant!r} is not one of {', '.join(WAN_VARIANTS)}")
+            raise ValueError(
+                f"model.wan.variant={variant!r} is not one of {', '.join(WAN_VARIANTS)}"
+            )
         if variant == "ti2v" and geometry.patch_size[0] != 1:
             raise ValueError("model.wan.variant=ti2v needs a temporal patch size of 1")
         self.transformer = transformer
@@ -198,16 +202,11 @@ def load_wan(geometry, wan: WanConfig) -> WanVideoModel:
     return WanVideoModel(transformer, geometry, wan.variant)
 
 
-def build_wan(geometry, wan: WanConfig) -> WanVideoModel:
-    """A Wan model of the preset's sizes with fresh weights, to load a checkpoint into."""
-    config = _diffusers().WanTransformer3DModel.load_config(transformer_folder(wan.path))
-    transformer = _diffusers().WanTransformer3DModel.from_config(config)
-    return WanVideoModel(transformer, geometry, wan.variant)
-
-
 def save_wan(model: WanVideoModel, folder: str | os.PathLike, max_shard_size: str = "5GB") -> Path:
     """The transformer in diffusers' layout (config.json + safetensors shards)."""
-    model.transformer.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size)
+    model.transformer.save_pretrained(
+        folder, safe_serialization=True, max_shard_size=max_shard_size
+    )
     return Path(folder)
 
 

@@ -129,7 +129,9 @@ def test_a_wrong_or_partial_folder_fails_naming_the_file(folder, tmp_path):
     shutil.copytree(folder, other)
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "num_layers": 4}))
-    with pytest.raises(WanFolderError, match=f"{other / 'config.json'} is another model.*num_layers=4"):
+    with pytest.raises(
+        WanFolderError, match=f"{other / 'config.json'} is another model.*num_layers=4"
+    ):
         load_wan(*geometry("t2v", other))
     (other / "config.json").write_text(json.dumps({**config, "_class_name": "UNet2DModel"}))
     with pytest.raises(WanFolderError, match="config of a 'UNet2DModel'"):

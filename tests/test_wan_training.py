@@ -64,7 +64,11 @@ FINE_TUNES = {
 # activation checkpointing): they must change no number.
 FSDP = {
     "full": ["parallel=fsdp"],
-    "lora": ["parallel=fsdp", "parallel.cpu_offload=true", "parallel.activation_checkpointing=full"],
+    "lora": [
+        "parallel=fsdp",
+        "parallel.cpu_offload=true",
+        "parallel.activation_checkpointing=full",
+    ],
 }
 
 
@@ -97,7 +101,9 @@ def test_fine_tunes_on_two_ranks_match_one_process_step_by_step(kind, fine_tunes
     assert len(reference) == STEPS and reference[-2:].mean() < reference[:2].mean()
     for name, losses in table.items():
         relative = (torch.tensor(losses, dtype=torch.float64) - reference).abs() / reference
-        assert relative.max() < 1e-4, f"{kind} {name}: worst relative loss difference {relative.max()}"
+        assert relative.max() < 1e-4, (
+            f"{kind} {name}: worst relative loss difference {relative.max()}"
+        )
 
     for run_dir in fine_tunes[kind].values():
         exported = run_dir / "export"

@@ -236,7 +236,9 @@ def _check_wan(config: Config) -> None:
             )
     _choice("lora.frozen_dtype", lora.frozen_dtype, ("auto", "fp32", "bf16"))
     if lora.rank < 0 or lora.alpha < 0:
-        raise ValueError(f"config keys lora.rank={lora.rank} and lora.alpha={lora.alpha} must be >= 0")
+        raise ValueError(
+            f"config keys lora.rank={lora.rank} and lora.alpha={lora.alpha} must be >= 0"
+        )
     if lora.rank and wan is None:
         raise ValueError("config key lora.rank > 0 needs a pretrained Wan model (model=wan2.*)")
     if lora.rank and not lora.target_modules:

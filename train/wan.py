@@ -8,15 +8,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model.wan import WanVideoModel, add_lora, build_wan, load_wan, merge_lora, save_lora, save_wan
+from model.wan import WanVideoModel, add_lora, load_wan, merge_lora, save_lora, save_wan
 from train.config import Config, LoraConfig
 
 
-def build_wan_model(config: Config, latent_channels: int, text_dim: int, pretrained: bool = True):
-    """The run's Wan model: pretrained weights (or fresh ones of its shape, to load a checkpoint
-    into), and the LoRA adapter of config.lora. The encoders must be the ones it was trained on."""
-    geometry, wan = config.model, config.model.wan
-    model = load_wan(geometry, wan) if pretrained else build_wan(geometry, wan)
+def build_wan_model(config: Config, latent_channels: int, text_dim: int) -> WanVideoModel:
+    """The run's pretrained Wan model, with the LoRA adapter of config.lora. The encoders must be
+    the ones it was trained on."""
+    wan = config.model.wan
+    model = load_wan(config.model, wan)
     if model.in_channels != latent_channels:
         raise ValueError(
             f"model.wan.path={wan.path}: the transformer takes {model.in_channels} latent channels "
@@ -51,8 +51,9 @@ def load_trained(model: nn.Module, weights: dict[str, torch.Tensor], source) -> 
     """Trained weights into a model built like the run's: all of them, or with LoRA all the
     adapters (the frozen base then comes from the pretrained folder)."""
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    adapted = any(".lora_" in name for name, _ in model.named_parameters())
-    missing = [name for name in missing if ".lora_" in name or not adapted]
+    params = dict(model.named_parameters())  # trained weights carry no buffers
+    adapted = any(".lora_" in name for name in params)
+    missing = [name for name in missing if name in params and (".lora_" in name or not adapted)]
     if missing or unexpected:
         raise ValueError(
             f"{source} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
