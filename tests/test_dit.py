@@ -163,7 +163,9 @@ def test_sizes_follow_the_rule_and_match_their_presets():
         assert cfg.width // cfg.num_heads == min(64, cfg.width), size
         preset = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model" / f"{size}.yaml"))
         assert preset == dataclasses.asdict(cfg), size
-    assert {p.stem for p in (ROOT / "conf/model").glob("*.yaml")} == set(DIT_SIZES)
+    presets = (ROOT / "conf/model").glob("*.yaml")
+    # The pretrained Wan presets (model.wan set) follow their published configs, not the rule.
+    assert {p.stem for p in presets if "wan" not in OmegaConf.load(p)} == set(DIT_SIZES)
     with pytest.raises(
         ValueError, match="unknown DiT size 'huge'; known sizes: pico, nano, micro, tiny"
     ):

@@ -26,7 +26,7 @@ from model.autoencoder import build_autoencoder
 from model.flops import dit_param_count, dit_train_flops, peak_flops
 from model.text import TextEncoder
 from train.budget import budget_steps
-from train.build import build_bucket_table, build_dit, frozen
+from train.build import build_bucket_table, build_dit, frozen, model_name
 from train.checkpoint import Checkpointer, export
 from train.config import Config, config_to_dict, register_configs, to_config
 from train.ema import EMA
@@ -50,6 +50,7 @@ from train.runtime import (
 from train.sample import VideoGenerator, training_samples
 from train.signals import PREEMPTED_MARKER, Preempted, StopSignals
 from train.trainer import Progress, Trainer
+from train.wan import cast_frozen, export_wan, load_trained
 
 
 def _dit_sampler(config: Config, autoencoder, text_encoder, runtime: Runtime, run_dir: Path):
@@ -58,7 +59,7 @@ def _dit_sampler(config: Config, autoencoder, text_encoder, runtime: Runtime, ru
     model = frozen(build_dit(config, autoencoder, text_encoder), runtime.device)
 
     def sample(weights: dict, step: int) -> dict[str, Path]:
-        model.load_state_dict(weights)
+        load_trained(model, weights, f"the weights of step {step}")
         latent_frames = (cfg.sample_frames - 1) // autoencoder.temporal_compression + 1
         generator = VideoGenerator(
             model,
@@ -78,7 +79,7 @@ def _dit_sampler(config: Config, autoencoder, text_encoder, runtime: Runtime, ru
             cfg.sample_height,
             cfg.sample_width,
         )
-        provenance = {"generator": "tessera", "model": f"tessera DiT {config.model.size}"}
+        provenance = {"generator": "tessera", "model": model_name(config)}
         return {
             name: write_mp4(
                 run_dir / "samples" / f"step_{step:08d}_{name}.mp4",
@@ -163,6 +164,7 @@ def run(config: Config) -> list[float]:
         autoencoder = frozen(build_autoencoder(config.autoencoder), runtime.device)
         text_encoder = frozen(TextEncoder(config.text_encoder), runtime.device)
         model = build_dit(config, autoencoder, text_encoder).to(runtime.device)
+        cast_frozen(model, config.lora, runtime.autocast_dtype)
         flops = partial(
             dit_train_flops,
             config.model,
@@ -291,7 +293,9 @@ def run(config: Config) -> list[float]:
     if is_dit:
         weights = trainer.consolidated_weights()
         if runtime.is_main:
-            export(run_dir, weights, config_values, "ema" if ema is not None else "raw")
+            out = export(run_dir, weights, config_values, "ema" if ema is not None else "raw")
+            if config.model.wan is not None:  # also in the layouts diffusers and others read
+                export_wan(config, build_dit(config, autoencoder, text_encoder), weights, out)
     elif runtime.is_main:
         _calibrate_and_export(config, trainer, batches, run_dir)
     shutdown()

@@ -17,6 +17,7 @@ from model.dit import DiT
 from model.text import TextEncoder
 from train.checkpoint import CheckpointError, load_tensors
 from train.config import Config, to_config
+from train.wan import build_wan_model, load_trained
 
 
 def frozen(module: nn.Module, device: torch.device) -> nn.Module:
@@ -24,8 +25,18 @@ def frozen(module: nn.Module, device: torch.device) -> nn.Module:
     return module.eval().to(device)
 
 
-def build_dit(config: Config, autoencoder: nn.Module, text_encoder: TextEncoder) -> DiT:
+def build_dit(config: Config, autoencoder: nn.Module, text_encoder: TextEncoder) -> nn.Module:
+    """Tessera's DiT from scratch, or the pretrained Wan model of config.model.wan."""
+    if config.model.wan is not None:
+        return build_wan_model(config, autoencoder.latent_channels, text_encoder.dim)
     return DiT(config.model, autoencoder.latent_channels, text_encoder.dim)
+
+
+def model_name(config: Config) -> str:
+    """How samples' provenance names the model."""
+    if config.model.wan is not None:
+        return f"Wan {config.model.size} from {config.model.wan.path}"
+    return f"tessera DiT {config.model.size}"
 
 
 def build_bucket_table(config: Config, autoencoder: nn.Module) -> BucketTable:
@@ -46,7 +57,7 @@ def config_from_dict(values: dict) -> Config:
 @dataclass
 class SamplingParts:
     config: Config
-    dit: DiT
+    dit: nn.Module  # Tessera's DiT or a Wan model
     autoencoder: nn.Module
     text_encoder: TextEncoder
     source: Path
@@ -80,11 +91,8 @@ def load_for_sampling(checkpoint: str, weights: str, device: torch.device) -> Sa
     autoencoder = frozen(build_autoencoder(config.autoencoder), device)
     text_encoder = frozen(TextEncoder(config.text_encoder), device)
     dit = build_dit(config, autoencoder, text_encoder)
-    state = load_tensors(weights_file)
-    missing, unexpected = dit.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if k in dict(dit.named_parameters())]:
-        raise CheckpointError(
-            f"{weights_file} does not match the model "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
+    try:
+        load_trained(dit, load_tensors(weights_file), weights_file)
+    except ValueError as error:
+        raise CheckpointError(str(error)) from error
     return SamplingParts(config, frozen(dit, device), autoencoder, text_encoder, weights_file)

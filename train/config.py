@@ -20,8 +20,34 @@ from model.conditioning import ConditioningConfig, mode_probabilities
 from model.dit import DiTConfig
 from model.flow import FlowConfig
 from model.text import TextEncoderConfig
+from model.wan import WAN_VARIANTS, WanConfig
 
 SAMPLE_MODES = ("t2v", "t2i", "i2v", "extend", "connect", "edit")
+
+
+@dataclass
+class ModelConfig(DiTConfig):
+    """The DiT's geometry (model/dit.py). With `wan` set, the model is that pretrained Wan
+    transformer (model/wan.py) and the geometry holds its published sizes, which its folder's
+    config.json must match; FLOP counts, sequence-parallel checks and buckets read them."""
+
+    wan: WanConfig | None = None
+
+
+@dataclass
+class LoraConfig:
+    """LoRA fine-tuning of a Wan model through peft: only the adapters train, shard, checkpoint
+    and export (diffusers' LoRA format, and merged into full weights with `merge_on_export`)."""
+
+    rank: int = 0  # 0: no adapter, every weight trains
+    alpha: float = 0.0  # scale alpha/rank; 0: alpha = rank
+    target_modules: list[str] = field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+    )
+    # The frozen base weights' dtype: auto (bf16 when training runs in bf16, else fp32) | fp32 |
+    # bf16. bf16 halves their memory; the adapters and their optimizer state stay fp32.
+    frozen_dtype: str = "auto"
+    merge_on_export: bool = False  # also export the base with the adapter folded in
 
 
 @dataclass
@@ -107,6 +133,9 @@ class ParallelConfig:
     checkpoint_every_k: int = 2  # with every_k: recompute blocks 0, k, 2k, ...
     compile: bool = False  # torch.compile each transformer block
     reshard_after_forward: bool = True  # FSDP: free gathered params after forward (ZeRO-3 style)
+    # FSDP on GPU: keep sharded params, grads and the optimizer state in host memory, and step
+    # the optimizer there (FSDP2's CPUOffloadPolicy); the ZeRO backends use zero_offload
+    cpu_offload: bool = False
     zero_offload: str = "none"  # ZeRO on GPU: none | optimizer | params (zero3 only)
     deepspeed_config: str | None = None  # a user JSON merged over the generated DeepSpeed config
 
@@ -114,7 +143,7 @@ class ParallelConfig:
 @dataclass
 class Config:
     name: str = "default"
-    model: DiTConfig = field(default_factory=DiTConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
@@ -126,6 +155,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 def register_configs() -> None:
@@ -161,6 +191,7 @@ def to_config(cfg: DictConfig) -> Config:
     for mode in config.train.sample_modes:
         _choice("train.sample_modes[]", mode, SAMPLE_MODES)
     mode_probabilities(config.conditioning)
+    _check_wan(config)
     if config.train.steps < 1 or config.train.grad_accum < 1:
         raise ValueError("config keys train.steps and train.grad_accum must be at least 1")
     if config.train.budget_flops < 0:
@@ -189,3 +220,26 @@ def to_config(cfg: DictConfig) -> Config:
             "config keys eval.samples and eval.timesteps must be at least 1, eval.every >= 0"
         )
     return config
+
+
+def _check_wan(config: Config) -> None:
+    wan, lora = config.model.wan, config.lora
+    if wan is not None:
+        _choice("model.wan.variant", wan.variant, WAN_VARIANTS)
+    if wan is not None and wan.variant == "t2v":  # one time per sample: no frame stays clean
+        given_modes = [m for m in config.train.sample_modes if m not in ("t2v", "t2i")]
+        if config.conditioning.t2v != 1.0 or given_modes:
+            raise ValueError(
+                "a Wan 2.1 T2V model (model.wan.variant=t2v) cannot keep given frames clean: "
+                "use conditioning=t2v and train.sample_modes of t2v/t2i only "
+                f"(conditioning.t2v={config.conditioning.t2v}, given modes {given_modes})"
+            )
+    _choice("lora.frozen_dtype", lora.frozen_dtype, ("auto", "fp32", "bf16"))
+    if lora.rank < 0 or lora.alpha < 0:
+        raise ValueError(
+            f"config keys lora.rank={lora.rank} and lora.alpha={lora.alpha} must be >= 0"
+        )
+    if lora.rank and wan is None:
+        raise ValueError("config key lora.rank > 0 needs a pretrained Wan model (model=wan2.*)")
+    if lora.rank and not lora.target_modules:
+        raise ValueError("config key lora.target_modules is empty: name the layers to adapt")

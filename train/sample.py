@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 from data.decode import read_media
 from data.mp4 import write_mp4
 from model.flow import FlowConfig, euler_sample
-from train.build import SamplingParts, load_for_sampling
+from train.build import SamplingParts, load_for_sampling, model_name
 
 MAX_SECONDS = 60.0  # the longest video the command makes, as Sora
 MODES = ("t2v", "t2i", "i2v", "extend", "connect", "edit")
@@ -409,7 +409,7 @@ def sample_to_mp4(parts: SamplingParts, cfg: SampleConfig) -> Path:
         raise ValueError(f"the result would last {len(video) / cfg.fps:.1f} s > {MAX_SECONDS:g} s")
     provenance = {
         "generator": "tessera",
-        "model": f"tessera DiT {parts.config.model.size}",
+        "model": model_name(parts.config),
         "checkpoint": str(parts.source),
         "mode": cfg.mode,
         "prompt": cfg.prompt,

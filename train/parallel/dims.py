@@ -65,6 +65,11 @@ class ParallelDims:
                 f"parallel.zero_offload=params needs parameter partitioning (zero3); "
                 f"parallel.backend={self.backend} keeps full parameters on every rank"
             )
+        if cfg.cpu_offload and self.backend != "fsdp":
+            raise ValueError(
+                f"parallel.cpu_offload=true is FSDP's offload, not parallel.backend={self.backend}'s"
+                " (ZeRO: parallel.zero_offload=optimizer)"
+            )
         if cfg.deepspeed_config and not self.backend.startswith("zero"):
             raise ValueError(
                 f"parallel.deepspeed_config={cfg.deepspeed_config} is only read by the ZeRO "

@@ -28,7 +28,11 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from train.checkpoint import CheckpointError, load_tensors, load_torch, save_tensors
@@ -66,6 +70,18 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.AdamW:
     return torch.optim.AdamW(
         param_groups(cfg, model), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=on_cuda
     )
+
+
+def has_frozen_params(module: nn.Module) -> bool:
+    """A partly frozen model (LoRA): its checkpoints hold only what trains; the frozen weights
+    come from the pretrained model it was built from."""
+    return any(not p.requires_grad for p in module.parameters())
+
+
+def checkpointed_state(module: nn.Module) -> dict[str, Tensor]:
+    """The module's state dict without its frozen parameters."""
+    frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
+    return {name: value for name, value in module.state_dict().items() if name not in frozen}
 
 
 def _is_main() -> bool:
@@ -128,7 +144,7 @@ class LocalEngine(TorchEngine):
 
     def save(self, folder: Path) -> None:
         if _is_main():
-            save_tensors(self.module.state_dict(), folder / "model.safetensors")
+            save_tensors(checkpointed_state(self.module), folder / "model.safetensors")
             torch.save(
                 {
                     "optimizer": self.optimizer.state_dict(),
@@ -141,7 +157,11 @@ class LocalEngine(TorchEngine):
         # Read every file before changing anything, so a corrupt file leaves no half-load.
         weights = load_tensors(folder / "model.safetensors")
         state = load_torch(folder / "optimizer.pt")
-        self.module.load_state_dict(weights)
+        if has_frozen_params(self.module):  # the checkpoint holds exactly what trains
+            strayed = weights.keys() ^ checkpointed_state(self.module).keys()
+            if strayed:
+                raise RuntimeError(f"{folder / 'model.safetensors'}: mismatched keys {strayed}")
+        self.module.load_state_dict(weights, strict=not has_frozen_params(self.module))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
@@ -192,8 +212,14 @@ class FSDPEngine(TorchEngine):
                 value = full[name].to(piece.device, piece.dtype)
                 piece.copy_(distribute_tensor(value, piece.device_mesh, piece.placements))
 
+    def _state_options(self) -> StateDictOptions:
+        frozen = has_frozen_params(self.module)
+        return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
+
     def save(self, folder: Path) -> None:
-        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        model_state, optim_state = get_state_dict(
+            self.module, self.optimizer, options=self._state_options()
+        )
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=folder / "dcp")
         if _is_main():
             (folder / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
@@ -201,7 +227,8 @@ class FSDPEngine(TorchEngine):
     def load(self, folder: Path) -> None:
         if not (folder / "dcp" / ".metadata").exists():
             raise CheckpointError(f"checkpoint file {folder / 'dcp' / '.metadata'} is missing")
-        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        options = self._state_options()
+        model_state, optim_state = get_state_dict(self.module, self.optimizer, options=options)
         state = {"model": model_state, "optimizer": optim_state}
         try:
             dcp.load(state, storage_reader=SafeFileSystemReader(folder / "dcp"))
@@ -213,6 +240,7 @@ class FSDPEngine(TorchEngine):
             self.optimizer,
             model_state_dict=state["model"],
             optim_state_dict=state["optimizer"],
+            options=options,
         )
         self.scheduler.load_state_dict(scheduler)
 
@@ -282,11 +310,18 @@ class DeepSpeedEngine:
             )
 
     def save(self, folder: Path) -> None:
-        self.ds.save_checkpoint(str(folder), tag="deepspeed", save_latest=False)
+        self.ds.save_checkpoint(
+            str(folder),
+            tag="deepspeed",
+            save_latest=False,
+            exclude_frozen_parameters=has_frozen_params(self.ds.module),
+        )
 
     def load(self, folder: Path) -> None:
         if not (folder / "deepspeed").is_dir():
             raise CheckpointError(f"checkpoint folder {folder / 'deepspeed'} is missing")
-        path, _ = self.ds.load_checkpoint(str(folder), tag="deepspeed")
+        path, _ = self.ds.load_checkpoint(
+            str(folder), tag="deepspeed", load_module_strict=not has_frozen_params(self.ds.module)
+        )
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint in {folder}")

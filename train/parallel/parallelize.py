@@ -15,12 +15,18 @@ import torch
 from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 from torch.nn.parallel import DistributedDataParallel
 
+from model.wan import WanVideoModel
 from train.config import ParallelConfig
 from train.parallel.dims import ParallelDims
-from train.parallel.sequence import apply_sequence_parallel
+from train.parallel.sequence import apply_sequence_parallel, apply_wan_sequence_parallel
 
 
 def parallelize(
@@ -28,7 +34,9 @@ def parallelize(
 ) -> nn.Module:
     """Apply every configured parallelism to the DiT; returns what forward is called on."""
     if dims.sp > 1:
-        apply_sequence_parallel(model, dims.mesh["sp"].get_group())
+        wan = isinstance(model, WanVideoModel)
+        split = apply_wan_sequence_parallel if wan else apply_sequence_parallel
+        split(model, dims.mesh["sp"].get_group())
     if cfg.activation_checkpointing != "none":
         every = 1 if cfg.activation_checkpointing == "full" else cfg.checkpoint_every_k
         apply_activation_checkpointing(model, every)
@@ -36,7 +44,9 @@ def parallelize(
         for block in model.blocks:
             block.compile()
     if dims.backend == "fsdp":
-        apply_fsdp(model, data_parallel_mesh(dims), param_dtype, cfg.reshard_after_forward)
+        apply_fsdp(
+            model, data_parallel_mesh(dims), param_dtype, cfg.reshard_after_forward, cfg.cpu_offload
+        )
     elif dims.backend == "ddp":
         return DistributedDataParallel(model)
     return model
@@ -65,13 +75,30 @@ def data_parallel_mesh(dims: ParallelDims) -> DeviceMesh:
 
 
 def apply_fsdp(
-    model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | None, reshard: bool
+    model: nn.Module,
+    mesh: DeviceMesh,
+    param_dtype: torch.dtype | None,
+    reshard: bool,
+    cpu_offload: bool = False,
 ) -> None:
     """FSDP2: one shard unit per block plus the root (embeddings and final layer). With a low
-    precision dtype, parameters and compute use it while gradients are reduced in fp32."""
+    precision dtype, parameters and compute use it while gradients are reduced in fp32. With
+    cpu_offload, sharded parameters, gradients and the optimizer state live in host memory and
+    the optimizer steps there; only gathered blocks and activations take GPU memory."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # Pinned host memory speeds the copies to a GPU; without one there is nothing to pin.
+    pin = mesh.device_type == "cuda"
+    offload = CPUOffloadPolicy(pin_memory=pin) if cpu_offload else OffloadPolicy()
     for index, block in enumerate(model.blocks):
         # The last block's parameters are needed again at once by the backward: keep them.
         last = index == len(model.blocks) - 1
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard and not last)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+        fully_shard(
+            block,
+            mesh=mesh,
+            mp_policy=policy,
+            reshard_after_forward=reshard and not last,
+            offload_policy=offload,
+        )
+    fully_shard(
+        model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard, offload_policy=offload
+    )

@@ -114,3 +114,74 @@ def apply_sequence_parallel(model: nn.Module, group) -> None:
     # tokens, and the gathered output is what all ranks share.
     model.final_layer.register_forward_pre_hook(shard_final_inputs)
     model.final_layer.register_forward_hook(gather_tokens)
+
+
+class UlyssesWanSelfAttention:
+    """The attention processor of a Wan block's self-attention (attn1) under Ulysses: diffusers'
+    WanAttnProcessor for local tokens (projections, RMS norms across heads, Wan's pairwise rotary
+    embedding), with the attention itself over the whole sequence through all-to-alls."""
+
+    def __init__(self, group):
+        self.attend = UlyssesAttention(group)
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        rotary_emb: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("UlyssesWanSelfAttention serves self-attention without a mask")
+        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        query, key = _rotate_pairs(query, *rotary_emb), _rotate_pairs(key, *rotary_emb)
+        out = self.attend(query, key, value).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def _rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Wan's rotary embedding: dims (2i, 2i + 1) rotate as a pair; cos and sin hold each angle
+    twice, once per dim of its pair."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+def apply_wan_sequence_parallel(model: nn.Module, group) -> None:
+    """Split a Wan model's tokens over `group` (Ulysses), the cut diffusers' own context-parallel
+    plan for Wan makes: per-token timesteps (TI2V) and the rotary table are split on their way
+    in, the tokens after the patch embedding, and the output projection's tokens are gathered."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    transformer = model.transformer
+
+    def local_chunk(x: Tensor) -> Tensor:
+        if x.shape[1] % size:
+            raise ValueError(
+                f"sequence parallelism over {size} ranks needs the number of spacetime tokens "
+                f"({x.shape[1]}) to be divisible by {size}; choose buckets that split evenly"
+            )
+        return x.chunk(size, 1)[rank]
+
+    def shard_timesteps(module, args, kwargs):
+        if kwargs["timestep"].ndim == 2:  # one per token (TI2V)
+            kwargs["timestep"] = local_chunk(kwargs["timestep"])
+        return args, kwargs
+
+    def shard_rope(module, args, output):
+        return tuple(local_chunk(table) for table in output)
+
+    def shard_tokens(module, args):
+        return (local_chunk(args[0]), *args[1:])
+
+    def gather_tokens(module, args, output: Tensor) -> Tensor:
+        return _GatherTokens.apply(output, group)
+
+    transformer.register_forward_pre_hook(shard_timesteps, with_kwargs=True)
+    transformer.rope.register_forward_hook(shard_rope)
+    transformer.blocks[0].register_forward_pre_hook(shard_tokens)
+    for block in transformer.blocks:
+        block.attn1.set_processor(UlyssesWanSelfAttention(group))
+    transformer.proj_out.register_forward_hook(gather_tokens)

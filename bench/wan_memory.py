@@ -1,0 +1,162 @@
+"""Bytes per GPU of fine-tuning a Wan preset with FSDP2, switch by switch: the arithmetic behind
+the README's advice for Wan 2.1 14B on 8 GPUs of 80 GB.
+
+    python -m bench.wan_memory [--model wan2.1_t2v_14b] [--gpus 8] [--gpu-gib 80]
+        [--frames 81 --height 480 --width 832] [--sp 1] [--lora-rank 32]
+
+Parameters are counted exactly, on diffusers' WanTransformer3DModel built on the meta device
+from the preset's sizes (nothing is allocated or downloaded). What a rank holds:
+
+- sharded state (1/gpus each): trained weights fp32 (4 B), their gradients fp32 (4 B), AdamW's two
+  moments (8 B); frozen weights (LoRA's base) 2 B in bf16 (lora.frozen_dtype) or 4 B. With
+  parallel.cpu_offload=true (FSDP2's CPUOffloadPolicy) all of it lives in host memory and the
+  optimizer steps there (the `host` column);
+- gathered weights: FSDP2 all-gathers one block in bf16 at a time and prefetches the next: 2 blocks;
+- activations, estimated per token of a sample (tokens / sp with Ulysses) in bf16: a Wan block
+  keeps about 15 widths and 2 MLP widths for its backward, plus its 3 fp32 LayerNorm inputs.
+  Without checkpointing every block keeps them; with parallel.activation_checkpointing=full each
+  block keeps only its input (one width) and one block at a time is recomputed.
+Attention is memory-efficient (flash / SDPA: no tokens^2 matrix). The CUDA allocator's
+fragmentation, NCCL buffers and the frozen encoders (run them before, or cache their outputs:
+train.encoding_cache_mb) are not counted: leave ~10% headroom.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from model.wan import WanConfig, expected_config
+
+GIB = 2**30
+CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+
+
+def preset(name: str):
+    """The model preset conf/model/<name>.yaml (geometry and Wan sizes)."""
+    from train.config import ModelConfig
+
+    values = OmegaConf.merge(
+        OmegaConf.structured(ModelConfig), OmegaConf.load(CONF / f"{name}.yaml")
+    )
+    return OmegaConf.to_object(values)
+
+
+def meta_transformer(geometry, wan: WanConfig) -> nn.Module:
+    """diffusers' Wan transformer of the preset's sizes, with no storage behind its weights."""
+    from diffusers import WanTransformer3DModel
+
+    sizes = expected_config(geometry, wan)
+    sizes["patch_size"] = tuple(sizes["patch_size"])
+    with torch.device("meta"):
+        return WanTransformer3DModel(**sizes)
+
+
+def lora_param_count(transformer: nn.Module, rank: int, targets: list[str]) -> int:
+    """Parameters of rank-r adapters on the Linear layers whose names end with a target (peft's
+    matching rule): r (in + out) each."""
+    return sum(
+        rank * (module.in_features + module.out_features)
+        for name, module in transformer.named_modules()
+        if isinstance(module, nn.Linear)
+        and any(name == t or name.endswith(f".{t}") for t in targets)
+    )
+
+
+@dataclass
+class Plan:
+    name: str
+    lora: bool
+    checkpointing: bool
+    cpu_offload: bool
+    frozen_bf16: bool = True
+
+
+def bytes_per_gpu(
+    plan: Plan, counts: dict, tokens: int, gpus: int
+) -> tuple[dict[str, float], float]:
+    """Bytes on each GPU by kind, and bytes each rank keeps in host memory."""
+    trained = counts["lora"] if plan.lora else counts["total"]
+    frozen = counts["total"] if plan.lora else 0
+    width, ffn, depth = counts["width"], counts["ffn"], counts["depth"]
+    per_token_block = (15 * width + 2 * ffn) * 2 + 3 * width * 4
+    if plan.checkpointing:
+        activations = depth * tokens * width * 2 + tokens * per_token_block
+    else:
+        activations = depth * tokens * per_token_block
+    sharded = {
+        "weights": (4 * trained + (2 if plan.frozen_bf16 else 4) * frozen) / gpus,
+        "gradients": 4 * trained / gpus,
+        "optimizer": 8 * trained / gpus,
+    }
+    on_gpu = {name: 0.0 if plan.cpu_offload else value for name, value in sharded.items()}
+    return on_gpu | {
+        "gathered blocks": 2 * 2 * counts["total"] / depth,
+        "activations": activations,
+    }, sum(sharded.values()) if plan.cpu_offload else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="wan2.1_t2v_14b")
+    parser.add_argument("--gpus", type=int, default=8)
+    parser.add_argument("--gpu-gib", type=float, default=80.0)
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--sp", type=int, default=1, help="Ulysses degree: tokens per GPU / sp")
+    parser.add_argument("--lora-rank", type=int, default=32)
+    args = parser.parse_args()
+
+    from train.config import LoraConfig
+
+    geometry = preset(args.model)
+    transformer = meta_transformer(geometry, geometry.wan)
+    compression = 16 if geometry.wan.in_channels == 48 else 8  # the Wan 2.2 VAE is 16x16
+    pt, ph, pw = geometry.patch_size
+    latent = (1 + (args.frames - 1) // 4, args.height // compression, args.width // compression)
+    tokens = (latent[0] // pt) * (latent[1] // ph) * (latent[2] // pw) // args.sp
+    counts = {
+        "total": sum(p.numel() for p in transformer.parameters()),
+        "lora": lora_param_count(transformer, args.lora_rank, LoraConfig().target_modules),
+        "width": geometry.width,
+        "ffn": geometry.wan.ffn_dim,
+        "depth": geometry.depth,
+    }
+    print(
+        f"{args.model}: {counts['total'] / 1e9:.2f}B parameters; LoRA rank {args.lora_rank}: "
+        f"{counts['lora'] / 1e6:.1f}M. One sample of {args.frames}x{args.height}x{args.width} = "
+        f"{tokens} tokens per GPU (sp={args.sp}), FSDP2 over {args.gpus} GPUs of "
+        f"{args.gpu_gib:g} GiB, bf16 compute (GiB per GPU):"
+    )
+    plans = [
+        Plan("full FT", lora=False, checkpointing=False, cpu_offload=False),
+        Plan("full FT +AC", lora=False, checkpointing=True, cpu_offload=False),
+        Plan("full FT +AC +offload", lora=False, checkpointing=True, cpu_offload=True),
+        Plan(
+            "LoRA, frozen fp32",
+            lora=True,
+            checkpointing=False,
+            cpu_offload=False,
+            frozen_bf16=False,
+        ),
+        Plan("LoRA +AC, frozen bf16", lora=True, checkpointing=True, cpu_offload=False),
+    ]
+    parts = list(bytes_per_gpu(plans[0], counts, tokens, args.gpus)[0])
+    header = "".join(f"{part:>16}" for part in parts)
+    print(f"{'':24}{header}{'total':>8}  fits{'host':>8}")
+    for plan in plans:
+        values, host = bytes_per_gpu(plan, counts, tokens, args.gpus)
+        total = sum(values.values())
+        fits = "yes" if total <= 0.9 * args.gpu_gib * GIB else "no"
+        row = "".join(f"{v / GIB:16.1f}" for v in values.values())
+        print(f"{plan.name:24}{row}{total / GIB:8.1f}  {fits:>4}{host / GIB:8.1f}")
+
+
+if __name__ == "__main__":
+    main()
