@@ -15,7 +15,11 @@ augmentation on) three ways, each with the same number of DataLoader workers:
   127.0.0.1 in its own process (fake credentials, `AWS_ENDPOINT_URL`), the tars and
   manifest.parquet uploaded with boto3. The server shares the 2 CPUs with the workers, so this
   also pays for the server's own CPU, which a real store would not charge: `s3_server_cpu_cores`
-  is the share of a core the server used during the S3 run.
+  is the share of a core the server used during the S3 run, `s3_machine_busy_cores` the cores
+  the whole machine was busy (everyone's processes) meanwhile, of `os.cpu_count()`.
+- `s3_read`: what one ranged read costs, apart from decoding: every sample of the plan read once
+  through `data.storage.RangeReader` by 16 threads of this process (as a loader worker's
+  read-ahead does), with the CPU ms per read of this process and of the server, and reads/s.
 
 The first `--warmup` batches of each (worker start-up, first reads) are not timed. Prints a table
 and one JSON line with clips/s and the ratios to the bound (targets: >= 0.9 local, >= 0.8 S3).
@@ -30,6 +34,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +48,7 @@ from data.demo import build_demo
 from data.pipeline import DataConfig, build_loader, open_plan
 from data.plan import DataPlan, DataState
 from data.reader import SampleReader
+from data.storage import RangeReader
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "bench"
@@ -182,6 +188,35 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def read_cost(url: str, table: BucketTable, server: int, threads: int = 16) -> dict:
+    """CPU ms per ranged read, of this process (the client) and of the server, and reads/s:
+    each sample of the plan once, `threads` reads at a time."""
+    plan = open_plan(config(url, 0), table)
+    columns, reader = plan.columns, RangeReader()
+    spans = [
+        (plan.shard(i), int(columns["offset"][i]), int(columns["size"][i]))
+        for i in range(plan.num_samples)
+    ]
+    reader.read(*spans[0])  # the client and its first connection
+    with ThreadPoolExecutor(threads) as pool:
+        client, server_cpu, wall = time.process_time(), cpu_seconds(server), time.perf_counter()
+        list(pool.map(lambda span: reader.read(*span), spans))
+        wall = time.perf_counter() - wall
+    return {
+        "reads": len(spans),
+        "client_cpu_ms": round((time.process_time() - client) / len(spans) * 1e3, 2),
+        "server_cpu_ms": round((cpu_seconds(server) - server_cpu) / len(spans) * 1e3, 2),
+        "reads_s": round(len(spans) / wall, 1),
+    }
+
+
+def machine_busy() -> float:
+    """CPU seconds all processes of the machine have used (every core, anyone's jobs too)."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # less idle, iowait
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", type=int, default=2)
@@ -197,9 +232,12 @@ def main() -> None:
     local, _ = loader_rate(str(shards), table, *run)
     server, url = start_s3(shards)
     try:
-        cpu_before, started = cpu_seconds(server.pid), time.perf_counter()
+        cpu_before, busy, started = cpu_seconds(server.pid), machine_busy(), time.perf_counter()
         s3, _ = loader_rate(url, table, *run)
-        server_cpu = (cpu_seconds(server.pid) - cpu_before) / (time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        server_cpu = (cpu_seconds(server.pid) - cpu_before) / elapsed
+        busy = (machine_busy() - busy) / elapsed
+        read = read_cost(url, table, server.pid)
     finally:
         server.kill()
         server.wait()
@@ -213,6 +251,8 @@ def main() -> None:
         "local_ratio": round(local / bound, 3),
         "s3_ratio": round(s3 / bound, 3),
         "s3_server_cpu_cores": round(server_cpu, 2),
+        "s3_machine_busy_cores": round(busy, 2),
+        "s3_read": read,
         "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     print("| source | clips/s | vs decode-only |")
@@ -220,6 +260,10 @@ def main() -> None:
     print(f"| decode only (bytes in memory) | {bound:.1f} | 1.00 |")
     print(f"| local disk | {local:.1f} | {local / bound:.2f} |")
     print(f"| S3 (moto on 127.0.0.1) | {s3:.1f} | {s3 / bound:.2f} |")
+    print(
+        f"S3 ranged read: {read['client_cpu_ms']} ms client CPU, {read['server_cpu_ms']} ms "
+        f"server CPU, {read['reads_s']} reads/s ({read['reads']} reads, 16 threads)"
+    )
     print(json.dumps(result))
 
 
