@@ -8,7 +8,7 @@ samples a shard, plausible offsets and sizes; the tars themselves do not exist),
 each phase in a fresh subprocess so imports and allocator state are honest:
 
 - `cold_start_s`: `DataPlan.open` + the first epoch's plan with no plan cache (deleted first):
-  read the manifest, assign buckets, write `samples.arrow`/`by_bucket.npy`, shuffle epoch 0.
+  read the manifest, assign buckets, write the per-sample column files, `keys.arrow` and `by_bucket.bin`, shuffle epoch 0.
 - `warm_start_s`: the same with the cache present (a real restart: the manifest is not read).
   The page cache is warm (the files were just written); `warm_start_cold_pages_s` repeats it
   after `posix_fadvise(DONTNEED)` on the plan's files (evicts only those files' pages, without
@@ -17,15 +17,17 @@ each phase in a fresh subprocess so imports and allocator state are honest:
 - `rss_mib`: RSS of one rank process after set-up: it imports `data.pipeline` (so torch), opens
   the plan and builds the `BatchStream` of dp_rank 0 of `--ranks` and takes its first rows.
   `uss_mib` is the private part of it (see below).
-- `worker_rss_mib`: what each of `--workers` real `torch.utils.data.DataLoader` workers adds: a
-  worker walks that rank's rows and planned batches (`plan.rows`, `plan.batch`, and the column
-  look-ups `SampleReader.read` makes: shard, key, offset, size, sizes, media) for a few thousand
-  rows without reading any file, and reports from inside itself its USS (unique set size:
-  Private_Clean + Private_Dirty of /proc/self/smaps_rollup). USS, not RSS: a forked worker shares
-  the parent's pages copy-on-write, and every process that maps the plan's files (samples.arrow,
-  by_bucket.npy, the epoch arrays) counts the pages it touched in its RSS, though the page cache
-  holds them once per node; summing RSS over 8 ranks x N workers would count them many times.
-  Its RSS is printed too (`worker_rss_total_mib`).
+- `worker_rss_mib`: the memory each of `--workers` real `torch.utils.data.DataLoader` workers
+  adds: a worker walks that rank's rows and planned batches (`plan.rows`, `plan.batch`, and the
+  column look-ups `SampleReader.read` makes: shard, key, offset, size, sizes, media) for a few
+  thousand rows without reading any file, and reports from inside itself, from
+  /proc/self/smaps_rollup, its Private_Dirty pages: memory it wrote that no other process shares
+  and the kernel cannot drop (its own copies of anything). Not RSS: a forked worker shares the
+  parent's pages copy-on-write, and every process that maps the plan's files (the column files,
+  keys.arrow, by_bucket.bin, the epoch arrays) counts the pages it touched in its RSS, though the
+  page cache holds them once per node. Pages of those files that only this worker happened to
+  touch are Private_Clean (`worker_mapped_pages_mib`): page cache, clean and reclaimable, not a
+  copy. `worker_uss_mib` is the sum of both, `worker_rss_total_mib` the worker's RSS.
 
 Prints one JSON line. The machine is shared: the load average before and after is in the line.
 """
@@ -63,6 +65,8 @@ def memory_mib() -> dict[str, float]:
     return {
         "rss": fields["Rss"] / 1024,
         "uss": (fields["Private_Clean"] + fields["Private_Dirty"]) / 1024,
+        "dirty": fields["Private_Dirty"] / 1024,
+        "clean": fields["Private_Clean"] / 1024,
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -256,6 +260,8 @@ class PlanWalk:
             "walk_s": time.perf_counter() - started,
             "uss_start_mib": before["uss"],
             "uss_mib": after["uss"],
+            "dirty_mib": after["dirty"],
+            "clean_mib": after["clean"],
             "rss_mib": after["rss"],
             "checksum": checksum,
         }
@@ -401,7 +407,9 @@ def main() -> None:
         "rss_mib": round(rank["rss_mib"]),
         "uss_mib": round(rank["uss_mib"]),
         "rank_rss_after_imports_mib": round(rank["rank_import_rss_mib"]),
-        "worker_rss_mib": round(max(w["uss_mib"] for w in workers), 1),
+        "worker_rss_mib": round(max(w["dirty_mib"] for w in workers), 1),
+        "worker_mapped_pages_mib": round(max(w["clean_mib"] for w in workers), 1),
+        "worker_uss_mib": round(max(w["uss_mib"] for w in workers), 1),
         "worker_uss_at_start_mib": round(max(w["uss_start_mib"] for w in workers), 1),
         "worker_rss_total_mib": round(max(w["rss_mib"] for w in workers)),
         "worker_rows": sum(w["rows"] for w in workers),

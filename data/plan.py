@@ -43,7 +43,7 @@ from data.buckets import Bucket, BucketTable
 from data.manifest import ManifestSource, manifest_batches, resolve_sources
 from data.storage import identity, is_remote, local_path, parent
 
-PLAN_FORMAT = 2  # bump when the cached files change meaning
+PLAN_FORMAT = 3  # bump when the cached files change meaning
 # The per-sample columns the reader needs, as raw little-endian arrays; `shard` and `media`
 # index the plan's lists of shard URLs and media extensions.
 COLUMN_TYPES = {
@@ -123,13 +123,15 @@ def assign_buckets(
     return choice[encoded.indices.to_numpy(zero_copy_only=False)]
 
 
+@dataclass
 class EpochPlan:
     """One epoch's batches as arrays: batch i is `order[start[i] : start[i] + size]` of bucket
-    `bucket[i]`, and `cumulative[i]` samples come before it."""
+    `bucket[i]`, and `cumulative[i]` samples come before it (`cumulative` has one more entry)."""
 
-    def __init__(self, order: np.ndarray, bucket: np.ndarray, start: np.ndarray, sizes: np.ndarray):
-        self.order, self.bucket, self.start = order, bucket, start
-        self.cumulative = np.concatenate([[0], np.cumsum(sizes[bucket], dtype=np.int64)])
+    order: np.ndarray
+    bucket: np.ndarray
+    start: np.ndarray
+    cumulative: np.ndarray
 
     def __len__(self) -> int:
         return len(self.bucket)
@@ -264,9 +266,10 @@ class DataPlan:
                 _write_arrays(folder, self._shuffle(seed, epoch))
                 self._forget_old_epochs(seed, epoch)
             arrays = {
-                n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in ("order", "bucket", "start")
+                field.name: np.load(folder / f"{field.name}.npy", mmap_mode="r")
+                for field in fields(EpochPlan)
             }
-        return EpochPlan(arrays["order"], arrays["bucket"], arrays["start"], self.batch_sizes)
+        return EpochPlan(**arrays)
 
     def _forget_old_epochs(self, seed: int, epoch: int) -> None:
         """Keep the newest two epochs of each (seed, image share); a process still reading an
@@ -293,7 +296,14 @@ class DataPlan:
             kept = self._mix_images(bucket, rng)
             bucket, start = bucket[kept], start[kept]
         order = rng.permutation(len(bucket))
-        return {"order": np.concatenate(parts), "bucket": bucket[order], "start": start[order]}
+        bucket, start = bucket[order], start[order]
+        cumulative = np.concatenate([[0], np.cumsum(self.batch_sizes[bucket], dtype=np.int64)])
+        return {
+            "order": np.concatenate(parts),
+            "bucket": bucket,
+            "start": start,
+            "cumulative": cumulative,
+        }
 
     def _mix_images(self, bucket: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Indices of a seeded subset of batches in which images are `image_share` of all: the
