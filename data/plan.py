@@ -12,13 +12,14 @@ a fresh epoch), and `consumed_samples` counts the samples of every plan batch be
 position, so a run resumes exactly where it stopped, on any number of ranks. An epoch ends when
 fewer than `world` batches are left.
 
-Scale. At 100 million samples nothing here may hold Python objects per sample. The manifests'
-columns are read once and the buckets assigned per distinct (width, height, frames) with numpy;
-the result is cached as files beside the manifest (under a key of the manifests, the bucket
-table and the frame rate): an Arrow file of the per-sample columns the reader needs, and the
-sample ids grouped by bucket. Epoch plans are arrays cached the same way. Every process (ranks,
-their loader workers, the budget walk) memory-maps the same files, so the operating system keeps
-one copy per node, and a warm start reads no manifest at all.
+Scale. At 100 million samples nothing here may hold Python objects per sample, nor whole
+columns in memory. The manifests are streamed a batch of rows at a time: buckets are assigned
+with numpy once per distinct (width, height, frames), and the per-sample columns the reader
+needs (raw arrays, and the keys in an Arrow file) and the sample ids grouped by bucket are
+written as files beside the manifest, under a key of the manifests, the bucket table and the
+frame rate. Epoch plans are arrays cached the same way. Every process (ranks, their loader
+workers, the budget walk) memory-maps the same files, so the operating system keeps one copy per
+node, and a warm start reads no manifest at all.
 """
 
 from __future__ import annotations

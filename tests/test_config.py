@@ -46,6 +46,20 @@ def test_bad_choice_is_named():
         compose_config("train.stage=vae")
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.read_ahead=0", "data.read_ahead=0 must be at least 1"),
+        ("data.read_retries=-1", "data.read_retries=-1 must be at least 0"),
+        ("data.cache_mb=-5", "data.cache_mb=-5 must be at least 0"),
+        ("data.max_failed_reads=0", "data.max_failed_reads=0 must be at least 1"),
+    ],
+)
+def test_bad_reader_settings_are_named(override, message):
+    with pytest.raises(ValueError, match=message):
+        compose_config(override)
+
+
 def test_typo_inside_a_preset_fails_before_work(tmp_path):
     """A misspelt key in a user's experiment file stops `python -m train` at once."""
     (tmp_path / "experiment").mkdir()

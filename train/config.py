@@ -198,6 +198,7 @@ def to_config(cfg: DictConfig) -> Config:
         raise ValueError(f"config key train.budget_flops={config.train.budget_flops} is negative")
     if config.train.budget_flops and config.train.stage != "dit":
         raise ValueError("config key train.budget_flops needs train.stage=dit (DiT FLOPs)")
+    _check_reads(config.data)
     if config.data.decoded_cache_mb < 0:
         raise ValueError(
             f"config key data.decoded_cache_mb={config.data.decoded_cache_mb} is negative"
@@ -220,6 +221,20 @@ def to_config(cfg: DictConfig) -> Config:
             "config keys eval.samples and eval.timesteps must be at least 1, eval.every >= 0"
         )
     return config
+
+
+def _check_reads(data: DataConfig) -> None:
+    """The sample reader's counts and sizes: none negative, at least one read in flight."""
+    least = {
+        "data.cache_mb": (data.cache_mb, 0),
+        "data.read_ahead": (data.read_ahead, 1),
+        "data.read_retries": (data.read_retries, 0),
+        "data.read_backoff_s": (data.read_backoff_s, 0),
+        "data.max_failed_reads": (data.max_failed_reads, 1),
+    }
+    for key, (value, minimum) in least.items():
+        if value < minimum:
+            raise ValueError(f"config key {key}={value} must be at least {minimum}")
 
 
 def _check_wan(config: Config) -> None:
