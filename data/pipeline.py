@@ -130,7 +130,8 @@ class BatchStream(IterableDataset):
 
     def _read_ahead(self, rows: Iterator[tuple[int, int, DataState]]):
         """(row, planned batch, its reads) in order, each yielded once `read_ahead` reads of
-        later batches are in flight behind it."""
+        later batches are in flight behind it (or `read_ahead` batches wait behind it, when the
+        decoded-clip cache leaves little to read)."""
         pending: deque = deque()
         ahead = 0  # reads submitted after the front batch's
         pool = ThreadPoolExecutor(max(1, self.cfg.read_ahead), thread_name_prefix="read")
@@ -144,7 +145,7 @@ class BatchStream(IterableDataset):
                 if pending:
                     ahead += sum(read is not None for read in reads)
                 pending.append(((epoch, index, after), planned, reads))
-                while len(pending) > 1 and ahead >= self.cfg.read_ahead:
+                while len(pending) > 1 and max(ahead, len(pending) - 1) >= self.cfg.read_ahead:
                     yield pending.popleft()
                     ahead -= sum(read is not None for read in pending[0][2])
         finally:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 from pathlib import Path
 
@@ -121,6 +122,26 @@ def test_later_epochs_take_decoded_clips_from_the_cache(parts):
         first.video, load_same_samples(cfg, table, 0).video
     )
     assert stream._decoded.hits == len(planned.sample_ids)
+
+
+def test_a_stream_served_from_the_decoded_cache_keeps_yielding(parts):
+    """A read-ahead deeper than the dataset (400 reads, 320 samples): once every clip is cached
+    there is nothing left to read ahead, and batches still come out, in plan order (the
+    read-ahead waited for reads that would never come: the stream hung)."""
+    cfg, table, _ = parts
+    cached = replace(cfg.data, decoded_cache_mb=256, num_workers=0, read_ahead=400)
+    plan = open_plan(cached, table)
+    stream = BatchStream(cached, plan, 0, 1, DataState(0, 0, 0))
+    per_epoch = len(plan.epoch(0, 0))
+    reads = []
+    read = stream.reader.read
+    stream.reader.read = lambda sample_id: reads.append(sample_id) or read(sample_id)
+    batches = list(itertools.islice(iter(stream), 8 * per_epoch))
+    assert [(b.epoch, b.plan_index) for b in batches] == [
+        (epoch, index) for epoch in range(8) for index in range(per_epoch)
+    ]
+    planned = {i for b in batches for i in plan.batch(0, b.epoch, b.plan_index).sample_ids}
+    assert planned <= set(reads)
 
 
 @pytest.mark.parametrize(
