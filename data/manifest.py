@@ -189,24 +189,21 @@ def manifest_of(folder: str) -> str:
 
 def _tars(entry: str) -> list[str]:
     """The tar URLs an entry names: a tar, a glob of tars, or every tar of a folder."""
-    if any(c in entry for c in "*?["):
-        if is_remote(entry):
-            fs, _ = fsspec.core.url_to_fs(entry)
-            scheme = entry.split("://")[0]
-            return sorted(f"{scheme}://{p}" for p in fs.glob(entry) if p.endswith(".tar"))
-        return sorted(
-            os.path.normpath(p) for p in glob.glob(local_path(entry)) if p.endswith(".tar")
-        )
-    if entry.endswith(".tar"):
+    is_glob = any(c in entry for c in "*?[")
+    if entry.endswith(".tar") and not is_glob:
         if not exists(entry):
             raise FileNotFoundError(f"no such shard folder or file {redact(entry)}")
         return [entry if is_remote(entry) else os.path.normpath(local_path(entry))]
     if is_remote(entry):
         fs, path = fsspec.core.url_to_fs(entry)
+        found = fs.glob(path) if is_glob else fs.ls(path, detail=False)
         scheme = entry.split("://")[0]
-        return sorted(f"{scheme}://{p}" for p in fs.ls(path, detail=False) if p.endswith(".tar"))
-    folder = local_path(entry)
-    return sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".tar"))
+        return sorted(f"{scheme}://{p}" for p in found if p.endswith(".tar"))
+    if is_glob:
+        found = glob.glob(local_path(entry))
+    else:
+        found = [os.path.join(local_path(entry), n) for n in os.listdir(local_path(entry))]
+    return sorted(os.path.normpath(p) for p in found if p.endswith(".tar"))
 
 
 def resolve_sources(spec: str) -> list[ManifestSource]:

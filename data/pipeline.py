@@ -92,9 +92,9 @@ class Batch:
         )
 
 
-def open_plan(cfg: DataConfig, table: BucketTable, shards: str | None = None) -> DataPlan:
-    """The plan of `data.shards` (or of `shards`), built once per run and shared."""
-    return DataPlan.open(shards or cfg.shards, table, cfg.fps, cfg.image_share, cfg.cache_dir)
+def open_plan(cfg: DataConfig, table: BucketTable) -> DataPlan:
+    """The plan of `data.shards`, built once per run and shared."""
+    return DataPlan.open(cfg.shards, table, cfg.fps, cfg.image_share, cfg.cache_dir)
 
 
 class BatchStream(IterableDataset):
@@ -103,7 +103,7 @@ class BatchStream(IterableDataset):
     def __init__(
         self, cfg: DataConfig, plan: DataPlan, dp_rank: int, dp_world: int, state: DataState
     ):
-        self.cfg, self.plan, self.table = cfg, plan, plan.table
+        self.cfg, self.plan = cfg, plan
         self.dp_rank, self.dp_world, self.state = dp_rank, dp_world, state
         self.reader = SampleReader(
             plan, cfg.read_retries, cfg.read_backoff_s, cfg.cache_dir, cfg.cache_mb

@@ -32,7 +32,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -264,7 +264,9 @@ class DataPlan:
         folder = self.folder / name
         with _locked(self.folder / "epochs.lock"):  # so no process removes it mid-load
             if not folder.exists():
-                _write_arrays(folder, self._shuffle(seed, epoch))
+                with _staged(folder) as tmp:
+                    for name, array in self._shuffle(seed, epoch).items():
+                        np.save(tmp / f"{name}.npy", array)
                 self._forget_old_epochs(seed, epoch)
             arrays = {
                 field.name: np.load(folder / f"{field.name}.npy", mmap_mode="r")
@@ -368,15 +370,20 @@ def _locked(path: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _write_arrays(folder: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write `folder` whole or not at all: files go to a temporary folder renamed into place."""
+@contextmanager
+def _staged(folder: Path):
+    """A temporary folder beside `folder`, renamed into place when the block succeeds: readers
+    see `folder` whole or not at all, and a failed build leaves nothing behind."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    for name, array in arrays.items():
-        np.save(tmp / f"{name}.npy", array)
     try:
-        tmp.rename(folder)
-    except OSError:  # another node wrote it first (same inputs, same arrays)
+        yield tmp
+        try:
+            tmp.rename(folder)
+        except OSError:  # another node wrote it first (same inputs, same files)
+            if not folder.exists():
+                raise
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -385,21 +392,46 @@ def _build(
 ) -> None:
     """Stream the manifests a batch of rows at a time (memory stays flat in the dataset's size):
     assign buckets, append each column to its file, and group sample ids by bucket."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    with _staged(folder) as tmp:
+        shards, medias, count, by_bucket = _write_columns(tmp, sources, table, fps, spec)
+        counts = [sum(len(ids) for ids in parts) for parts in by_bucket]
+        with open(tmp / "by_bucket.bin", "wb") as file:
+            for parts in by_bucket:
+                for ids in parts:
+                    file.write(ids.tobytes())
+        meta = {
+            "samples": count,
+            "unassigned": count - sum(counts),
+            "bucket_counts": counts,
+            "shards": shards,
+            "medias": medias,
+        }
+        (tmp / "plan.json").write_text(json.dumps(meta))
+    log.info("data plan of %d samples cached at %s", count, folder)
+
+
+def _write_columns(
+    tmp: Path, sources: list[ManifestSource], table: BucketTable, fps: float, spec: str
+) -> tuple[list[str], list[str], int, list[list[np.ndarray]]]:
+    """The per-sample column files and keys of every manifest row: (shard URLs, media kinds,
+    sample count, each bucket's sample ids in pieces)."""
     shards: dict[str, int] = {}
     medias: dict[str, int] = {}
     known: dict[int, int] = {}
     by_bucket: list[list[np.ndarray]] = [[] for _ in table.buckets]
-    files = {name: open(tmp / f"{name}.bin", "wb") for name in COLUMN_TYPES}
-    keys = pa.ipc.new_file(str(tmp / "keys.arrow"), pa.schema([("key", pa.large_string())]))
     count = 0
-    try:
+    with ExitStack() as stack:
+        files = {
+            name: stack.enter_context(open(tmp / f"{name}.bin", "wb")) for name in COLUMN_TYPES
+        }
+        keys = stack.enter_context(
+            pa.ipc.new_file(str(tmp / "keys.arrow"), pa.schema([("key", pa.large_string())]))
+        )
         for source in sources:
             for batch in manifest_batches(source):
                 column = {name: batch.column(name) for name in batch.schema.names}
                 numbers = {
-                    name: column[name].to_numpy().astype(COLUMN_TYPES[name])
+                    name: column[name].to_numpy()
                     for name in ("offset", "size", "width", "height", "frames", "fps")
                 }
                 numbers["shard"] = _indices(column["shard"], shards, COLUMN_TYPES["shard"])
@@ -417,31 +449,9 @@ def _build(
                 count += batch.num_rows
                 if count >= 2**31:
                     raise ValueError(f"data.shards={spec!r}: over 2**31 samples in one plan")
-    finally:
-        keys.close()
-        for file in files.values():
-            file.close()
     if count == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise FileNotFoundError(f"data.shards={spec!r}: the shards hold no samples")
-    counts = [sum(len(ids) for ids in parts) for parts in by_bucket]
-    with open(tmp / "by_bucket.bin", "wb") as file:
-        for parts in by_bucket:
-            for ids in parts:
-                file.write(ids.tobytes())
-    meta = {
-        "samples": count,
-        "unassigned": count - sum(counts),
-        "bucket_counts": counts,
-        "shards": list(shards),
-        "medias": list(medias),
-    }
-    (tmp / "plan.json").write_text(json.dumps(meta))
-    try:
-        tmp.rename(folder)
-    except OSError:  # another node wrote it first (same inputs, same files)
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("data plan of %d samples cached at %s", count, folder)
+    return list(shards), list(medias), count, by_bucket
 
 
 def _indices(values: pa.DictionaryArray, index: dict[str, int], dtype: str) -> np.ndarray:
