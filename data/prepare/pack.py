@@ -1,0 +1,142 @@
+"""Packing: a chunk's clips into tar shards, committed with the chunk's manifest rows and its
+report, and at the end every chunk's into `manifest.parquet` and `report.json`.
+
+A chunk is committed by its record `.prepare/chunks/chunk-NNNNNN.json`, written last and
+atomically: a rerun skips the committed chunks and redoes any other, whose shards it
+rewrites with the same bytes (sorted clips, fixed tar metadata), so a resumed run and an
+uninterrupted one end with identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from data.manifest import MANIFEST_NAME, SCHEMA, index_shards
+
+WORK_DIR = ".prepare"
+REPORT_NAME = "report.json"
+ROW_GROUP = 1 << 20  # manifest rows per Parquet row group, as data.manifest writes them
+
+
+def chunk_record(out: Path, chunk: int) -> Path:
+    return out / WORK_DIR / "chunks" / f"chunk-{chunk:06d}.json"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def pack_chunk(work: dict, out: str, shard_bytes: int) -> dict:
+    """Write the chunk's shards, manifest rows and record; returns the record (counts only)."""
+    out = Path(out)
+    clips = sorted(work["clips"], key=lambda clip: clip["key"])
+    captioned = [clip for clip in clips if has_caption(clip)]
+    rejected = [
+        {
+            "file": clip["file"],
+            "reason": "no caption",
+            "clip_s": json.loads(clip["json"]).get("clip_s"),
+        }
+        for clip in clips
+        if not has_caption(clip)
+    ]
+    shards = write_tars(captioned, out, work["chunk"], shard_bytes)
+    table = index_shards([str(out / name) for name in shards], shards)
+    manifest = chunk_record(out, work["chunk"]).with_suffix(".parquet")
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    write_atomic(manifest, buffer.getvalue().to_pybytes())
+    record = {
+        "chunk": work["chunk"],
+        "files": len(work["files"]),
+        "clips": len(clips) + sum(row["reason"].startswith("filtered") for row in work["dropped"]),
+        "samples": len(captioned),
+        "shards": shards,
+        "bytes": sum((out / name).stat().st_size for name in shards),
+        "dropped": sorted(
+            work["dropped"] + rejected, key=lambda row: (row["file"], row["clip_s"] or [])
+        ),
+    }
+    write_atomic(chunk_record(out, work["chunk"]), json.dumps(record).encode())
+    return {key: value for key, value in record.items() if key != "dropped"} | {
+        "dropped": len(record["dropped"])
+    }
+
+
+def has_caption(clip: dict) -> bool:
+    meta = json.loads(clip["json"])
+    return bool(meta["caption"] or meta["recaption"])
+
+
+def write_tars(clips: list[dict], out: Path, chunk: int, shard_bytes: int) -> list[str]:
+    """Shards of at most `shard_bytes` (or one sample), named by chunk and part."""
+    names: list[str] = []
+    sink = writer = None
+    for clip in clips:
+        if sink is None or (sink.tell() > 0 and sink.tell() + len(clip["media"]) > shard_bytes):
+            if writer is not None:
+                close_tar(writer, sink, out / names[-1])
+            names.append(f"shard-{chunk:06d}-{len(names):02d}.tar")
+            sink = open(out / f"{names[-1]}.tmp", "wb")
+            writer = wds.TarWriter(sink, mtime=0)  # fixed metadata: the same bytes on a rerun
+        writer.write(sample(clip))
+    if writer is not None:
+        close_tar(writer, sink, out / names[-1])
+    return names
+
+
+def sample(clip: dict) -> dict:
+    meta = json.loads(clip["json"])
+    if not meta["caption"]:  # the loader needs one; a recaption is the only text there is
+        meta["caption"] = meta["recaption"]
+    return {"__key__": clip["key"], clip["ext"]: clip["media"], "json": json.dumps(meta).encode()}
+
+
+def close_tar(writer: wds.TarWriter, sink, path: Path) -> None:
+    writer.close()  # the end-of-archive blocks; the writer leaves a file object it did not open
+    sink.close()
+    os.replace(f"{path}.tmp", path)
+
+
+def finalize(out: Path, chunks: int, source: str) -> dict:
+    """`manifest.parquet` and `report.json` from every chunk, in chunk order."""
+    records = [json.loads(chunk_record(out, chunk).read_text()) for chunk in range(chunks)]
+    merge_manifests([chunk_record(out, c).with_suffix(".parquet") for c in range(chunks)], out)
+    report = {
+        "source": source,
+        "files": sum(r["files"] for r in records),
+        "clips": sum(r["clips"] for r in records),
+        "samples": sum(r["samples"] for r in records),
+        "shards": sum(len(r["shards"]) for r in records),
+        "bytes": sum(r["bytes"] for r in records),
+        "dropped": [
+            {key: value for key, value in row.items() if value is not None}
+            for r in records
+            for row in r["dropped"]
+        ],
+    }
+    write_atomic(out / REPORT_NAME, json.dumps(report, indent=1).encode())
+    return report
+
+
+def merge_manifests(parts: list[Path], out: Path) -> None:
+    """Streams the chunk manifests into one, in row groups of `ROW_GROUP` rows."""
+    tmp = out / f"{MANIFEST_NAME}.{os.getpid()}.tmp"
+    pending: list[pa.Table] = []
+    with pq.ParquetWriter(tmp, SCHEMA) as writer:
+        for part in parts:
+            pending.append(pq.read_table(part))
+            if sum(t.num_rows for t in pending) >= ROW_GROUP:
+                writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP)
+                pending = []
+        if pending:
+            writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP)
+    os.replace(tmp, out / MANIFEST_NAME)

@@ -1,0 +1,152 @@
+"""The source: which files, with which captions, in which chunks.
+
+SOURCE is a local folder (captions from `<name>.txt` beside a file, if any), an object-store
+prefix (`s3://`, `gs://`), or a list (CSV, JSONL or Parquet) with a `file` column (a path
+relative to the list's folder, or a URL) and optional `caption` and `recaption` columns.
+Files are shuffled by the seed, so a shard holds a mix, and cut into chunks of about one
+shard of source bytes: a chunk is the unit of work, of parallelism and of resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import random
+
+import fsspec
+import pyarrow as pa
+import pyarrow.csv
+import pyarrow.json
+import pyarrow.parquet as pq
+
+from data.storage import is_remote
+
+LIST_EXTS = (".csv", ".jsonl", ".parquet")
+SAMPLE_OVERHEAD = 2048  # a sample's tar headers, padding and json member, about
+
+
+def list_source(source: str) -> list[dict]:
+    """Rows of `file` (as the source names it), `url`, `size`, `caption`, `recaption`, sorted
+    by file."""
+    if source.endswith(LIST_EXTS):
+        rows = list_rows(source)
+    elif is_remote(source):
+        rows = list_prefix(source)
+    elif os.path.isdir(source):
+        rows = list_folder(source)
+    else:
+        raise FileNotFoundError(
+            f"source {source!r} is neither a folder, an s3:// or gs:// prefix, nor a "
+            f"{'/'.join(LIST_EXTS)} list"
+        )
+    if not rows:
+        raise FileNotFoundError(f"source {source!r} holds no files")
+    return sorted(rows, key=lambda row: row["file"])
+
+
+def list_folder(folder: str) -> list[dict]:
+    paths = {}
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if not name.startswith("."):
+                path = os.path.join(root, name)
+                paths[os.path.relpath(path, folder)] = path
+    media = {file: path for file, path in paths.items() if not is_sidecar(file, paths)}
+    return [
+        entry(file, path, os.path.getsize(path), sidecar_caption(file, paths))
+        for file, path in media.items()
+    ]
+
+
+def is_sidecar(file: str, paths: dict) -> bool:
+    stem, ext = os.path.splitext(file)
+    return ext == ".txt" and any(
+        other != file and os.path.splitext(other)[0] == stem for other in paths
+    )
+
+
+def sidecar_caption(file: str, paths: dict) -> str:
+    caption = paths.get(os.path.splitext(file)[0] + ".txt")
+    if caption is None or caption == paths[file]:
+        return ""
+    with open(caption, encoding="utf-8", errors="replace") as f:
+        return f.read().strip()
+
+
+def list_prefix(prefix: str) -> list[dict]:
+    fs, root = fsspec.core.url_to_fs(prefix)
+    protocol = prefix.split("://", 1)[0]
+    rows = []
+    for path, info in fs.find(root, detail=True).items():
+        file = posixpath.relpath(path, root)
+        if not posixpath.basename(file).startswith("."):
+            rows.append(entry(file, f"{protocol}://{path}", info["size"], ""))
+    return rows
+
+
+def list_rows(path: str) -> list[dict]:
+    """A caption list; errors name the list and the row."""
+    table = read_list(path)
+    if "file" not in table.column_names:
+        raise ValueError(f"{path}: no 'file' column (the columns are {table.column_names})")
+    base = path.rsplit("/", 1)[0] if "/" in path else "."
+    rows = []
+    for number, row in enumerate(table.to_pylist(), start=1):
+        file = row.get("file")
+        if not file or not isinstance(file, str):
+            raise ValueError(f"{path}: row {number} has an empty or missing 'file'")
+        url = file if is_remote(file) or os.path.isabs(file) else f"{base}/{file}"
+        size = os.path.getsize(url) if not is_remote(url) and os.path.isfile(url) else 0
+        rows.append(entry(file, url, size, row.get("caption") or "", row.get("recaption") or ""))
+    return rows
+
+
+def read_list(path: str) -> pa.Table:
+    try:
+        with fsspec.open(path, "rb") as f:
+            if path.endswith(".csv"):
+                options = pa.csv.ConvertOptions(strings_can_be_null=False)
+                return pa.csv.read_csv(f, convert_options=options)
+            if path.endswith(".jsonl"):
+                return pa.json.read_json(f)
+            return pq.read_table(f)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"source list {path} does not exist") from error
+    except pa.ArrowInvalid as error:
+        raise ValueError(
+            f"{path}: not a readable {path.rsplit('.', 1)[1]} list: {error}"
+        ) from error
+
+
+def entry(file: str, url: str, size: int, caption: str, recaption: str = "") -> dict:
+    return {"file": file, "url": url, "size": int(size), "caption": caption, "recaption": recaption}
+
+
+def chunk_files(rows: list[dict], seed: int, chunk_bytes: int) -> list[list[dict]]:
+    """Shuffled by `seed`, numbered (`index`: the file's place in that order), and cut into
+    chunks of at least one file and about `chunk_bytes` of source data."""
+    order = list(rows)
+    random.Random(seed).shuffle(order)
+    chunks: list[list[dict]] = [[]]
+    filled = 0
+    for index, row in enumerate(order):
+        size = row["size"] + SAMPLE_OVERHEAD
+        if chunks[-1] and filled + size > chunk_bytes:
+            chunks.append([])
+            filled = 0
+        chunks[-1].append(row | {"index": index})
+        filled += size
+    return chunks
+
+
+def listing_digest(rows: list[dict]) -> str:
+    """Changes when a file is added, removed, resized or recaptioned."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(
+            json.dumps([row["file"], row["size"], row["caption"], row["recaption"]]).encode()
+        )
+    return digest.hexdigest()
