@@ -110,7 +110,7 @@ def video_clips(
             meta["clip_s"] = [round(start / info["fps"], 3), round(end / info["fps"], 3)]
         clips.append((start, end, meta))
     if reencode:
-        return encode_clips(source, data, info, clips, cfg.crf), rejected
+        return encode_clips(source, data, info, clips, cfg), rejected
     return [clip_row(source, 0, ext, data, clips[0][2])] if clips else [], rejected
 
 
@@ -128,7 +128,7 @@ def probe_video(data: bytes) -> dict:
     except Rejected:
         raise
     except Exception as error:  # FFmpeg's errors for corrupt data have many types
-        raise Rejected(f"corrupt: {error}") from error
+        raise Rejected(f"corrupt: {reason(error)}") from error
     if first is None or not rate:
         raise Rejected("corrupt: no decodable video frame")
     rotation = int(round((first.rotation or 0) / 90)) * 90 % 360
@@ -142,6 +142,11 @@ def probe_video(data: bytes) -> dict:
     if declared and decoded < declared:
         raise Rejected(f"corrupt: truncated (decoded {decoded} of {declared} frames)")
     return info | {"frames": decoded}
+
+
+def reason(error: Exception) -> str:
+    """FFmpeg's own words, without PyAV's '<none>' file name for in-memory data."""
+    return getattr(error, "strerror", None) or str(error)
 
 
 def decord_frames(data: bytes) -> int | None:
@@ -164,7 +169,7 @@ def count_frames(data: bytes) -> int:
             for _ in container.decode(video=0):
                 count += 1
     except Exception as error:
-        raise Rejected(f"corrupt: decoding failed after {count} frames: {error}") from error
+        raise Rejected(f"corrupt: decoding failed after {count} frames: {reason(error)}") from error
     return count
 
 
@@ -253,7 +258,7 @@ def filter_reason(meta: dict, f: FilterConfig) -> str | None:
 
 
 def encode_clips(
-    source: dict, data: bytes, info: dict, clips: list[tuple[int, int, dict]], crf: int
+    source: dict, data: bytes, info: dict, clips: list[tuple[int, int, dict]], cfg: PrepareConfig
 ) -> list[dict]:
     """Each clip's frames re-encoded to H.264 mp4, upright and cropped to even sizes, in one
     decoding pass over the file."""
@@ -262,7 +267,7 @@ def encode_clips(
     for index, frame in enumerate(displayed_frames(data, info["rotation"])):
         if encoder is None and pending and index == pending[0][0]:
             start, end, meta = pending.pop(0)
-            encoder = ClipEncoder(info["fps"], crf)
+            encoder = ClipEncoder(info["fps"], cfg.crf, cfg.reproducible_encoding)
         if encoder is not None:
             encoder.add(frame)
             if index == end - 1:
@@ -282,7 +287,7 @@ def finish(source: dict, number: int, encoder: ClipEncoder, meta: dict) -> dict:
 class ClipEncoder:
     """H.264 in an in-memory mp4, frame by frame, so a long clip never sits in memory."""
 
-    def __init__(self, fps: float, crf: int):
+    def __init__(self, fps: float, crf: int, reproducible: bool):
         self.buffer = io.BytesIO()
         self.container = av.open(self.buffer, mode="w", format="mp4")
         self.stream = self.container.add_stream(
@@ -290,6 +295,8 @@ class ClipEncoder:
         )
         self.stream.pix_fmt = "yuv420p"
         self.stream.options = {"crf": str(crf), "preset": "medium"}
+        if reproducible:  # see PrepareConfig.reproducible_encoding; chunks fill the CPUs
+            self.stream.options["x264-params"] = "threads=1:asm=0"
         self.size: tuple[int, int] | None = None
         self.frames = 0
 
@@ -297,8 +304,10 @@ class ClipEncoder:
         if self.size is None:  # yuv420p needs even sizes: drop an odd last row or column
             self.size = (frame.shape[0] // 2 * 2, frame.shape[1] // 2 * 2)
             self.stream.height, self.stream.width = self.size
-        frame = np.ascontiguousarray(frame[: self.size[0], : self.size[1]])
-        self.container.mux(self.stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        rgb = np.ascontiguousarray(frame[: self.size[0], : self.size[1]])
+        picture = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        picture.pts = self.frames  # in 1/fps, the stream's time base
+        self.container.mux(self.stream.encode(picture))
         self.frames += 1
 
     def close(self) -> tuple[bytes, tuple[int, int], int]:

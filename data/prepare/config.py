@@ -37,7 +37,7 @@ class FilterConfig:
     # Mean absolute change between consecutive frames (0-255) at the scan height: 0 is a
     # still video. Images are never filtered by motion.
     min_motion: float | None = None
-    # A TorchScript file mapping float (N, 3, 224, 224) RGB in [0, 1] to N scores.
+    # A `torch.export.save`d program mapping float (1, 3, 224, 224) RGB in [0, 1] to a score.
     aesthetic_model: str | None = None
     min_aesthetic: float | None = None
 
@@ -62,6 +62,11 @@ class PrepareConfig:
     shard_size_mb: float = 256.0  # a chunk of about this much source data packs into one shard
     seed: int = 0  # the order of files (a shard holds a mix)
     crf: int = 18  # H.264 quality of re-encoded clips (cut, rotated, or unreadable by decord)
+    # x264 in plain C on one thread: the same bytes on every run and every CPU, so a resumed
+    # run equals an uninterrupted one. Its SIMD code reads uninitialised memory (seen here:
+    # equal frames gave different bytes run to run); false encodes about 5x faster, and a
+    # resumed run's re-encoded clips may then differ in bytes (not in what they show).
+    reproducible_encoding: bool = True
     workers: int | None = None  # CPUs of the embedded local Ray (default: all)
     split: SplitConfig = field(default_factory=SplitConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)

@@ -44,11 +44,11 @@ def clip_frames(clip: dict, count: int) -> list[Image.Image]:
 
 
 class AestheticScorer:
-    """Scores each clip's middle frame with the user's TorchScript model and drops the clips
-    under `filter.min_aesthetic`."""
+    """Scores each clip's middle frame with the user's model (a `torch.export` program) and
+    drops the clips under `filter.min_aesthetic`."""
 
     def __init__(self, cfg: FilterConfig):
-        self.model = torch.jit.load(cfg.aesthetic_model, map_location=device()).eval()
+        self.model = torch.export.load(cfg.aesthetic_model).module().to(device())
         self.threshold = cfg.min_aesthetic
 
     @torch.inference_mode()
@@ -56,12 +56,13 @@ class AestheticScorer:
         kept, rejected = [], []
         for clip in work["clips"]:
             frame = clip_frames(clip, 1)[0].resize((SCORE_SIZE, SCORE_SIZE), Image.BICUBIC)
-            pixels = torch.from_numpy(np.asarray(frame)).permute(2, 0, 1)[None].float() / 255
+            pixels = torch.from_numpy(np.array(frame)).permute(2, 0, 1)[None].float() / 255
             score = float(self.model(pixels.to(device())).reshape(-1)[0])
             meta = json.loads(clip["json"]) | {"aesthetic": round(score, 4)}
             if score < self.threshold:
                 reason = f"filtered: aesthetic {score:.3g} < filter.min_aesthetic={self.threshold}"
-                rejected.append(dropped(clip, reason, tuple(meta.get("clip_s") or ()) or None))
+                span = meta.get("clip_s") or (0.0, meta["duration"])
+                rejected.append(dropped(clip, reason, tuple(span)))
             else:
                 kept.append(clip | {"json": json.dumps(meta, sort_keys=True)})
         return work | {"clips": kept, "dropped": work["dropped"] + rejected}

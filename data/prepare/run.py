@@ -21,6 +21,8 @@ from data.prepare.models import AestheticScorer, Recaptioner
 from data.prepare.pack import WORK_DIR, chunk_record, finalize, pack_chunk, write_atomic
 from data.prepare.source import chunk_files, list_source, listing_digest
 
+CHUNK_MEMORY_FACTOR = 4
+
 
 def prepare(
     source: str,
@@ -124,18 +126,24 @@ def run_ray(works: list[dict], out: str, cfg: PrepareConfig, address: str | None
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # this process draws one bar for the whole job
         dataset = ray.data.from_items(works, override_num_blocks=len(works))
-        dataset = dataset.map(cut_chunk, fn_kwargs={"cfg": cfg})
+        # A chunk's media sit in memory a few times over (bytes, decoded frames, encoded
+        # clips): reserving it schedules no more chunks than a node holds, and keeps Ray
+        # from fusing the cutting into a model actor, so cutting runs on every CPU.
+        shard_bytes = int(cfg.shard_size_mb * 2**20)
+        tasks = {"memory": CHUNK_MEMORY_FACTOR * shard_bytes}
+        dataset = dataset.map(cut_chunk, fn_kwargs={"cfg": cfg}, **tasks)
         gpus = ray.cluster_resources().get("GPU", 0)
         for stage, config in model_stages(cfg):
             actors = cfg.recaption.actors or max(1, int(gpus))
             dataset = dataset.map(
                 stage,
                 fn_constructor_kwargs={"cfg": config},
-                concurrency=actors,
+                compute=ray.data.ActorPoolStrategy(size=actors),
                 num_gpus=1 if gpus else 0,
             )
-        shard_bytes = int(cfg.shard_size_mb * 2**20)
-        dataset = dataset.map(pack_chunk, fn_kwargs={"out": out, "shard_bytes": shard_bytes})
+        dataset = dataset.map(
+            pack_chunk, fn_kwargs={"out": out, "shard_bytes": shard_bytes}, **tasks
+        )
         yield from dataset.iter_rows()
     finally:
         if started:

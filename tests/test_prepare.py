@@ -1,0 +1,244 @@
+"""Data preparation (`python -m data.prepare`): real files of many codecs and containers,
+images, audio-only and corrupt files, through a real local Ray and inline; shot splitting,
+filters, recaptioning with a real (tiny, random) vision-language model, and resume after
+SIGKILL."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from manifests import manifest_rows
+from media import encode, half_white, mixed_folder, source_frames
+from vlm import save_tiny_vlm
+
+from data.decode import decode_clip
+from data.manifest import sample_members
+from data.prepare import load_config, prepare
+from data.prepare.__main__ import main as prepare_command
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def samples(out: Path) -> dict[str, dict]:
+    """file the source named -> {"meta", "media", "ext", "row"}, read through each manifest
+    row's byte span as the loader reads it."""
+    found = {}
+    for row in manifest_rows(str(out)):
+        with open(row["shard"], "rb") as f:
+            f.seek(row["offset"])
+            span = f.read(row["size"])
+        with tarfile.open(fileobj=io.BytesIO(span)) as tar:
+            (members,) = sample_members(tar).values()
+            meta = json.loads(tar.extractfile(members["json"]).read())
+            media = tar.extractfile(members[row["media"]]).read()
+        found.setdefault(meta["source"], []).append(
+            {"meta": meta, "media": media, "ext": row["media"], "row": row}
+        )
+    return found
+
+
+def output_files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory) -> tuple[Path, dict, dict]:
+    folder = tmp_path_factory.mktemp("mixed")
+    valid, bad = mixed_folder(folder)
+    return folder, valid, bad
+
+
+@pytest.fixture(scope="module")
+def vlm(tmp_path_factory) -> Path:
+    return save_tiny_vlm(tmp_path_factory.mktemp("vlm"))
+
+
+def test_mixed_folder_on_local_ray_with_recaptioning(mixed, vlm, tmp_path):
+    """Every valid file becomes a sample the loader decodes, every bad one is reported with
+    its reason, the VLM's captions land in `recaption` through Ray actors, and the inline
+    runner writes the same bytes."""
+    folder, valid, bad = mixed
+    options = [
+        "shard_size_mb=0.05",
+        "workers=2",
+        f"recaption.model={vlm}",
+        "recaption.frames=2",
+        "recaption.max_new_tokens=6",
+        "recaption.prompt=describe the video",
+    ]
+    report = prepare_command([str(folder), "--out", str(tmp_path / "ray"), *options])
+    assert report["files"] == len(valid) + len(bad)
+    assert report["samples"] == report["clips"] == len(valid)
+    reasons = {row["file"]: row["reason"] for row in report["dropped"]}
+    assert set(reasons) == set(bad)
+    for file, reason in bad.items():
+        assert reasons[file].startswith(reason), (file, reasons[file])
+    assert json.loads((tmp_path / "ray" / "report.json").read_text()) == report
+
+    found = samples(tmp_path / "ray")
+    assert set(found) == set(valid)
+    for file, (sample,) in found.items():
+        meta, row = sample["meta"], sample["row"]
+        assert meta["caption"] == valid[file]  # the original caption is kept
+        assert meta["recaption"] and meta["recaption"] != meta["caption"]
+        assert row["has_recaption"]
+        frames = min(meta["frames"], 4)
+        pixels = decode_clip(
+            sample["media"],
+            sample["ext"],
+            frames,
+            meta["fps"] or 1.0,
+            (32, 32),
+            (meta["height"], meta["width"]),
+            rng=None,
+            key=file,
+        )
+        assert pixels.shape == (frames, 32, 32, 3), file
+        assert (row["width"], row["height"], row["frames"]) == (
+            meta["width"],
+            meta["height"],
+            meta["frames"],
+        )
+    # The phone video is stored upright: portrait, its white half now on top.
+    phone = found["phone.mp4"][0]
+    assert (phone["meta"]["width"], phone["meta"]["height"]) == (32, 64)
+    upright = decode_clip(phone["media"], "mp4", 1, 24.0, (64, 32), (64, 32), rng=None)[0]
+    assert upright[:32].mean() > 200 and upright[32:].mean() < 50
+    # Codecs decord reads pass through untouched; the rest were re-encoded to H.264.
+    assert found["vp9.webm"][0]["media"] == (folder / "vp9.webm").read_bytes()
+    assert found["still_bmp.bmp"][0]["ext"] == "png"
+
+    inline = prepare(str(folder), tmp_path / "inline", load_config(options), runner="inline")
+    assert inline == report | {"source": str(folder)}
+    assert output_files(tmp_path / "inline") == output_files(tmp_path / "ray")
+
+
+def test_shot_splitting_cuts_a_joined_video_at_the_join(tmp_path):
+    rabbit = source_frames("bigbuckbunny.mp4", 30)
+    car = source_frames("carphone_pristine.mp4", 20)
+    width = min(rabbit.shape[2], car.shape[2])
+    rabbit, car = rabbit[:, :, :width], car[:, :, :width]
+    folder = tmp_path / "joined"
+    folder.mkdir()
+    encode(folder / "joined.mp4", np.concatenate([rabbit, car]), "libx264", "yuv420p")
+    (folder / "joined.txt").write_text("a rabbit, then a man in a car")
+    cfg = load_config(["split.enabled=true", "split.min_clip_s=0.25"])
+    report = prepare(str(folder), tmp_path / "out", cfg, runner="inline", progress=False)
+    assert report["clips"] == report["samples"] == 2
+    clips = sorted(samples(tmp_path / "out")["joined.mp4"], key=lambda s: s["meta"]["clip_s"])
+    first, second = (clip["meta"] for clip in clips)
+    assert abs(first["frames"] - len(rabbit)) <= 1 and abs(second["frames"] - len(car)) <= 1
+    assert first["frames"] + second["frames"] == len(rabbit) + len(car)
+    assert first["clip_s"][0] == 0 and abs(first["clip_s"][1] - len(rabbit) / 24) <= 1 / 24
+    assert second["clip_s"][0] == first["clip_s"][1]
+
+
+def test_filters_drop_clips_naming_the_threshold(tmp_path):
+    folder = tmp_path / "src"
+    folder.mkdir()
+    rabbit = source_frames("bigbuckbunny.mp4", 48)
+    encode(folder / "long.mp4", rabbit, "libx264", "yuv420p")
+    encode(folder / "short.mp4", rabbit[:6], "libx264", "yuv420p")
+    encode(folder / "still.mp4", np.repeat(rabbit[:1], 24, axis=0), "libx264", "yuv420p")
+    encode(folder / "dark.mp4", rabbit[:24] // 8, "libx264", "yuv420p")
+    encode(folder / "tall.mp4", half_white(64, 16, 24), "libx264", "yuv420p")
+    for name in ("long", "short", "still", "dark", "tall"):
+        (folder / f"{name}.txt").write_text(f"a {name} clip")
+    # A user's aesthetic model, exported: brighter frames score higher.
+    program = torch.export.export(Brightness(), (torch.rand(1, 3, 224, 224),))
+    torch.export.save(program, tmp_path / "brightness.pt2")
+    cfg = load_config(
+        [
+            "filter.min_duration_s=0.5",
+            "filter.max_aspect=2.5",
+            "filter.min_aspect=0.4",
+            "filter.min_motion=0.1",
+            f"filter.aesthetic_model={tmp_path / 'brightness.pt2'}",
+            "filter.min_aesthetic=0.1",
+        ]
+    )
+    report = prepare(str(folder), tmp_path / "out", cfg, runner="inline", progress=False)
+    reasons = {row["file"]: row["reason"] for row in report["dropped"]}
+    assert reasons["short.mp4"].startswith("filtered: duration 0.25s < filter.min_duration_s=0.5")
+    assert re.match(r"filtered: motion 0\.\d+ < filter.min_motion=0.1", reasons["still.mp4"])
+    assert reasons["tall.mp4"].startswith("filtered: aspect ratio 0.25 < filter.min_aspect=0.4")
+    assert reasons["dark.mp4"].startswith("filtered: aesthetic")
+    assert all(row["clip_s"] for row in report["dropped"])  # clips, with their time range
+    (long,) = samples(tmp_path / "out")["long.mp4"]
+    assert long["meta"]["motion"] > 0.1 and long["meta"]["aesthetic"] >= 0.1
+    assert report["clips"] == 5 and report["samples"] == 1
+
+
+class Brightness(torch.nn.Module):
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.mean(dim=(1, 2, 3))
+
+
+def test_a_run_killed_with_sigkill_resumes_to_identical_shards(tmp_path):
+    """Twelve chunks of one file each; the first run dies by SIGKILL after some chunks are
+    committed, the rerun finishes: shards, manifest and report equal an uninterrupted run's."""
+    folder = tmp_path / "src"
+    folder.mkdir()
+    for i in range(12):
+        frames = source_frames(["bigbuckbunny.mp4", "bikes.mp4"][i % 2], 20 + i)
+        encode(folder / f"clip{i:02d}.mp4", frames, "libx264", "yuv420p")
+        (folder / f"clip{i:02d}.txt").write_text(f"clip number {i}")
+    options = ["--inline", "shard_size_mb=0.001", "split.enabled=true"]
+    command = [sys.executable, "-m", "data.prepare", str(folder), *options]
+    killed = subprocess.Popen(
+        [*command, "--out", str(tmp_path / "resumed")],
+        cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+    )
+    records = tmp_path / "resumed" / ".prepare" / "chunks"
+    deadline = time.monotonic() + 120
+    while len(list(records.glob("*.json"))) < 3 and killed.poll() is None:
+        assert time.monotonic() < deadline, "no chunk was committed in 120 s"
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    committed = len(list(records.glob("*.json")))
+    assert 3 <= committed < 12, f"killed with {committed} of 12 chunks committed"
+    assert not (tmp_path / "resumed" / "manifest.parquet").exists()
+    prepare_command([str(folder), "--out", str(tmp_path / "resumed"), *options])
+    prepare_command([str(folder), "--out", str(tmp_path / "whole"), *options])
+    resumed, whole = output_files(tmp_path / "resumed"), output_files(tmp_path / "whole")
+    assert len([name for name in whole if name.endswith(".tar")]) == 12
+    assert resumed == whole
+
+
+def test_bad_options_and_outputs_fail_before_any_work(mixed, tmp_path, capsys):
+    folder, _, _ = mixed
+    with pytest.raises(ValueError, match="min_duraton_s"):
+        load_config(["filter.min_duraton_s=1"])
+    with pytest.raises(ValueError, match="split.enabled"):
+        load_config(["split.enabled=maybe"])
+    with pytest.raises(SystemExit):
+        prepare_command([str(folder), "--out", str(tmp_path / "x"), "workers"])
+    assert "is not key=value" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="aesthetic_model and filter.min_aesthetic go together"):
+        load_config(["filter.min_aesthetic=3"])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(PermissionError, match="output folder .*file/out is not writable"):
+        prepare(str(folder), tmp_path / "file" / "out", load_config([]), runner="inline")
+    with pytest.raises(FileNotFoundError, match="neither a folder"):
+        prepare(str(tmp_path / "nothing"), tmp_path / "out", load_config([]), runner="inline")
+    out = tmp_path / "out"
+    prepare(str(folder), out, load_config(["shard_size_mb=0.05"]), runner="inline")
+    with pytest.raises(ValueError, match=r"another source or config \(differs in \['config'\]\)"):
+        prepare(str(folder), out, load_config(["shard_size_mb=0.05", "seed=1"]), runner="inline")
+    (tmp_path / "list.csv").write_text("path,caption\nx.mp4,a clip\n")
+    with pytest.raises(ValueError, match=r"list.csv: no 'file' column"):
+        prepare(str(tmp_path / "list.csv"), tmp_path / "o2", load_config([]), runner="inline")
