@@ -49,9 +49,9 @@ scaling: $(DEMO_AUTOENCODER) $(DEMO_EVAL_SHARDS)
 sample: | $(VENV)/.installed
 	$(PY) -m train.sample checkpoint=runs/demo $(ARGS)
 
-# Pack your own clips: make shards ARGS='my_videos --captions captions.csv --out my_shards'
+# Prepare your own clips: make shards ARGS='my_videos --out my_shards [key=value ...]'
 shards: | $(VENV)/.installed
-	$(PY) -m data.shards $(ARGS)
+	$(PY) -m data.prepare $(ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(ARGS)

@@ -3,7 +3,7 @@
 Each source clip is cut into sub-clips of several durations, crops and aspect ratios
 (landscape, portrait, square, wide), re-encoded small enough for a CPU, plus still frames
 as JPEG images; every sample gets a hand-written caption and a longer recaption of what
-the clip shows. Then the shard writer packs them.
+the clip shows. Then `data.prepare` packs them.
 
     python -m data.demo --out .cache/demo
     python -m data.demo --out .cache/demo/eval --clips-per-source 12 --images-per-source 6 --seed 1
@@ -27,7 +27,7 @@ from PIL import Image
 
 from data.manifest import MANIFEST_NAME
 from data.mp4 import write_mp4
-from data.shards import write_shards
+from data.prepare import load_config, prepare
 
 
 @dataclass(frozen=True)
@@ -307,10 +307,13 @@ def build_demo(
         writer = csv.DictWriter(f, fieldnames=["file", "caption", "recaption"])
         writer.writeheader()
         writer.writerows(rows)
-    summary = write_shards(raw, raw / "captions.csv", shards, shard_size_bytes=8 * 2**20, seed=seed)
+    # In this process: the demo is too small for Ray's start-up to pay (`make shards` and
+    # `python -m data.prepare` run the same stages on Ray).
+    cfg = load_config(["shard_size_mb=8", f"seed={seed}"])
+    report = prepare(str(raw / "captions.csv"), shards, cfg, runner="inline", progress=False)
     print(
-        f"demo dataset: {summary['samples']} samples ({len(rows)} cut) in {summary['shards']} "
-        f"shards, {summary['bytes'] / 2**20:.1f} MiB at {shards}"
+        f"demo dataset: {report['samples']} samples ({len(rows)} cut) in {report['shards']} "
+        f"shards, {report['bytes'] / 2**20:.1f} MiB at {shards}"
     )
     return shards
 

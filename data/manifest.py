@@ -6,7 +6,7 @@ fetches the whole sample as a small tar of its own) and what it is (`media` exte
 `has_recaption`). Captions stay in the sample's `json` (or `txt`) member and are read with the
 sample. `shard` is a file name relative to the manifest's folder, or an absolute path or URL.
 
-`python -m data.shards` writes `manifest.parquet` beside the tars it packs. Shards made by other
+`python -m data.prepare` writes `manifest.parquet` beside the tars it packs. Shards made by other
 tools, local or remote, are indexed into one in parallel:
 
     python -m data.manifest index s3://bucket/videos/ [--out s3://bucket/videos/manifest.parquet]

@@ -19,7 +19,7 @@ from data.buckets import BucketConfig, BucketTable
 from data.decode import DecodeError, decode_clip, probe
 from data.pipeline import DataConfig, build_loader, open_plan
 from data.plan import DataState
-from data.shards import write_shards
+from data.prepare import load_config, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,13 +144,13 @@ def small_source(tmp_path_factory, clips) -> Path:
 
 
 def test_writer_skips_bad_files_and_writes_valid_webdataset(small_source, tmp_path):
-    summary = write_shards(small_source, small_source / "captions.csv", tmp_path / "shards")
-    assert summary["samples"] == 3
-    assert sorted(reason.split(":")[0] for reason in summary["skipped"]) == [
-        "broken.mp4",
-        "missing.mp4",
-    ]
-    read = list(wds.WebDataset(str(tmp_path / "shards" / "shard-000000.tar"), shardshuffle=False))
+    report = prepare(
+        str(small_source / "captions.csv"), tmp_path / "shards", load_config([]), "inline"
+    )
+    assert report["samples"] == 3
+    assert sorted(row["file"] for row in report["dropped"]) == ["broken.mp4", "missing.mp4"]
+    (tar,) = (tmp_path / "shards").glob("*.tar")
+    read = list(wds.WebDataset(str(tar), shardshuffle=False))
     metas = {json.loads(s["json"])["source"]: s for s in read}
     assert set(metas) == {"carphone.mp4", "bikes.mp4", "grey.png"}
     assert json.loads(metas["carphone.mp4"]["json"])["frames"] == 120
@@ -241,13 +241,13 @@ def test_ranks_split_the_global_plan_and_resume_on_another_world_size(demo_shard
 
 def test_corrupt_video_inside_a_shard_is_skipped_and_counted(demo_shards, tmp_path):
     """Garbage bytes behind valid-looking metadata: dropped from its batch, counted, not fatal."""
-    source = demo_shards / "shard-000000.tar"
+    source = demo_shards / "shard-000000-00.tar"
     broken_dir = tmp_path / "broken"
     broken_dir.mkdir()
     corrupted = set()
     with (
         tarfile.open(source) as tar_in,
-        tarfile.open(broken_dir / "shard-000000.tar", "w") as tar_out,
+        tarfile.open(broken_dir / source.name, "w") as tar_out,
     ):
         for member in tar_in:
             data = tar_in.extractfile(member).read()

