@@ -215,7 +215,7 @@ def test_a_run_killed_with_sigkill_resumes_to_identical_shards(tmp_path):
     prepare_command([str(folder), "--out", str(tmp_path / "resumed"), *options])
     prepare_command([str(folder), "--out", str(tmp_path / "whole"), *options])
     resumed, whole = output_files(tmp_path / "resumed"), output_files(tmp_path / "whole")
-    assert len([name for name in whole if name.endswith(".tar")]) == 12
+    assert len([name for name in whole if name.endswith(".tar")]) >= 12  # a shard a chunk at least
     assert resumed == whole
 
 

@@ -9,13 +9,14 @@ uninterrupted one end with identical files.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 
 from data.manifest import MANIFEST_NAME, SCHEMA, index_shards
 
@@ -79,29 +80,39 @@ def has_caption(clip: dict) -> bool:
 def write_tars(clips: list[dict], out: Path, chunk: int, shard_bytes: int) -> list[str]:
     """Shards of at most `shard_bytes` (or one sample), named by chunk and part."""
     names: list[str] = []
-    sink = writer = None
+    sink = tar = None
     for clip in clips:
         if sink is None or (sink.tell() > 0 and sink.tell() + len(clip["media"]) > shard_bytes):
-            if writer is not None:
-                close_tar(writer, sink, out / names[-1])
+            if tar is not None:
+                close_tar(tar, sink, out / names[-1])
             names.append(f"shard-{chunk:06d}-{len(names):02d}.tar")
             sink = open(out / f"{names[-1]}.tmp", "wb")
-            writer = wds.TarWriter(sink, mtime=0)  # fixed metadata: the same bytes on a rerun
-        writer.write(sample(clip))
-    if writer is not None:
-        close_tar(writer, sink, out / names[-1])
+            tar = tarfile.open(fileobj=sink, mode="w")
+        for ext, data in sample_members(clip):
+            add_member(tar, f"{clip['key']}.{ext}", data)
+    if tar is not None:
+        close_tar(tar, sink, out / names[-1])
     return names
 
 
-def sample(clip: dict) -> dict:
+def sample_members(clip: dict) -> list[tuple[str, bytes]]:
+    """(extension, bytes) of a sample: its media, then its `json` metadata."""
     meta = json.loads(clip["json"])
     if not meta["caption"]:  # the loader needs one; a recaption is the only text there is
         meta["caption"] = meta["recaption"]
-    return {"__key__": clip["key"], clip["ext"]: clip["media"], "json": json.dumps(meta).encode()}
+    return [(clip["ext"], clip["media"]), ("json", json.dumps(meta).encode())]
 
 
-def close_tar(writer: wds.TarWriter, sink, path: Path) -> None:
-    writer.close()  # the end-of-archive blocks; the writer leaves a file object it did not open
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """A webdataset member with fixed metadata (time 0, read-only), so a rerun writes the
+    same bytes."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    tar.addfile(info, io.BytesIO(data))
+
+
+def close_tar(tar: tarfile.TarFile, sink, path: Path) -> None:
+    tar.close()  # the end-of-archive blocks; tarfile leaves a file object it did not open
     sink.close()
     os.replace(f"{path}.tmp", path)
 

@@ -17,10 +17,10 @@ from tqdm import tqdm
 
 from data.prepare.clips import cut_file
 from data.prepare.config import PrepareConfig, fingerprint
-from data.prepare.models import AestheticScorer, Recaptioner
 from data.prepare.pack import WORK_DIR, chunk_record, finalize, pack_chunk, write_atomic
 from data.prepare.source import chunk_files, list_source, listing_digest
 
+WORKER_MEMORY = 384 * 2**20  # a cutting worker's resident set before its chunk (measured ~280 MiB)
 CHUNK_MEMORY_FACTOR = 4
 
 
@@ -106,6 +106,9 @@ def run_inline(works: list[dict], out: str, cfg: PrepareConfig, address=None) ->
 
 def model_stages(cfg: PrepareConfig) -> list[tuple[type, object]]:
     """(actor class, its config) of each stage that runs a model, in order."""
+    # Imported here: torch loads only in the processes that run a model, not in every worker.
+    from data.prepare.models import AestheticScorer, Recaptioner
+
     stages = []
     if cfg.filter.aesthetic_model:
         stages.append((AestheticScorer, cfg.filter))
@@ -126,11 +129,11 @@ def run_ray(works: list[dict], out: str, cfg: PrepareConfig, address: str | None
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # this process draws one bar for the whole job
         dataset = ray.data.from_items(works, override_num_blocks=len(works))
-        # A chunk's media sit in memory a few times over (bytes, decoded frames, encoded
-        # clips): reserving it schedules no more chunks than a node holds, and keeps Ray
-        # from fusing the cutting into a model actor, so cutting runs on every CPU.
+        # A worker's own footprint and its chunk's media a few times over (bytes, decoded
+        # frames, encoded clips): reserving it schedules no more chunks than a node holds, and
+        # keeps Ray from fusing the cutting into a model actor, so cutting runs on every CPU.
         shard_bytes = int(cfg.shard_size_mb * 2**20)
-        tasks = {"memory": CHUNK_MEMORY_FACTOR * shard_bytes}
+        tasks = {"memory": WORKER_MEMORY + CHUNK_MEMORY_FACTOR * shard_bytes}
         dataset = dataset.map(cut_chunk, fn_kwargs={"cfg": cfg}, **tasks)
         gpus = ray.cluster_resources().get("GPU", 0)
         for stage, config in model_stages(cfg):
