@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -119,6 +120,61 @@ def test_local_sweep_runs_one_config_after_another_each_in_its_own_dir(demo_shar
     for job, lr in ((0, "0.001"), (1, "0.002")):
         assert logged_steps(sweep / str(job)) == [1, 2]
         assert f"lr: {lr}" in (sweep / str(job) / "config.yaml").read_text()
+
+
+def child_pids(pid: int) -> list[int]:
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return sorted(int(child) for child in children.stdout.split())
+
+
+def is_running(pid: int) -> bool:
+    """Alive and not a zombie waiting for its parent to read its exit status."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_kill_9_of_the_launcher_group_leaves_no_worker_running(demo_shards, tmp_path):
+    args = run_overrides(demo_shards, tmp_path, "parallel=fsdp", "train.steps=500")
+    launcher = ["launcher.procs_per_node=2", "launcher.threads_per_proc=1"]
+    with open(tmp_path / "launcher.log", "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "launch.local", *launcher, *args],
+            cwd=ROOT, env=process_env(), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # the launcher and its torchrun agent: one process group
+        )  # fmt: skip
+    wait_for(lambda: logged_steps(tmp_path), "step 1", timeout=240)
+    (agent,) = child_pids(process.pid)
+    workers = child_pids(agent)
+    assert len(workers) == 2, workers
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed = time.monotonic()
+    try:
+        while any(map(is_running, workers)) and time.monotonic() - killed < 10:
+            time.sleep(0.1)
+        running = [pid for pid in workers if is_running(pid)]
+        print(f"\nworkers {workers} of agent {agent}: still running 10 s after the kill: {running}")
+        assert not running, f"workers {running} outlived their torchrun agent"
+    finally:
+        for pid in workers:  # a failed run must not go on training
+            if is_running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_worker_whose_agent_is_already_gone_stops_at_once(tmp_path):
+    worker = "from train.signals import die_with_agent; die_with_agent(); print('still running')"
+    out = tmp_path / "worker.out"
+    # The outer shell exits at once: the worker starts as an orphan, as it would if its agent
+    # were killed between starting it and its prctl.
+    orphan = f'(sleep 1; exec {sys.executable} -c "{worker}" > {out} 2>&1) &'
+    subprocess.run(["bash", "-c", orphan], env=process_env(TORCHELASTIC_RUN_ID="test"), check=True)
+    wait_for(lambda: "\n" in (out.read_text() if out.exists() else ""), "the worker's output", 60)
+    print(f"\norphaned worker: {out.read_text()}")
+    assert "the torchrun agent that started this worker is gone" in out.read_text()
+    assert "still running" not in out.read_text()
 
 
 # --- two network namespaces as two nodes -----------------------------------------------------

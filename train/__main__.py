@@ -48,7 +48,7 @@ from train.runtime import (
     shutdown,
 )
 from train.sample import VideoGenerator, training_samples
-from train.signals import PREEMPTED_MARKER, Preempted, StopSignals
+from train.signals import PREEMPTED_MARKER, Preempted, StopSignals, die_with_agent
 from train.trainer import Progress, Trainer
 from train.wan import cast_frozen, export_wan, load_trained
 
@@ -313,4 +313,5 @@ def main(cfg: DictConfig) -> None:
 register_configs()
 
 if __name__ == "__main__":
+    die_with_agent()
     main()
