@@ -38,6 +38,7 @@ from train.objectives import (
     FlowMatchingObjective,
     video_to_float,
 )
+from train.ownership import claim_run_dir
 from train.parallel import ParallelDims, build_engine
 from train.runtime import (
     Runtime,
@@ -152,6 +153,7 @@ def _evaluator(
 
 def run(config: Config) -> list[float]:
     dims = _check_parallel(config)
+    claim_run_dir(Path(config.train.run_dir))
     runtime = init_runtime(
         config.train.device, config.train.precision, config.parallel.backend != "none"
     )
