@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from launching import ROOT, metrics, process_env
+from launching import ROOT, metrics, process_env, skip_unless_ci
 from slurm_cluster import SlurmCluster, SlurmUnavailable
 
 from launch.command import Run
@@ -60,9 +60,7 @@ def complete_checkpoint(run_dir: Path, step: int) -> Path:
 
 
 def logged_steps(run_dir: Path) -> list[int]:
-    return (
-        [line["step"] for line in metrics(run_dir)] if (run_dir / "metrics.jsonl").exists() else []
-    )
+    return [line["step"] for line in metrics(run_dir)]
 
 
 def test_dry_run_script_for_16_nodes_of_8_gpus(tmp_path):
@@ -184,7 +182,7 @@ def test_a_worker_whose_agent_is_already_gone_stops_at_once(tmp_path):
 def two_nodes():
     """Two network namespaces joined by a veth pair: [(namespace, address, interface)] x 2."""
     if os.geteuid() != 0 or not shutil.which("ip"):
-        pytest.skip("network namespaces need root and iproute2's `ip`")
+        skip_unless_ci("network namespaces need root and iproute2's `ip`")
     tag = f"{os.getpid() % 100000}"
     nodes = [
         (f"tsr{tag}n{i}", f"10.231.{os.getpid() % 250}.{i + 1}", f"tsr{tag}v{i}") for i in (0, 1)
@@ -255,7 +253,7 @@ def slurm(tmp_path_factory):
     try:
         cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
     except SlurmUnavailable as why:
-        pytest.skip(f"SLURM cannot be installed on this machine: {why}")
+        skip_unless_ci(f"SLURM cannot be installed on this machine: {why}")
     yield cluster
     cluster.stop()
 
