@@ -87,6 +87,7 @@ def straight_runs(demo_shards, tmp_path_factory) -> dict[str, Path]:
     return runs
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("backend", ["fsdp", "zero2"])
 def test_stop_and_resume_is_bitwise_identical(backend, straight_runs, demo_shards, tmp_path):
     straight = straight_runs[backend]
@@ -99,6 +100,7 @@ def test_stop_and_resume_is_bitwise_identical(backend, straight_runs, demo_shard
     assert same_weights(straight, tmp_path)
 
 
+@pytest.mark.multiprocess
 def test_killed_rank_restarts_and_ends_with_the_same_weights(straight_runs, demo_shards, tmp_path):
     seed = random_seed()
     kill_after = random.Random(seed).randint(4, 9)
@@ -130,6 +132,7 @@ def test_killed_rank_restarts_and_ends_with_the_same_weights(straight_runs, demo
     assert same_weights(straight_runs["fsdp"], tmp_path), replay
 
 
+@pytest.mark.multiprocess
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(
     straight_runs, demo_shards, tmp_path
 ):
@@ -155,6 +158,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(
     assert same_weights(straight_runs["fsdp"], tmp_path)
 
 
+@pytest.mark.multiprocess
 def test_zero_checkpoint_on_another_world_size_fails_naming_universal_checkpoints(
     straight_runs, demo_shards, tmp_path
 ):
@@ -181,6 +185,7 @@ def consumed(run_dir: Path, up_to: int, after: int = 0) -> list[str]:
     return [key for record in by_step for key in record["keys"]]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
 def test_fsdp_resumes_on_another_world_size_without_repeating_samples(
     before, after, demo_shards, tmp_path
@@ -223,6 +228,7 @@ def worker_pids(agent_pid: int) -> list[int]:
     return sorted(int(pid) for pid in children.stdout.split())
 
 
+@pytest.mark.multiprocess
 def test_sigusr1_checkpoints_the_current_step_and_exits(demo_shards, tmp_path):
     args = overrides(demo_shards, tmp_path, "parallel=fsdp", "train.steps=500")
     agent = subprocess.Popen(
@@ -251,6 +257,7 @@ def test_sigusr1_checkpoints_the_current_step_and_exits(demo_shards, tmp_path):
     assert f"stopping at step {last_step} on SIGUSR1" in output
 
 
+@pytest.mark.multiprocess
 def test_truncated_sharded_checkpoint_is_named_and_skipped(straight_runs, demo_shards, tmp_path):
     shutil.copytree(straight_runs["fsdp"] / "checkpoints", tmp_path / "checkpoints")
     shard = sorted((tmp_path / "checkpoints" / "step_00000012" / "dcp").glob("*.distcp"))[0]
@@ -276,6 +283,7 @@ def config(*values: str):
         return to_config(compose("config", overrides=list(values)))
 
 
+@pytest.mark.slow
 def test_nan_steps_are_skipped_and_too_many_stop_the_run(demo_shards, tmp_path, monkeypatch):
     calls = {"n": 0}
     original = FlowMatchingObjective.__call__

@@ -108,6 +108,7 @@ def test_misspelt_launcher_key_and_bad_values_are_named():
         load_launcher("local", ["launcher=lsf"])
 
 
+@pytest.mark.slow
 def test_local_sweep_runs_one_config_after_another_each_in_its_own_dir(demo_shards, tmp_path):
     sweep = tmp_path / "sweep"
     result = launch(
@@ -134,6 +135,7 @@ def is_running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+@pytest.mark.multiprocess
 def test_kill_9_of_the_launcher_group_leaves_no_worker_running(demo_shards, tmp_path):
     args = run_overrides(demo_shards, tmp_path, "parallel=fsdp", "train.steps=500")
     launcher = ["launcher.procs_per_node=2", "launcher.threads_per_proc=1"]
@@ -207,6 +209,7 @@ def two_nodes():
             subprocess.run(["ip", "netns", "delete", namespace], capture_output=True)
 
 
+@pytest.mark.multiprocess
 def test_two_node_fsdp_through_launch_local(two_nodes, demo_shards, tmp_path):
     endpoint = f"{two_nodes[0][1]}:29500"
     agents = []
@@ -267,6 +270,7 @@ def wait_for(condition, what: str, timeout: float):
     raise TimeoutError(f"{what} not seen in {timeout} s")
 
 
+@pytest.mark.slurm
 def test_usr1_checkpoints_requeues_and_the_rerun_resumes(slurm, demo_shards, tmp_path):
     steps = 8
     args = run_overrides(demo_shards, tmp_path, "parallel=fsdp", f"train.steps={steps}")
@@ -305,6 +309,7 @@ def test_usr1_checkpoints_requeues_and_the_rerun_resumes(slurm, demo_shards, tmp
         assert len(rank_logs) == 2, rank_logs
 
 
+@pytest.mark.slurm
 def test_sweep_through_the_submitit_launcher(slurm, demo_shards, tmp_path):
     sweep = tmp_path / "sweep"
     hydra_launcher = [

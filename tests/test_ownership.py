@@ -114,6 +114,7 @@ def test_only_global_rank_0_claims(tmp_path, monkeypatch):
     assert not (tmp_path / "owner").exists()
 
 
+@pytest.mark.multiprocess
 def test_of_starters_racing_for_a_fresh_directory_exactly_one_wins(tmp_path):
     go = tmp_path / "go"
     race = (
@@ -147,6 +148,7 @@ def test_of_starters_racing_for_a_fresh_directory_exactly_one_wins(tmp_path):
     assert all(f"pid {winners[0].pid} on host" in error for error in errors)
 
 
+@pytest.mark.slow
 def test_a_second_training_start_is_refused_and_a_start_after_a_kill_9_proceeds(
     demo_shards, tmp_path
 ):
