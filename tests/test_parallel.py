@@ -126,6 +126,7 @@ def test_activation_checkpointing_keeps_names_and_gradients(every):
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_compiled_blocks_give_the_same_gradients():
     plain, compiled = _opened_tiny_dit(), _opened_tiny_dit()
     for block in compiled.blocks:  # what parallel.compile=true does, in place
