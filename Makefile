@@ -13,7 +13,7 @@ DEMO_EVAL_SHARDS := $(DEMO_DIR)/eval/shards/manifest.parquet
 SCALING_SWEEP := runs/sweeps/scaling-demo
 ARGS ?=
 
-.PHONY: setup train scaling test lint sample shards demo-data demo-autoencoder clean
+.PHONY: setup train scaling test test-fast lint sample shards demo-data demo-autoencoder clean
 
 setup: $(VENV)/.installed
 
@@ -55,6 +55,10 @@ shards: | $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(ARGS)
+
+# Everything but the slow, multi-process and SLURM tests: a few minutes on 2 CPU cores.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow and not multiprocess and not slurm" $(ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -1,13 +1,17 @@
-"""Starting real training processes from tests: torchrun on free local ports, plain runs."""
+"""Starting real training processes from tests: torchrun on free local ports, plain runs; and
+what tests of runs share: their metrics, a replayable seed, setup that CI must not skip."""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,8 +69,26 @@ def launch_training(
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The run's logged steps; [] before its first. Only whole lines count: a run that is still
+    training may be halfway through writing the last one."""
+    path = run_dir / "metrics.jsonl"
+    whole_lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return [json.loads(line) for line in whole_lines]
 
 
 def step_losses(run_dir: Path) -> list[float]:
     return [line["train/loss"] for line in metrics(run_dir)]
+
+
+def random_seed() -> int:
+    """A seed for a test's random choices, new each run; TESSERA_TEST_SEED=<seed> replays one.
+    Tests print it and name it in their assertion messages."""
+    return int(os.environ.get("TESSERA_TEST_SEED") or secrets.randbelow(2**32))
+
+
+def skip_unless_ci(reason: str) -> None:
+    """Skip a test whose setup this machine cannot provide, except under CI=true, where a
+    missing cluster or tool is a failure, not a silent skip."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: required)")
+    pytest.skip(reason)

@@ -154,6 +154,7 @@ def test_posterior_sampling_follows_the_generator(vae):
     assert (first - vae.encode(video)).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_reconstruction_error_falls_with_training_on_real_clips(vae, clip_frames):
     generator = torch.Generator().manual_seed(0)
     held_out = random_crops(clip_frames, generator, batch=8)

@@ -60,6 +60,7 @@ def test_bad_reader_settings_are_named(override, message):
         compose_config(override)
 
 
+@pytest.mark.slow
 def test_typo_inside_a_preset_fails_before_work(tmp_path):
     """A misspelt key in a user's experiment file stops `python -m train` at once."""
     (tmp_path / "experiment").mkdir()

@@ -22,6 +22,7 @@ from train.sample import MODES, VideoGenerator, load, parse, sample_to_mp4
 from train.sample import main as sample_main
 
 FPS, HEIGHT, WIDTH = 8.0, 48, 80
+pytestmark = pytest.mark.slow  # every test samples from a DiT trained for this module
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from launching import ROOT, metrics, process_env
+from launching import ROOT, metrics, process_env, skip_unless_ci
 from slurm_cluster import SlurmCluster, SlurmUnavailable
 
 from launch.command import Run
@@ -59,9 +60,7 @@ def complete_checkpoint(run_dir: Path, step: int) -> Path:
 
 
 def logged_steps(run_dir: Path) -> list[int]:
-    return (
-        [line["step"] for line in metrics(run_dir)] if (run_dir / "metrics.jsonl").exists() else []
-    )
+    return [line["step"] for line in metrics(run_dir)]
 
 
 def test_dry_run_script_for_16_nodes_of_8_gpus(tmp_path):
@@ -109,6 +108,7 @@ def test_misspelt_launcher_key_and_bad_values_are_named():
         load_launcher("local", ["launcher=lsf"])
 
 
+@pytest.mark.slow
 def test_local_sweep_runs_one_config_after_another_each_in_its_own_dir(demo_shards, tmp_path):
     sweep = tmp_path / "sweep"
     result = launch(
@@ -121,6 +121,62 @@ def test_local_sweep_runs_one_config_after_another_each_in_its_own_dir(demo_shar
         assert f"lr: {lr}" in (sweep / str(job) / "config.yaml").read_text()
 
 
+def child_pids(pid: int) -> list[int]:
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return sorted(int(child) for child in children.stdout.split())
+
+
+def is_running(pid: int) -> bool:
+    """Alive and not a zombie waiting for its parent to read its exit status."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.multiprocess
+def test_kill_9_of_the_launcher_group_leaves_no_worker_running(demo_shards, tmp_path):
+    args = run_overrides(demo_shards, tmp_path, "parallel=fsdp", "train.steps=500")
+    launcher = ["launcher.procs_per_node=2", "launcher.threads_per_proc=1"]
+    with open(tmp_path / "launcher.log", "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "launch.local", *launcher, *args],
+            cwd=ROOT, env=process_env(), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # the launcher and its torchrun agent: one process group
+        )  # fmt: skip
+    wait_for(lambda: logged_steps(tmp_path), "step 1", timeout=240)
+    (agent,) = child_pids(process.pid)
+    workers = child_pids(agent)
+    assert len(workers) == 2, workers
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed = time.monotonic()
+    try:
+        while any(map(is_running, workers)) and time.monotonic() - killed < 10:
+            time.sleep(0.1)
+        running = [pid for pid in workers if is_running(pid)]
+        print(f"\nworkers {workers} of agent {agent}: still running 10 s after the kill: {running}")
+        assert not running, f"workers {running} outlived their torchrun agent"
+    finally:
+        for pid in workers:  # a failed run must not go on training
+            if is_running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_worker_whose_agent_is_already_gone_stops_at_once(tmp_path):
+    worker = "from train.signals import die_with_agent; die_with_agent(); print('still running')"
+    out = tmp_path / "worker.out"
+    # The outer shell exits at once: the worker starts as an orphan, as it would if its agent
+    # were killed between starting it and its prctl.
+    orphan = f'(sleep 1; exec {sys.executable} -c "{worker}" > {out} 2>&1) &'
+    subprocess.run(["bash", "-c", orphan], env=process_env(TORCHELASTIC_RUN_ID="test"), check=True)
+    wait_for(lambda: "\n" in (out.read_text() if out.exists() else ""), "the worker's output", 60)
+    print(f"\norphaned worker: {out.read_text()}")
+    assert "the torchrun agent that started this worker is gone" in out.read_text()
+    assert "still running" not in out.read_text()
+
+
 # --- two network namespaces as two nodes -----------------------------------------------------
 
 
@@ -128,7 +184,7 @@ def test_local_sweep_runs_one_config_after_another_each_in_its_own_dir(demo_shar
 def two_nodes():
     """Two network namespaces joined by a veth pair: [(namespace, address, interface)] x 2."""
     if os.geteuid() != 0 or not shutil.which("ip"):
-        pytest.skip("network namespaces need root and iproute2's `ip`")
+        skip_unless_ci("network namespaces need root and iproute2's `ip`")
     tag = f"{os.getpid() % 100000}"
     nodes = [
         (f"tsr{tag}n{i}", f"10.231.{os.getpid() % 250}.{i + 1}", f"tsr{tag}v{i}") for i in (0, 1)
@@ -153,6 +209,7 @@ def two_nodes():
             subprocess.run(["ip", "netns", "delete", namespace], capture_output=True)
 
 
+@pytest.mark.multiprocess
 def test_two_node_fsdp_through_launch_local(two_nodes, demo_shards, tmp_path):
     endpoint = f"{two_nodes[0][1]}:29500"
     agents = []
@@ -199,7 +256,7 @@ def slurm(tmp_path_factory):
     try:
         cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
     except SlurmUnavailable as why:
-        pytest.skip(f"SLURM cannot be installed on this machine: {why}")
+        skip_unless_ci(f"SLURM cannot be installed on this machine: {why}")
     yield cluster
     cluster.stop()
 
@@ -213,6 +270,7 @@ def wait_for(condition, what: str, timeout: float):
     raise TimeoutError(f"{what} not seen in {timeout} s")
 
 
+@pytest.mark.slurm
 def test_usr1_checkpoints_requeues_and_the_rerun_resumes(slurm, demo_shards, tmp_path):
     steps = 8
     args = run_overrides(demo_shards, tmp_path, "parallel=fsdp", f"train.steps={steps}")
@@ -251,6 +309,7 @@ def test_usr1_checkpoints_requeues_and_the_rerun_resumes(slurm, demo_shards, tmp
         assert len(rank_logs) == 2, rank_logs
 
 
+@pytest.mark.slurm
 def test_sweep_through_the_submitit_launcher(slurm, demo_shards, tmp_path):
     sweep = tmp_path / "sweep"
     hydra_launcher = [

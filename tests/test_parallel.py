@@ -45,6 +45,7 @@ def train_overrides(shards: Path, run_dir: Path) -> list[str]:
     ]
 
 
+@pytest.mark.multiprocess
 def test_every_backend_matches_a_single_process_run_step_by_step(demo_shards, tmp_path):
     # One process drawing both micro-batches of a step = two ranks drawing one each.
     single = tmp_path / "none"
@@ -79,6 +80,7 @@ def gradient_check(check: str, backend: str, tmp_path: Path) -> list[dict]:
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("backend", ["ddp", "fsdp"])
 def test_ranks_with_different_buckets_get_the_global_batch_gradient(backend, tmp_path):
     for result in gradient_check("buckets", backend, tmp_path):
@@ -89,6 +91,7 @@ def test_ranks_with_different_buckets_get_the_global_batch_gradient(backend, tmp
         assert result["per_rank_mean_vs_reference"] > 1e-2 * result["max_grad"]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("backend", ["ddp", "fsdp"])
 def test_sequence_parallel_matches_one_rank_in_loss_and_gradients(backend, tmp_path):
     for result in gradient_check("sequence", backend, tmp_path):
@@ -123,6 +126,7 @@ def test_activation_checkpointing_keeps_names_and_gradients(every):
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_compiled_blocks_give_the_same_gradients():
     plain, compiled = _opened_tiny_dit(), _opened_tiny_dit()
     for block in compiled.blocks:  # what parallel.compile=true does, in place

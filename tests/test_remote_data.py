@@ -185,6 +185,7 @@ def s3_run(s3, tmp_path_factory) -> tuple[Path, list]:
     return run_dir, tar_gets(s3)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("store", ["s3", "http"])
 def test_trains_two_ranks_reading_exactly_the_sample_spans(
     store, s3, shards, manifest, local_plan, tmp_path, request
@@ -243,6 +244,7 @@ def test_trains_two_ranks_reading_exactly_the_sample_spans(
 # --- 2. exact resume from remote shards ------------------------------------------------------
 
 
+@pytest.mark.multiprocess
 def test_remote_run_stopped_on_2_ranks_resumes_on_1_with_the_local_runs_keys(
     s3, s3_run, shards, tmp_path
 ):
@@ -267,6 +269,7 @@ def test_remote_run_stopped_on_2_ranks_resumes_on_1_with_the_local_runs_keys(
 # --- 3. a flaky server, and one that goes away -----------------------------------------------
 
 
+@pytest.mark.multiprocess
 def test_flaky_server_reads_are_retried_and_failures_skipped(
     shards, manifest, local_plan, tmp_path
 ):
@@ -308,6 +311,7 @@ def test_flaky_server_reads_are_retried_and_failures_skipped(
     assert skipped == len(missing) > 0
 
 
+@pytest.mark.multiprocess
 def test_server_going_away_stops_the_run_naming_it_and_keeps_checkpoints(shards, tmp_path):
     server = HttpServer(shards)
     args = overrides(

@@ -178,6 +178,7 @@ def _evaluate_as_rank(rank: int, world: int, port: int, demo_shards, held_out, r
     dist.destroy_process_group()
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_share_the_set_and_reduce_to_the_single_process_loss(
     demo_shards, held_out, tmp_path
 ):
@@ -300,6 +301,7 @@ def test_fit_sweep_writes_json_and_labelled_plots(tmp_path):
 # --- a real sweep ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sweep_runs_as_a_hydra_multirun_and_fits(demo_shards, held_out, tmp_path):
     """2 sizes x 2 budgets through `python -m train -m`, then `python -m launch.scaling fit`."""
     sweep = tmp_path / "sweep"

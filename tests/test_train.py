@@ -18,6 +18,7 @@ from train.config import register_configs, to_config
 
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()
+pytestmark = pytest.mark.slow  # every test trains, on the session's trained autoencoder
 
 
 def wandb_records(path: Path):

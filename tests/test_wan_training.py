@@ -91,6 +91,7 @@ def fine_tunes(pipeline, demo_shards, tmp_path_factory) -> dict[str, dict[str, P
     return runs
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("kind", ["full", "lora"])
 def test_fine_tunes_on_two_ranks_match_one_process_step_by_step(kind, fine_tunes):
     table = {layout: step_losses(run_dir) for layout, run_dir in fine_tunes[kind].items()}
@@ -118,6 +119,7 @@ def test_fine_tunes_on_two_ranks_match_one_process_step_by_step(kind, fine_tunes
     assert all(".lora_" in name for name in names) == (kind == "lora")
 
 
+@pytest.mark.multiprocess
 def test_lora_stop_and_resume_is_bitwise_identical(fine_tunes, pipeline, demo_shards, tmp_path):
     straight = fine_tunes["lora"]["fsdp x2"]
     shutil.copytree(
@@ -133,6 +135,7 @@ def test_lora_stop_and_resume_is_bitwise_identical(fine_tunes, pipeline, demo_sh
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("variant", ["t2v", "ti2v"])
 def test_ulysses_sequence_parallel_matches_one_rank(variant, tmp_path):
     torchrun(
@@ -150,6 +153,7 @@ def read_frames(path: Path) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
+@pytest.mark.slow
 def test_the_sampler_makes_videos_from_a_fine_tuned_tiny_wan(demo_shards, tmp_path):
     """Wan 2.2 TI2V fine-tuned (LoRA) for 2 steps; then t2v and i2v through the command."""
     pipeline = save_tiny_pipeline(tmp_path / "Wan-tiny-TI2V")

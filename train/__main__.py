@@ -38,6 +38,7 @@ from train.objectives import (
     FlowMatchingObjective,
     video_to_float,
 )
+from train.ownership import claim_run_dir
 from train.parallel import ParallelDims, build_engine
 from train.runtime import (
     Runtime,
@@ -48,7 +49,7 @@ from train.runtime import (
     shutdown,
 )
 from train.sample import VideoGenerator, training_samples
-from train.signals import PREEMPTED_MARKER, Preempted, StopSignals
+from train.signals import PREEMPTED_MARKER, Preempted, StopSignals, die_with_agent
 from train.trainer import Progress, Trainer
 from train.wan import cast_frozen, export_wan, load_trained
 
@@ -152,6 +153,7 @@ def _evaluator(
 
 def run(config: Config) -> list[float]:
     dims = _check_parallel(config)
+    claim_run_dir(Path(config.train.run_dir))
     runtime = init_runtime(
         config.train.device, config.train.precision, config.parallel.backend != "none"
     )
@@ -313,4 +315,5 @@ def main(cfg: DictConfig) -> None:
 register_configs()
 
 if __name__ == "__main__":
+    die_with_agent()
     main()
