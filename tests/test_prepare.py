@@ -65,6 +65,7 @@ def vlm(tmp_path_factory) -> Path:
     return save_tiny_vlm(tmp_path_factory.mktemp("vlm"))
 
 
+@pytest.mark.multiprocess
 def test_mixed_folder_on_local_ray_with_recaptioning(mixed, vlm, tmp_path):
     """Every valid file becomes a sample the loader decodes, every bad one is reported with
     its reason, the VLM's captions land in `recaption` through Ray actors, and the inline
@@ -186,6 +187,7 @@ class Brightness(torch.nn.Module):
         return pixels.mean(dim=(1, 2, 3))
 
 
+@pytest.mark.multiprocess
 def test_a_run_killed_with_sigkill_resumes_to_identical_shards(tmp_path):
     """Twelve chunks of one file each; the first run dies by SIGKILL after some chunks are
     committed, the rerun finishes: shards, manifest and report equal an uninterrupted run's."""
