@@ -26,7 +26,7 @@ from model.autoencoder import build_autoencoder
 from model.flops import dit_param_count, dit_train_flops, peak_flops
 from model.text import TextEncoder
 from train.budget import budget_steps
-from train.build import build_bucket_table, build_dit, frozen, model_name
+from train.build import build_bucket_table, build_dit, frozen, latent_geometry, model_name
 from train.checkpoint import Checkpointer, export
 from train.config import Config, config_to_dict, register_configs, to_config
 from train.ema import EMA
@@ -60,7 +60,7 @@ def _dit_sampler(config: Config, autoencoder, text_encoder, runtime: Runtime, ru
 
     def sample(weights: dict, step: int) -> dict[str, Path]:
         load_trained(model, weights, f"the weights of step {step}")
-        latent_frames = (cfg.sample_frames - 1) // autoencoder.temporal_compression + 1
+        latent_frames = latent_geometry(config, autoencoder).latent_frames(cfg.sample_frames)
         generator = VideoGenerator(
             model,
             autoencoder,
@@ -177,7 +177,7 @@ def run(config: Config) -> list[float]:
             text_encoder,
             config.flow,
             config.conditioning,
-            config.model.patch_size,
+            latent_geometry(config, autoencoder),
             lambda n: flops(num_tokens=n),
             config.train.seed,
             EncodingCache(config.train.encoding_cache_mb * 2**20)
