@@ -173,11 +173,12 @@ def sora_like():
     from omegaconf import OmegaConf
 
     from data.buckets import BucketConfig, BucketTable
+    from model.geometry import LatentGeometry
 
     values = OmegaConf.merge(
         OmegaConf.structured(BucketConfig), OmegaConf.load(ROOT / "conf/buckets/sora_like.yaml")
     )
-    return BucketTable(OmegaConf.to_object(values), 4, 8, (1, 2, 2))
+    return BucketTable(OmegaConf.to_object(values), LatentGeometry(4, 8, (1, 2, 2)))
 
 
 def plan_files(folder: Path) -> list[Path]:

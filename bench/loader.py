@@ -49,6 +49,7 @@ from data.pipeline import DataConfig, build_loader, open_plan
 from data.plan import DataPlan, DataState
 from data.reader import SampleReader
 from data.storage import RangeReader
+from model.geometry import LatentGeometry
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "bench"
@@ -59,7 +60,7 @@ def demo_table() -> BucketTable:
     values = OmegaConf.merge(
         OmegaConf.structured(BucketConfig), OmegaConf.load(ROOT / "conf/buckets/demo.yaml")
     )
-    return BucketTable(OmegaConf.to_object(values), 4, 8, (1, 2, 2))
+    return BucketTable(OmegaConf.to_object(values), LatentGeometry(4, 8, (1, 2, 2)))
 
 
 def config(shards: str, workers: int) -> DataConfig:

@@ -3,14 +3,15 @@
 A sample goes to the largest bucket it fits without upscaling (and without cropping away
 more than the allowed change of aspect ratio); each bucket's batch size follows a token
 budget, so every batch costs about the same, and every batch has one shape (no padding).
-Token counts use plain integers (compression and patch sizes): this module knows nothing
-of the model.
+Token counts come from the latent geometry train/ hands the table (model/geometry.py's
+LatentGeometry): this module knows nothing of the model.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass
@@ -38,18 +39,20 @@ class Bucket:
         return self.tokens_per_sample * self.batch_size
 
 
+class TokenGeometry(Protocol):
+    """What the table asks of the latent geometry train/ hands it."""
+
+    def tokens(self, frames: int, height: int, width: int) -> int:
+        """DiT tokens of a clip of this pixel size; ValueError naming the rule it breaks."""
+        ...
+
+
 class BucketTable:
     """The validated buckets of a table (most tokens first) and the rule assigning samples."""
 
-    def __init__(
-        self,
-        cfg: BucketConfig,
-        temporal_compression: int,
-        spatial_compression: int,
-        patch: tuple[int, int, int],
-    ):
+    def __init__(self, cfg: BucketConfig, geometry: TokenGeometry):
         self.cfg = cfg
-        self.tc, self.sc, self.patch = temporal_compression, spatial_compression, tuple(patch)
+        self.geometry = geometry
         if not cfg.buckets:
             raise ValueError("buckets.buckets is empty: give at least one [frames, height, width]")
         if cfg.token_budget < 1:
@@ -68,26 +71,12 @@ class BucketTable:
     def _bucket(self, spec: list[int]) -> Bucket:
         if len(spec) != 3 or min(spec) < 1:
             raise ValueError(f"bucket {spec}: expected [frames, height, width] of positive ints")
-        frames, height, width = spec
-        pt, ph, pw = self.patch
-        if (frames - 1) % self.tc or ((frames - 1) // self.tc + 1) % pt:
-            raise ValueError(
-                f"bucket {spec}: frames must be 1 + k*{self.tc} (temporal compression) "
-                f"giving a latent length divisible by the patch {pt}"
-            )
-        if height % (self.sc * ph) or width % (self.sc * pw):
-            raise ValueError(
-                f"bucket {spec}: height and width must be multiples of "
-                f"{self.sc * ph} and {self.sc * pw} (compression x patch)"
-            )
-        tokens = (
-            ((frames - 1) // self.tc + 1)
-            // pt
-            * (height // self.sc // ph)
-            * (width // self.sc // pw)
-        )
+        try:
+            tokens = self.geometry.tokens(*spec)
+        except ValueError as error:
+            raise ValueError(f"bucket {spec}: {error}") from None
         batch_size = max(1, round(self.cfg.token_budget / tokens))
-        return Bucket(frames, height, width, tokens, batch_size)
+        return Bucket(*spec, tokens, batch_size)
 
     def assign(self, width: int, height: int, frames: int) -> Bucket | None:
         """The largest bucket a sample of this size fits without upscaling, or None.

@@ -35,6 +35,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from model.attention import attention
+from model.geometry import token_grid
 
 TIME_FREQUENCY_DIM = 256  # sinusoidal features fed to the timestep MLP, as in DiT
 
@@ -344,7 +345,7 @@ class DiT(nn.Module):
         """
         self._check_inputs(x, t, text, text_mask, given, fps, native_size)
         pt, ph, pw = self.cfg.patch_size
-        grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
+        grid = token_grid(x.shape[2:], self.cfg.patch_size)
 
         patches = rearrange(
             x, "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw c)", pt=pt, ph=ph, pw=pw
@@ -391,11 +392,7 @@ class DiT(nn.Module):
             raise ValueError(
                 f"latents must be (B, C={self.in_channels}, T, H, W), got {tuple(x.shape)}"
             )
-        if any(size % patch for size, patch in zip(x.shape[2:], self.cfg.patch_size, strict=True)):
-            raise ValueError(
-                f"latent (T, H, W) = {tuple(x.shape[2:])} must be divisible by "
-                f"patch_size {list(self.cfg.patch_size)}"
-            )
+        token_grid(x.shape[2:], self.cfg.patch_size)  # raises unless whole patches
         batch, frames = x.shape[0], x.shape[2]
         if t.shape not in ((batch,), (batch, frames)):
             raise ValueError(

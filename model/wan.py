@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from model.geometry import token_grid
+
 WAN_VARIANTS = ("t2v", "ti2v")
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -175,8 +177,7 @@ class WanVideoModel(nn.Module):
         native_size: Tensor | None = None,
     ) -> Tensor:
         """Velocity (B, C, T, H, W), the call of model/dit.py's DiT (fps, native_size unused)."""
-        pt, ph, pw = self.cfg.patch_size
-        grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
+        grid = token_grid(x.shape[2:], self.cfg.patch_size)
         context = text * text_mask[..., None].to(text.dtype)
         return self.transformer(
             hidden_states=x,

@@ -123,7 +123,14 @@ def main(check: str, backend: str, out: Path) -> None:
 
     engine = build_engine(model, parallel, OptimConfig(), dims, grad_accum=1, total_steps=1)
     trainer = Trainer(
-        Config(parallel=parallel), runtime, dims, engine, objective, iter([]), None, None
+        config=Config(parallel=parallel),
+        runtime=runtime,
+        dims=dims,
+        engine=engine,
+        objective=objective,
+        batches=iter([]),
+        checkpointer=None,
+        logger=None,
     )
     sums = trainer.accumulate_gradients(mine)
     grads = engine.full_tensors({n: p.grad for n, p in engine.local_params().items()})

@@ -10,6 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from data.buckets import BucketConfig, BucketTable
+from model.geometry import LatentGeometry
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = sorted((ROOT / "conf/buckets").glob("*.yaml"))
@@ -17,7 +18,7 @@ TABLES = sorted((ROOT / "conf/buckets").glob("*.yaml"))
 
 def table_from(cfg: BucketConfig) -> BucketTable:
     # The demo and GPU autoencoders' geometry: 4x8x8 compression, DiT patch (1, 2, 2).
-    return BucketTable(cfg, temporal_compression=4, spatial_compression=8, patch=(1, 2, 2))
+    return BucketTable(cfg, LatentGeometry(4, 8, (1, 2, 2)))
 
 
 def load_table(path: Path) -> BucketTable:

@@ -20,12 +20,13 @@ from data.decode import DecodeError, decode_clip, probe
 from data.pipeline import DataConfig, build_loader, open_plan
 from data.plan import DataState
 from data.prepare import load_config, prepare
+from model.geometry import LatentGeometry
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def table_from(cfg: BucketConfig) -> BucketTable:
-    return BucketTable(cfg, temporal_compression=4, spatial_compression=8, patch=(1, 2, 2))
+    return BucketTable(cfg, LatentGeometry(4, 8, (1, 2, 2)))
 
 
 def demo_table() -> BucketTable:

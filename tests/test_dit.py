@@ -1,18 +1,27 @@
 """The DiT: any latent shape in one process, per-frame times, adaLN-Zero, relative 3D RoPE,
-masked attention and the size registry with its conf/model presets."""
+masked attention and the size registry behind the `model=<size>` presets."""
 
 import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from model.attention import attention
 from model.dit import DIT_SIZES, DiT, apply_rope, dit_config, rope_cos_sin
+from train.config import register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 IN_CHANNELS, TEXT_DIM = 4, 32
+
+register_configs()
+
+
+def compose_config(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return compose("config", overrides=list(overrides))
 
 
 def make_dit(trained: bool = True, **overrides) -> DiT:
@@ -157,15 +166,16 @@ def test_attention_with_no_valid_key_is_zero_not_nan():
         attention(q, k, v, torch.ones(2, 4, dtype=torch.bool))
 
 
-def test_sizes_follow_the_rule_and_match_their_presets():
+def test_sizes_follow_the_rule_and_are_the_model_presets():
     for size, cfg in DIT_SIZES.items():
         assert cfg.depth == cfg.num_heads == max(1, cfg.width // 64), size
         assert cfg.width // cfg.num_heads == min(64, cfg.width), size
-        preset = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model" / f"{size}.yaml"))
-        assert preset == dataclasses.asdict(cfg), size
+        preset = OmegaConf.to_container(compose_config(f"model={size}").model)
+        assert preset == dataclasses.asdict(cfg) | {"wan": None}, size
     presets = (ROOT / "conf/model").glob("*.yaml")
-    # The pretrained Wan presets (model.wan set) follow their published configs, not the rule.
-    assert {p.stem for p in presets if "wan" not in OmegaConf.load(p)} == set(DIT_SIZES)
+    # The sizes are not repeated as files: the only YAML presets are the pretrained Wan models,
+    # which follow their published configs, not the rule.
+    assert all("wan" in OmegaConf.load(p) for p in presets)
     with pytest.raises(
         ValueError, match="unknown DiT size 'huge'; known sizes: pico, nano, micro, tiny"
     ):

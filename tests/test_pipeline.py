@@ -21,6 +21,7 @@ from data.manifest import SCHEMA
 from data.manifest import main as manifest_command
 from data.pipeline import DataConfig, build_loader, open_plan
 from data.plan import DataPlan, DataState, assign_buckets, frames_at_fps
+from model.geometry import LatentGeometry
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +31,7 @@ def table() -> BucketTable:
     values = OmegaConf.merge(
         OmegaConf.structured(BucketConfig), OmegaConf.load(ROOT / "conf/buckets/demo.yaml")
     )
-    return BucketTable(OmegaConf.to_object(values), 4, 8, (1, 2, 2))
+    return BucketTable(OmegaConf.to_object(values), LatentGeometry(4, 8, (1, 2, 2)))
 
 
 def take(shards: Path, table: BucketTable, rank: int, world: int, state: DataState, n: int):

@@ -37,6 +37,7 @@ from data.plan import DataPlan, DataState
 from data.prepare import load_config, prepare
 from data.reader import SampleReader
 from data.storage import ReadError
+from model.geometry import LatentGeometry
 from train.checkpoint import _verify_manifest
 from train.config import register_configs, to_config
 
@@ -90,7 +91,7 @@ def local_plan(shards, tmp_path_factory) -> DataPlan:
     """The training runs' plan, on the local shards (the tiny VAE compresses 4x in time and 8x in
     space)."""
     cfg = config()
-    table = BucketTable(cfg.buckets, 4, 8, tuple(cfg.model.patch_size))
+    table = BucketTable(cfg.buckets, LatentGeometry(4, 8, tuple(cfg.model.patch_size)))
     return DataPlan.open(str(shards), table, cfg.data.fps, None, tmp_path_factory.mktemp("plans"))
 
 
@@ -369,7 +370,7 @@ def test_missing_shard_fails_before_training_naming_its_url(s3, shards, local_pl
 
 
 def test_missing_manifest_and_credentials_in_urls_fail_naming_the_url(s3, shards, tmp_path):
-    table = BucketTable(config().buckets, 4, 8, (1, 2, 2))
+    table = BucketTable(config().buckets, LatentGeometry(4, 8, (1, 2, 2)))
     url = s3.upload(shards, "no-manifest", [next(shards.glob("*.tar")).name])
     with pytest.raises(FileNotFoundError, match=f"no manifest {url}/manifest.parquet"):
         DataPlan.open(url, table, 8.0, None, tmp_path)

@@ -14,6 +14,7 @@ from torch import nn
 from data.buckets import BucketTable
 from model.autoencoder import build_autoencoder
 from model.dit import DiT
+from model.geometry import LatentGeometry
 from model.text import TextEncoder
 from train.checkpoint import CheckpointError, load_tensors
 from train.config import Config, to_config
@@ -39,15 +40,14 @@ def model_name(config: Config) -> str:
     return f"tessera DiT {config.model.size}"
 
 
+def latent_geometry(config: Config, autoencoder: nn.Module) -> LatentGeometry:
+    """The autoencoder's compressions and the DiT's patch. The autoencoder stage feeds pixels,
+    but its batches keep the DiT's geometry so that both stages see the same buckets."""
+    return LatentGeometry.of(autoencoder, config.model.patch_size)
+
+
 def build_bucket_table(config: Config, autoencoder: nn.Module) -> BucketTable:
-    # The autoencoder stage feeds pixels, but batches keep the DiT's geometry so both
-    # stages see the same buckets.
-    return BucketTable(
-        config.buckets,
-        autoencoder.temporal_compression,
-        autoencoder.spatial_compression,
-        tuple(config.model.patch_size),
-    )
+    return BucketTable(config.buckets, latent_geometry(config, autoencoder))
 
 
 def config_from_dict(values: dict) -> Config:

@@ -2,13 +2,14 @@
 
 Each package owns the dataclass of its own part (model/, data/); this module adds the
 trainer's parts and composes them into `Config`, registered in Hydra's ConfigStore as
-`base_config`. Every YAML in conf/ is merged onto this schema, so a misspelt key or a
-wrong type fails with a message naming it before any work starts.
+`base_config` beside the DiT size presets of the `model` group. Every YAML in conf/ is merged
+onto this schema, so a misspelt key or a wrong type fails with a message naming it before any
+work starts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -17,7 +18,7 @@ from data.buckets import BucketConfig
 from data.pipeline import DataConfig
 from model.autoencoder import AutoencoderConfig
 from model.conditioning import ConditioningConfig, mode_probabilities
-from model.dit import DiTConfig
+from model.dit import DIT_SIZES, DiTConfig
 from model.flow import FlowConfig
 from model.text import TextEncoderConfig
 from model.wan import WAN_VARIANTS, WanConfig
@@ -159,7 +160,13 @@ class Config:
 
 
 def register_configs() -> None:
-    ConfigStore.instance().store(name="base_config", node=Config)
+    """The schema, and a `model` group option per DiT size (`model=tiny`, `model=1b`, ...) made
+    from model/dit.py's DIT_SIZES, the one place the sizes live. The pretrained Wan presets are
+    YAML files in conf/model/; Hydra offers both kinds as one group."""
+    store = ConfigStore.instance()
+    store.store(name="base_config", node=Config)
+    for size, dit in DIT_SIZES.items():
+        store.store(group="model", name=size, node=ModelConfig(**asdict(dit)))
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

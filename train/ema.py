@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from train.torch_private import lerp_all_
+
 
 class EMA:
     def __init__(self, pieces: dict[str, Tensor], decay: float):
@@ -20,7 +22,7 @@ class EMA:
     @torch.no_grad()
     def update(self, pieces: dict[str, Tensor]) -> None:
         names = list(self.shadow)
-        torch._foreach_lerp_(
+        lerp_all_(
             [self.shadow[n] for n in names], [pieces[n].detach() for n in names], 1.0 - self.decay
         )
 

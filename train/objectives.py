@@ -17,6 +17,7 @@ from data.lru import ByteLRU
 from data.pipeline import Batch
 from model.conditioning import ConditioningConfig, draw_given_frames
 from model.flow import FlowConfig, drop_captions, sample_timesteps, training_loss
+from model.geometry import LatentGeometry
 
 
 @dataclass
@@ -80,7 +81,7 @@ class FlowMatchingObjective:
         text_encoder: nn.Module,
         flow: FlowConfig,
         conditioning: ConditioningConfig,
-        patch: list[int],
+        geometry: LatentGeometry,
         train_flops: Callable[[int], float],
         seed: int,
         cache: EncodingCache | None = None,
@@ -92,12 +93,11 @@ class FlowMatchingObjective:
         self.text_encoder = text_encoder
         self.flow = flow
         self.conditioning = conditioning
-        self.patch = patch
+        self.geometry = geometry
         self.null_text, self.null_mask = text_encoder.null_embedding()
 
     def num_tokens(self, latents: torch.Tensor) -> int:
-        t, h, w = latents.shape[2:]
-        return (t // self.patch[0]) * (h // self.patch[1]) * (w // self.patch[2])
+        return self.geometry.latent_tokens(latents.shape[2:])
 
     @torch.no_grad()
     def encode(self, batch: Batch, device: torch.device):

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from train.torch_private import torchelastic_agent_store
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -90,9 +92,9 @@ def _attempt_store(rank: int, world_size: int) -> dict:
     count, so on a single node the count is a safe prefix; across nodes the agents' counts can
     differ, and there the default (env://) store is left as it is. {} means the default."""
     env = os.environ
-    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or env.get("GROUP_WORLD_SIZE") != "1":
+    agent_store = torchelastic_agent_store() if env.get("GROUP_WORLD_SIZE") == "1" else None
+    if agent_store is None:
         return {}
-    agent_store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False)
     attempt = env.get("TORCHELASTIC_RESTART_COUNT", "0")
     store = dist.PrefixStore(f"tessera/attempt_{attempt}", agent_store)
     return {"store": store, "rank": rank, "world_size": world_size}

@@ -34,36 +34,19 @@ from omegaconf import OmegaConf
 from data.decode import read_media
 from data.mp4 import write_mp4
 from model.flow import FlowConfig, euler_sample
+from model.geometry import LatentGeometry
 from train.build import SamplingParts, load_for_sampling, model_name
 
 MAX_SECONDS = 60.0  # the longest video the command makes, as Sora
 MODES = ("t2v", "t2i", "i2v", "extend", "connect", "edit")
 
 
-def latent_shape(autoencoder, patch: list[int], frames: int, height: int, width: int):
-    """Latent (T, H, W) for a pixel size, with a clear error when the size does not fit."""
-    tc, sc = autoencoder.temporal_compression, autoencoder.spatial_compression
-    if frames < 1 or (frames - 1) % tc or height % sc or width % sc:
-        raise ValueError(
-            f"frames={frames}, height={height}, width={width}: frames must be 1 + k*{tc} "
-            f"and height, width multiples of {sc}"
-        )
-    shape = (1 + (frames - 1) // tc, height // sc, width // sc)
-    if any(n % p for n, p in zip(shape, patch, strict=False)):
-        raise ValueError(
-            f"frames={frames}, height={height}, width={width} give latents {shape}, "
-            f"not divisible by the patch size {tuple(patch)}"
-        )
-    return shape
-
-
 @dataclass
 class VideoGenerator:
     """A trained DiT with its autoencoder and text encoder, and how to sample with them.
 
-    Videos in and out are uint8 (frames, height, width, 3). With a causal autoencoder of
-    temporal compression c, latent frame 0 is pixel frame 0 and latent frame j >= 1 is pixel
-    frames c(j-1)+1 .. cj, so a window of T latent frames is 1 + c(T-1) pixel frames.
+    Videos in and out are uint8 (frames, height, width, 3). A window of T latent frames is
+    1 + c(T-1) pixel frames (model/geometry.py), c the autoencoder's temporal compression.
     """
 
     dit: torch.nn.Module
@@ -81,7 +64,7 @@ class VideoGenerator:
     def __post_init__(self):
         self.device = next(self.dit.parameters()).device
         self.generator = torch.Generator().manual_seed(self.seed)
-        self.tc = self.autoencoder.temporal_compression
+        self.geometry = LatentGeometry.of(self.autoencoder, self.dit.cfg.patch_size)
         self.captions: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # windows share them
 
     def caption(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +93,7 @@ class VideoGenerator:
     def front_context(self, video: np.ndarray, k: int) -> tuple[torch.Tensor, int]:
         """The last frames of a video as k latent frames that start a window: (latents,
         how many pixel frames they stand for)."""
-        count = 1 + self.tc * (k - 1)
+        count = self.geometry.pixel_frames(k)
         _check_length(video, count, "continue it from its end")
         return self.encode(video[len(video) - count :]), count
 
@@ -118,7 +101,7 @@ class VideoGenerator:
         """The first tc*k frames of a video as k latent frames that end a window. Their first
         frame is repeated in front, so that latent frames 1..k cover exactly those frames, as the
         later latent frames of a window do."""
-        count = self.tc * k
+        count = self.geometry.temporal_compression * k
         _check_length(video, count, "continue it from its start")
         return self.encode(np.concatenate([video[:1], video[:count]]))[:, :, 1:], count
 
@@ -138,8 +121,7 @@ class VideoGenerator:
         """Sample one window of `frames` frames and decode it. given: latent frame index -> its
         clean latents (C, H, W), kept as they are; reference: latents of the whole window to
         start from at `strength` (SDEdit)."""
-        patch = list(self.dit.cfg.patch_size)
-        lt, lh, lw = latent_shape(self.autoencoder, patch, frames, height, width)
+        lt, lh, lw = self.latent_shape(frames, height, width)
         shape = (1, self.autoencoder.latent_channels, lt, lh, lw)
         noise = torch.randn(shape, generator=self.generator).to(self.device)
         clean = reference.clone() if reference is not None else torch.zeros_like(noise)
@@ -166,7 +148,7 @@ class VideoGenerator:
                 self.flow,
                 steps=self.steps,
                 cfg_scale=self.cfg_scale,
-                num_tokens=(lt // patch[0]) * (lh // patch[1]) * (lw // patch[2]),
+                num_tokens=self.geometry.latent_tokens((lt, lh, lw)),
                 clean=clean,
                 given=given_mask,
                 strength=strength,
@@ -196,7 +178,7 @@ class VideoGenerator:
         window; each window's given frames replace the frames they were encoded from."""
         wanted = len(video) + self.frame_count(seconds)
         height, width = video.shape[1:3]
-        window_latents = latent_shape(self.autoencoder, [1, 1, 1], frames, height, width)[0]
+        window_latents = self.latent_shape(frames, height, width)[0]
         k = min(self.context, window_latents - 1)
         if k < 1:
             raise ValueError(f"frames={frames}: a window must have room for a new latent frame")
@@ -223,26 +205,35 @@ class VideoGenerator:
         k = self.context
         head, head_count = self.front_context(first, k)
         tail, tail_count = self.back_context(second, k)
-        new_latents = max(1, math.ceil(self.frame_count(seconds) / self.tc))
+        tc = self.geometry.temporal_compression
+        new_latents = max(1, math.ceil(self.frame_count(seconds) / tc))
         window_latents = 2 * k + new_latents
         given = {i: head[0, :, i] for i in range(k)}
         given |= {k + new_latents + i: tail[0, :, i] for i in range(k)}
         height, width = first.shape[1:3]
-        window = self.window(prompt, 1 + self.tc * (window_latents - 1), height, width, given=given)
+        frames = self.geometry.pixel_frames(window_latents)
+        window = self.window(prompt, frames, height, width, given=given)
         return np.concatenate([first[: len(first) - head_count], window, second[tail_count:]])
 
     def edit(self, prompt: str, video: np.ndarray, strength: float) -> np.ndarray:
         """SDEdit: the video's latents noised to `strength` and denoised with the new prompt.
         The video is cut to the longest length the autoencoder and patch take."""
-        patch_t = self.dit.cfg.patch_size[0]
-        latent_frames = (len(video) - 1) // self.tc + 1
+        patch_t = self.geometry.patch[0]
+        latent_frames = self.geometry.latent_frames(len(video))
         latent_frames -= latent_frames % patch_t
-        _check_length(video, 1 + self.tc * (patch_t - 1), "edit it")
-        video = video[: 1 + self.tc * (latent_frames - 1)]
+        _check_length(video, self.geometry.pixel_frames(patch_t), "edit it")
+        video = video[: self.geometry.pixel_frames(latent_frames)]
         height, width = video.shape[1:3]
         return self.window(
             prompt, len(video), height, width, reference=self.encode(video), strength=strength
         )
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """Latent (T, H, W) of a window, with an error naming the size when it does not fit."""
+        try:
+            return self.geometry.latent_shape(frames, height, width)
+        except ValueError as error:
+            raise ValueError(f"frames={frames}, height={height}, width={width}: {error}") from None
 
     def frame_count(self, seconds: float) -> int:
         return round(seconds * self.fps)
@@ -282,8 +273,9 @@ def _from_t2v(
     strength: float,
 ) -> np.ndarray:
     # extend and connect add what one window adds to a video: its latent frames not given.
-    window_latents = (frames - 1) // generator.tc + 1
-    seconds = generator.tc * max(1, window_latents - generator.context) / generator.fps
+    geometry = generator.geometry
+    new_latents = max(1, geometry.latent_frames(frames) - generator.context)
+    seconds = geometry.temporal_compression * new_latents / generator.fps
     if mode == "t2i":
         return generator.window(prompt, 1, *own.shape[1:3])
     if mode == "i2v":

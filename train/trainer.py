@@ -45,6 +45,7 @@ class Progress:
 class Trainer:
     def __init__(
         self,
+        *,
         config: Config,
         runtime: Runtime,
         dims: ParallelDims,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed._composable import checkpoint
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
@@ -27,6 +26,7 @@ from model.wan import WanVideoModel
 from train.config import ParallelConfig
 from train.parallel.dims import ParallelDims
 from train.parallel.sequence import apply_sequence_parallel, apply_wan_sequence_parallel
+from train.torch_private import checkpoint_activations, flatten_mesh
 
 
 def parallelize(
@@ -58,7 +58,7 @@ def apply_activation_checkpointing(model: nn.Module, every: int) -> None:
         raise ValueError(f"parallel.checkpoint_every_k={every} must be at least 1")
     for index, block in enumerate(model.blocks):
         if index % every == 0:
-            checkpoint(block)
+            checkpoint_activations(block)
 
 
 def data_parallel_mesh(dims: ParallelDims) -> DeviceMesh:
@@ -68,7 +68,7 @@ def data_parallel_mesh(dims: ParallelDims) -> DeviceMesh:
     shard_dim = "dp_shard"
     if dims.sp > 1:
         shard_dim = "dp_shard_sp"
-        mesh["dp_shard", "sp"]._flatten(shard_dim)
+        flatten_mesh(mesh["dp_shard", "sp"], shard_dim)
     if dims.dp_replicate > 1:
         return mesh["dp_replicate", shard_dim]
     return mesh[shard_dim]

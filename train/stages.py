@@ -1,0 +1,274 @@
+"""What differs between the stages a run can train, each behind the same few calls.
+
+A stage builds its model, objective and bucket table, and says how many steps a run takes, how it
+is evaluated and sampled during training, and what it exports at the end. `python -m train` runs
+any of them the same way (train/__main__.py):
+
+- `DiTStage`: flow matching of Tessera's DiT on the latents of a frozen autoencoder;
+- `WanStage`: the same for a pretrained Wan transformer (model.wan set), fully or with LoRA;
+- `AutoencoderStage`: the video autoencoder itself (reconstruction plus KL).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from data.buckets import BucketTable
+from data.mp4 import write_mp4
+from data.pipeline import build_loader
+from data.plan import DataPlan, DataState
+from model.autoencoder import build_autoencoder
+from model.flops import dit_param_count, dit_train_flops
+from model.text import TextEncoder
+from train.budget import budget_steps
+from train.build import build_dit, frozen, latent_geometry, model_name
+from train.checkpoint import export
+from train.config import Config, config_to_dict
+from train.evaluate import Evaluator
+from train.objectives import (
+    AutoencoderObjective,
+    EncodingCache,
+    FlowMatchingObjective,
+    video_to_float,
+)
+from train.parallel import ParallelDims
+from train.runtime import Runtime
+from train.sample import VideoGenerator, training_samples
+from train.trainer import Trainer
+from train.wan import cast_frozen, export_wan, load_trained
+
+Sampler = Callable[[dict, int], dict[str, Path]]  # (consolidated weights, step) -> videos
+
+
+class Stage(Protocol):
+    """Built as `stage(config, runtime)` on every rank, after the initial weights' seed is set;
+    the other calls take the run's final config (its steps set by `train_steps`)."""
+
+    model: nn.Module  # what trains
+    objective: Callable
+    table: BucketTable
+
+    @staticmethod
+    def check_layout(config: Config, dims: ParallelDims) -> None:
+        """Refuse a parallel layout the stage cannot train with, before any work."""
+
+    def train_steps(self, config: Config, plan: DataPlan, dims: ParallelDims) -> int:
+        """How many optimizer steps the run takes."""
+
+    def evaluator(self, config: Config, dims: ParallelDims, run_dir: Path) -> Evaluator | None:
+        """The held-out evaluation the trainer runs on its schedule, if any."""
+
+    def sampler(self, config: Config, plan: DataPlan, run_dir: Path) -> Sampler | None:
+        """Training-time samples; built after the RNG is set for training, as it draws from it."""
+
+    def export(self, config: Config, trainer: Trainer, run_dir: Path) -> None:
+        """The trained weights in their final form (called on every rank: it may gather)."""
+
+
+def stage_type(config: Config) -> type[Stage]:
+    if config.train.stage == "autoencoder":
+        return AutoencoderStage
+    return WanStage if config.model.wan is not None else DiTStage
+
+
+class DiTStage:
+    def __init__(self, config: Config, runtime: Runtime):
+        self.runtime = runtime
+        self.autoencoder = frozen(build_autoencoder(config.autoencoder), runtime.device)
+        self.text_encoder = frozen(TextEncoder(config.text_encoder), runtime.device)
+        self.model = build_dit(config, self.autoencoder, self.text_encoder).to(runtime.device)
+        geometry = latent_geometry(config, self.autoencoder)
+        self.table = BucketTable(config.buckets, geometry)
+        cache_bytes = config.train.encoding_cache_mb * 2**20
+        self.objective = FlowMatchingObjective(
+            self.autoencoder,
+            self.text_encoder,
+            config.flow,
+            config.conditioning,
+            geometry,
+            lambda num_tokens: self.train_flops(config, num_tokens),
+            config.train.seed,
+            EncodingCache(cache_bytes) if cache_bytes else None,
+        )
+
+    @staticmethod
+    def check_layout(config: Config, dims: ParallelDims) -> None:
+        dims.check_model(config.model.num_heads)
+
+    def train_flops(self, config: Config, num_tokens: int) -> float:
+        """Analytic training FLOPs of one sample of `num_tokens` latent tokens."""
+        return dit_train_flops(
+            config.model,
+            self.autoencoder.latent_channels,
+            self.text_encoder.dim,
+            num_tokens=num_tokens,
+            text_tokens=config.text_encoder.max_length,
+        )
+
+    def train_steps(self, config: Config, plan: DataPlan, dims: ParallelDims) -> int:
+        """train.steps, or as many as train.budget_flops buys on this data."""
+        if not config.train.budget_flops:
+            return config.train.steps
+        steps, _ = budget_steps(
+            config.train.budget_flops,
+            config.data,
+            plan,
+            lambda bucket: self.train_flops(config, bucket.tokens_per_sample),
+            config.train.grad_accum,
+            dims.dp_size,
+        )
+        return steps
+
+    def evaluator(self, config: Config, dims: ParallelDims, run_dir: Path) -> Evaluator | None:
+        """The fixed evaluation loss; its results also carry what a scaling-law fit needs."""
+        if not config.eval.shards:
+            return None
+        facts = {
+            "model": config.model.size,
+            "params": dit_param_count(config.model, self.model.in_channels, self.model.text_dim),
+            "budget_flops": config.train.budget_flops,
+            "steps": config.train.steps,
+        }
+        return Evaluator(
+            config.eval,
+            config.data,
+            self.table,
+            self.objective,
+            config.flow,
+            self.runtime,
+            dims,
+            run_dir,
+            facts,
+        )
+
+    def sampler(self, config: Config, plan: DataPlan, run_dir: Path) -> Sampler | None:
+        """The fixed prompts, sampled with consolidated weights on an unsharded copy."""
+        if not config.train.sample_prompts:
+            return None
+        cfg = config.train
+        model = frozen(build_dit(config, self.autoencoder, self.text_encoder), self.runtime.device)
+        latent_frames = latent_geometry(config, self.autoencoder).latent_frames(cfg.sample_frames)
+        provenance = {"generator": "tessera", "model": model_name(config)}
+
+        def sample(weights: dict, step: int) -> dict[str, Path]:
+            load_trained(model, weights, f"the weights of step {step}")
+            generator = VideoGenerator(
+                model,
+                self.autoencoder,
+                self.text_encoder,
+                config.flow,
+                cfg.sample_fps,
+                cfg.sample_steps,
+                context=max(1, min(2, latent_frames - 1)),
+                autocast=self.runtime.autocast,
+            )
+            samples = training_samples(
+                generator,
+                cfg.sample_modes,
+                cfg.sample_prompts,
+                cfg.sample_frames,
+                cfg.sample_height,
+                cfg.sample_width,
+            )
+            return {
+                name: write_mp4(
+                    run_dir / "samples" / f"step_{step:08d}_{name}.mp4",
+                    video,
+                    cfg.sample_fps,
+                    {**provenance, "checkpoint": f"{run_dir} step {step}", "mode": mode}
+                    | {"prompt": prompt, "step": step},
+                )
+                for name, (mode, prompt, video) in samples.items()
+            }
+
+        return sample
+
+    def export(self, config: Config, trainer: Trainer, run_dir: Path) -> None:
+        weights = trainer.consolidated_weights()
+        if self.runtime.is_main:
+            kind = "ema" if trainer.ema is not None else "raw"
+            self.export_weights(config, weights, run_dir, kind)
+
+    def export_weights(self, config: Config, weights: dict, run_dir: Path, kind: str) -> Path:
+        return export(run_dir, weights, config_to_dict(config), kind)
+
+
+class WanStage(DiTStage):
+    def __init__(self, config: Config, runtime: Runtime):
+        super().__init__(config, runtime)
+        cast_frozen(self.model, config.lora, runtime.autocast_dtype)
+
+    def export_weights(self, config: Config, weights: dict, run_dir: Path, kind: str) -> Path:
+        """Also in the layouts diffusers and others read."""
+        out = super().export_weights(config, weights, run_dir, kind)
+        export_wan(config, build_dit(config, self.autoencoder, self.text_encoder), weights, out)
+        return out
+
+
+class AutoencoderStage:
+    def __init__(self, config: Config, runtime: Runtime):
+        self.runtime = runtime
+        self.model = build_autoencoder(config.autoencoder).to(runtime.device)
+        # Batches keep the DiT's geometry, so that both stages see the same buckets.
+        self.table = BucketTable(config.buckets, latent_geometry(config, self.model))
+        self.objective = AutoencoderObjective()
+
+    @staticmethod
+    def check_layout(config: Config, dims: ParallelDims) -> None:
+        if dims.backend not in ("none", "ddp"):
+            raise ValueError(
+                f"parallel.backend={dims.backend}: the autoencoder stage trains with none or ddp"
+            )
+
+    def train_steps(self, config: Config, plan: DataPlan, dims: ParallelDims) -> int:
+        return config.train.steps  # train.budget_flops counts DiT FLOPs (refused here)
+
+    def evaluator(self, config: Config, dims: ParallelDims, run_dir: Path) -> None:
+        return None
+
+    def sampler(self, config: Config, plan: DataPlan, run_dir: Path) -> Sampler:
+        """Originals beside their reconstructions, on a batch of its own, so that sampling never
+        takes one from the training stream."""
+        held_out = build_loader(
+            replace(config.data, num_workers=0),
+            plan,
+            0,
+            1,
+            DataState(seed=config.data.seed + 1, epoch=0, consumed_samples=0),
+        )
+        batch = next(iter(held_out))
+        model = copy.deepcopy(self.model).eval()
+
+        @torch.no_grad()
+        def sample(weights: dict, step: int) -> dict[str, Path]:
+            model.load_state_dict(weights, strict=False)  # buffers (calibration) stay as they are
+            video = video_to_float(batch.video, next(model.parameters()).device)
+            recon = model.decode(model.encode(video)).clamp(-1, 1)
+            pair = torch.cat([video, recon], dim=-1)  # side by side
+            frames = (pair + 1) * 127.5
+            frames = frames.round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
+            path = run_dir / "samples" / f"step_{step:08d}_reconstruction.mp4"
+            return {"reconstruction": write_mp4(path, frames[0], config.train.sample_fps)}
+
+        return sample
+
+    def export(self, config: Config, trainer: Trainer, run_dir: Path) -> None:
+        """On the main rank: the latent normalisation set on training data, then export/."""
+        if not self.runtime.is_main:
+            return
+        model = trainer.engine.module
+        model.load_state_dict(trainer.consolidated_weights(), strict=False)
+        device = next(model.parameters()).device
+        model.eval()
+        batches = itertools.islice(trainer.batches, 8)
+        model.calibrate(video_to_float(b.video, device) for b in batches)
+        kind = "ema" if trainer.ema is not None else "raw"
+        export(run_dir, model.state_dict(), config_to_dict(config), kind)
