@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -244,3 +245,59 @@ def test_bad_options_and_outputs_fail_before_any_work(mixed, tmp_path, capsys):
     (tmp_path / "list.csv").write_text("path,caption\nx.mp4,a clip\n")
     with pytest.raises(ValueError, match=r"list.csv: no 'file' column"):
         prepare(str(tmp_path / "list.csv"), tmp_path / "o2", load_config([]), runner="inline")
+
+
+@pytest.fixture
+def ray_cluster(tmp_path):
+    """A Ray head started apart from the test (`ray start --head --block`), with the S3 test
+    server's settings in its environment, as a user's cluster would have its own."""
+    from object_store import S3Server
+
+    s3 = S3Server()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = os.environ | s3.env | {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
+    head = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            f"--temp-dir={tmp_path / 'ray'}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        yield s3, f"127.0.0.1:{port}"
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+        s3.stop()
+
+
+@pytest.mark.multiprocess
+def test_an_s3_prefix_on_an_existing_ray_cluster(ray_cluster, mixed, tmp_path, monkeypatch):
+    """`--address` runs the job on a cluster that was already there, reading an s3:// prefix
+    (captions from the `.txt` beside each file): the same shards as from the local folder."""
+    s3, address = ray_cluster
+    folder, valid, bad = mixed
+    for name, value in s3.env.items():
+        monkeypatch.setenv(name, value)
+    url = s3.upload(folder, "raw")
+    options = ["shard_size_mb=0.05"]
+    report = prepare_command([url, "--out", str(tmp_path / "s3"), "--address", address, *options])
+    local = prepare(str(folder), tmp_path / "local", load_config(options), runner="inline")
+    assert report["samples"] == len(valid) and report == local | {"source": url}
+    assert output_files(tmp_path / "s3") == output_files(tmp_path / "local") | {
+        "report.json": (tmp_path / "s3" / "report.json").read_bytes()
+    }
+    assert len(s3.log.requests(".mp4", method="GET")) >= len(
+        [f for f in valid | bad if f.endswith(".mp4")]
+    )

@@ -54,6 +54,9 @@ def cut_file(source: dict, cfg: PrepareConfig) -> tuple[list[dict], list[dict]]:
     """(clips, dropped) of one source file: never raises for bad input."""
     try:
         data = read_file(source["url"])
+        if source["caption_url"]:
+            caption = read_file(source["caption_url"]).decode("utf-8", errors="replace")
+            source = source | {"caption": caption.strip()}
     except OSError as error:
         return [], [dropped(source, f"unreadable: {error}")]
     if not data:

@@ -47,43 +47,38 @@ def list_source(source: str) -> list[dict]:
 
 
 def list_folder(folder: str) -> list[dict]:
-    paths = {}
+    found = {}
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in files:
             if not name.startswith("."):
                 path = os.path.join(root, name)
-                paths[os.path.relpath(path, folder)] = path
-    media = {file: path for file, path in paths.items() if not is_sidecar(file, paths)}
-    return [
-        entry(file, path, os.path.getsize(path), sidecar_caption(file, paths))
-        for file, path in media.items()
-    ]
-
-
-def is_sidecar(file: str, paths: dict) -> bool:
-    stem, ext = os.path.splitext(file)
-    return ext == ".txt" and any(
-        other != file and os.path.splitext(other)[0] == stem for other in paths
-    )
-
-
-def sidecar_caption(file: str, paths: dict) -> str:
-    caption = paths.get(os.path.splitext(file)[0] + ".txt")
-    if caption is None or caption == paths[file]:
-        return ""
-    with open(caption, encoding="utf-8", errors="replace") as f:
-        return f.read().strip()
+                found[os.path.relpath(path, folder)] = (path, os.path.getsize(path))
+    return with_sidecars(found)
 
 
 def list_prefix(prefix: str) -> list[dict]:
     fs, root = fsspec.core.url_to_fs(prefix)
     protocol = prefix.split("://", 1)[0]
-    rows = []
+    found = {}
     for path, info in fs.find(root, detail=True).items():
         file = posixpath.relpath(path, root)
         if not posixpath.basename(file).startswith("."):
-            rows.append(entry(file, f"{protocol}://{path}", info["size"], ""))
+            found[file] = (f"{protocol}://{path}", info["size"])
+    return with_sidecars(found)
+
+
+def with_sidecars(found: dict[str, tuple[str, int]]) -> list[dict]:
+    """Rows of the listed files; `<name>.txt` beside a file is its caption, read by the worker
+    that cuts the file (`caption_url`), not here: a listing of millions reads no captions."""
+    stems = {os.path.splitext(file)[0] for file in found if not file.endswith(".txt")}
+    rows = []
+    for file, (url, size) in found.items():
+        stem, ext = os.path.splitext(file)
+        if ext == ".txt" and stem in stems:
+            continue
+        sidecar = found.get(f"{stem}.txt") if ext != ".txt" else None
+        rows.append(entry(file, url, size, caption_url=sidecar[0] if sidecar else ""))
     return rows
 
 
@@ -121,8 +116,17 @@ def read_list(path: str) -> pa.Table:
         ) from error
 
 
-def entry(file: str, url: str, size: int, caption: str, recaption: str = "") -> dict:
-    return {"file": file, "url": url, "size": int(size), "caption": caption, "recaption": recaption}
+def entry(
+    file: str, url: str, size: int, caption: str = "", recaption: str = "", caption_url: str = ""
+) -> dict:
+    return {
+        "file": file,
+        "url": url,
+        "size": int(size),
+        "caption": caption,
+        "recaption": recaption,
+        "caption_url": caption_url,
+    }
 
 
 def chunk_files(rows: list[dict], seed: int, chunk_bytes: int) -> list[list[dict]]:
@@ -143,10 +147,9 @@ def chunk_files(rows: list[dict], seed: int, chunk_bytes: int) -> list[list[dict
 
 
 def listing_digest(rows: list[dict]) -> str:
-    """Changes when a file is added, removed, resized or recaptioned."""
+    """Changes when a file is added, removed, resized, or captioned otherwise."""
     digest = hashlib.sha256()
     for row in rows:
-        digest.update(
-            json.dumps([row["file"], row["size"], row["caption"], row["recaption"]]).encode()
-        )
+        fields = ("file", "size", "caption", "recaption", "caption_url")
+        digest.update(json.dumps([row[field] for field in fields]).encode())
     return digest.hexdigest()
