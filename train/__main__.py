@@ -39,16 +39,10 @@ from train.objectives import (
     video_to_float,
 )
 from train.parallel import ParallelDims, build_engine
-from train.runtime import (
-    Runtime,
-    init_runtime,
-    launch_env,
-    seed_everything,
-    set_rng_state,
-    shutdown,
-)
+from train.runtime import Runtime, init_runtime, launch_env, seed_everything, shutdown
 from train.sample import VideoGenerator, training_samples
 from train.signals import PREEMPTED_MARKER, Preempted, StopSignals
+from train.state import DataPosition, checkpoint_stores
 from train.trainer import Progress, Trainer
 from train.wan import cast_frozen, export_wan, load_trained
 
@@ -209,32 +203,23 @@ def run(config: Config) -> list[float]:
         config.train.steps,
         runtime.autocast_dtype,
     )
-    ema = EMA(engine.local_params(), config.train.ema_decay) if config.train.ema_decay > 0 else None
-    checkpointer = Checkpointer(run_dir, config.train.keep_last, config.train.keep_every)
-    restored = checkpointer.load_latest(config.train.resume, engine, ema)
+    ema = EMA(engine, config.train.ema_decay) if config.train.ema_decay > 0 else None
     progress = Progress()
-    if restored:
-        trainer_state, rng = restored
-        fields = Progress.__dataclass_fields__
-        progress = Progress(**{k: v for k, v in trainer_state.items() if k in fields})
-    data_state = (
-        DataState.from_dict(progress.data_state)
-        if progress.data_state
-        else DataState(seed=config.data.seed, epoch=0, consumed_samples=0)
-    )
-    batches = iter(build_loader(config.data, plan, dims.dp_rank, dims.dp_size, data_state))
+    data = DataPosition(DataState(seed=config.data.seed, epoch=0, consumed_samples=0))
+    config_values = config_to_dict(config)
+    stores = checkpoint_stores(engine, ema, progress, data, dims.layout(), config_values)
+    checkpointer = Checkpointer(run_dir, stores, config.train.keep_last, config.train.keep_every)
     evaluator = (
         _evaluator(config, table, objective, model, runtime, dims, run_dir)
         if is_dit and config.eval.shards
         else None
     )
-    # The loader's iterator draws its worker seeds from the global RNG: restore after it.
-    if restored and rng is not None:
-        set_rng_state(rng)
-    else:
-        seed_everything(config.train.seed + 1_000_003 * runtime.rank)
+    # Each rank's own generators; a checkpoint restores them, except on a rank it has none for.
+    seed_everything(config.train.seed + 1_000_003 * runtime.rank)
+    restored = checkpointer.load_latest(config.train.resume)
+    loader = build_loader(config.data, plan, dims.dp_rank, dims.dp_size, data.state)
+    batches = data.track(loader)
 
-    config_values = config_to_dict(config)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config_values))
     logger = RunLogger(
         config.logger,
