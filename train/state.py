@@ -28,7 +28,7 @@ import pickle
 import random
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -37,9 +37,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from data.pipeline import Batch
 from data.plan import DataState
 from train.checkpoint import CheckpointError, load_tensors, load_torch, save_tensors
+
+if TYPE_CHECKING:
+    from data.pipeline import Batch
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +274,13 @@ class DCPStore:
             dcp.load(
                 state, storage_reader=SafeFileSystemReader(path), planner=WeightsOnlyLoadPlanner()
             )
-        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as error:
+        except (
+            OSError,
+            ValueError,
+            RuntimeError,
+            pickle.UnpicklingError,
+            dcp.CheckpointException,  # a BaseException: what a rank's read raised, gathered
+        ) as error:
             raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
         for name, component in self.components.items():
             component.load_state_dict(state[name])

@@ -38,7 +38,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from train.checkpoint import CheckpointError, NotResumable
 from train.config import OptimConfig
-from train.state import DCPStore, FullTensorStore, JsonStore, TorchStore
+from train.state import DCPStore, FullTensorStore, JsonStore, Store, TorchStore
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):
@@ -175,7 +175,7 @@ class LocalEngine(TorchEngine):
             for name, piece in pieces.items():
                 piece.copy_(full[name])
 
-    def checkpoint_stores(self) -> list:
+    def checkpoint_stores(self) -> list[Store]:
         return [
             JsonStore("lr_schedule.json", {"lr_schedule": self.scheduler}),
             FullTensorStore("model.safetensors", self.model_state),
@@ -200,7 +200,7 @@ class FSDPEngine(TorchEngine):
                 value = full[name].to(piece.device, piece.dtype)
                 piece.copy_(distribute_tensor(value, piece.device_mesh, piece.placements))
 
-    def checkpoint_stores(self) -> list:
+    def checkpoint_stores(self) -> list[Store]:
         return [
             JsonStore("lr_schedule.json", {"lr_schedule": self.scheduler}),
             DCPStore("dcp", {"model": self.model_state, "optimizer": self.optimizer_state}),
@@ -271,7 +271,7 @@ class DeepSpeedEngine:
                 f"{layout['dp_size']} ranks",
             )
 
-    def checkpoint_stores(self) -> list:
+    def checkpoint_stores(self) -> list[Store]:
         return [DeepSpeedStore(self.ds)]
 
 
