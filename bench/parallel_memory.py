@@ -75,7 +75,7 @@ def worker(backend: str, size: str, tokens: int, steps: int, out: Path) -> None:
     torch.manual_seed(0)
     model = DiT(dit_config(size), CHANNELS, TEXT_DIM).to(runtime.device)
     engine = build_engine(model, parallel, OptimConfig(), dims, 1, steps, runtime.autocast_dtype)
-    ema = EMA(engine.local_params(), decay=0.999)
+    ema = EMA(engine, decay=0.999)
     frames = tokens // 256
     x = torch.randn(1, CHANNELS, frames, 32, 32, device=runtime.device)
     text = torch.randn(1, TEXT_TOKENS, TEXT_DIM, device=runtime.device)
@@ -86,9 +86,9 @@ def worker(backend: str, size: str, tokens: int, steps: int, out: Path) -> None:
         t = sample_timesteps(1, tokens, FlowConfig(), device=runtime.device)
         with runtime.autocast():
             loss = training_loss(engine.model, x, text, mask, t, torch.randn_like(x)).mean()
-        engine.backward(loss)
+        engine.micro_step(loss)
         grads = max(grads, gradient_bytes(engine))
-        engine.step()
+        engine.finish_step()
         ema.update(engine.local_params())
         if runtime.device.type == "cuda":
             torch.cuda.synchronize()

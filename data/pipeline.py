@@ -295,5 +295,8 @@ def build_loader(
         num_workers=cfg.num_workers,
         prefetch_factor=4 if cfg.num_workers else None,
         pin_memory=torch.cuda.is_available(),
+        # Worker seeds come from here, not from the global generator, so building a loader
+        # leaves the training randomness (seeded, or restored from a checkpoint) untouched.
+        generator=torch.Generator().manual_seed(state.seed),
     )
     return _skip_empty(iter(loader))

@@ -24,16 +24,10 @@ from train.ema import EMA
 from train.logger import RunLogger
 from train.ownership import claim_run_dir
 from train.parallel import ParallelDims, build_engine
-from train.runtime import (
-    Runtime,
-    init_runtime,
-    launch_env,
-    seed_everything,
-    set_rng_state,
-    shutdown,
-)
+from train.runtime import Runtime, init_runtime, launch_env, seed_everything, shutdown
 from train.signals import PREEMPTED_MARKER, Preempted, StopSignals, die_with_agent
 from train.stages import Stage, stage_type
+from train.state import DataPosition, checkpoint_stores
 from train.trainer import Progress, Trainer
 
 
@@ -43,16 +37,6 @@ def _check_parallel(config: Config, stage: type[Stage]) -> ParallelDims:
     dims = ParallelDims.resolve(config.parallel, world_size, rank)
     stage.check_layout(config, dims)
     return dims
-
-
-def _restore(checkpointer: Checkpointer, config: Config, engine, ema):
-    """(progress, RNG state or None, whether a checkpoint was restored)."""
-    restored = checkpointer.load_latest(config.train.resume, engine, ema)
-    if not restored:
-        return Progress(), None, False
-    trainer_state, rng = restored
-    fields = Progress.__dataclass_fields__
-    return Progress(**{k: v for k, v in trainer_state.items() if k in fields}), rng, True
 
 
 def _engine(config: Config, model, dims: ParallelDims, runtime: Runtime):
@@ -67,23 +51,15 @@ def _engine(config: Config, model, dims: ParallelDims, runtime: Runtime):
         train.steps,
         runtime.autocast_dtype,
     )
-    ema = EMA(engine.local_params(), train.ema_decay) if train.ema_decay > 0 else None
+    ema = EMA(engine, train.ema_decay) if train.ema_decay > 0 else None
     return engine, ema
 
 
-def _seed_training(config: Config, runtime: Runtime, rng: dict | None) -> None:
-    """Every rank's generators as the checkpoint left them, else seeded apart per rank. The
-    loader's iterator draws its worker seeds from the global RNG: this comes after it."""
-    if rng is not None:
-        set_rng_state(rng)
-    else:
-        seed_everything(config.train.seed + 1_000_003 * runtime.rank)
-
-
-def _data_state(config: Config, progress: Progress) -> DataState:
-    if progress.data_state:
-        return DataState.from_dict(progress.data_state)
-    return DataState(seed=config.data.seed, epoch=0, consumed_samples=0)
+def _checkpointer(config: Config, engine, ema, dims: ParallelDims, progress, data) -> Checkpointer:
+    """Every component of the run's state behind one save and load path."""
+    stores = checkpoint_stores(engine, ema, progress, data, dims.layout(), config_to_dict(config))
+    train = config.train
+    return Checkpointer(train.run_dir, stores, train.keep_last, train.keep_every)
 
 
 def _start_logger(
@@ -136,12 +112,14 @@ def run(config: Config) -> list[float]:
     steps = stage.train_steps(config, plan, dims)
     config = replace(config, train=replace(config.train, steps=steps))
     engine, ema = _engine(config, stage.model, dims, runtime)
-    checkpointer = Checkpointer(run_dir, config.train.keep_last, config.train.keep_every)
-    progress, rng, resumed = _restore(checkpointer, config, engine, ema)
-    state = _data_state(config, progress)
-    batches = iter(build_loader(config.data, plan, dims.dp_rank, dims.dp_size, state))
+    progress = Progress()
+    data = DataPosition(DataState(seed=config.data.seed, epoch=0, consumed_samples=0))
+    checkpointer = _checkpointer(config, engine, ema, dims, progress, data)
     evaluator = stage.evaluator(config, dims, run_dir)
-    _seed_training(config, runtime, rng)  # after the loader's iterator, which draws from it
+    # Each rank's own generators; a checkpoint restores them, except on a rank it has none for.
+    seed_everything(config.train.seed + 1_000_003 * runtime.rank)
+    resumed = checkpointer.load_latest(config.train.resume)
+    batches = data.track(build_loader(config.data, plan, dims.dp_rank, dims.dp_size, data.state))
     logger = _start_logger(config, runtime, dims, progress, resumed and checkpointer.root)
     trainer = Trainer(
         config=config,

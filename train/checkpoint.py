@@ -4,8 +4,8 @@ A checkpoint is a folder `step_XXXXXXXX/` written under a temporary name and ren
 when every file is on disk and listed with its size in `manifest.json`; `latest` is
 rewritten (atomically) only after that. A crash
 at any moment therefore leaves the previous checkpoint as the latest complete one.
-Tensors are stored with safetensors, or with torch.save and read back with
-`weights_only=True`: loading never unpickles code from a file.
+What goes into the folder is the training state's components, each written by its store
+(train/state.py); loading never unpickles code from a file.
 """
 
 from __future__ import annotations
@@ -107,8 +107,8 @@ def fault_point(name: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _barrier() -> None:
@@ -116,36 +116,34 @@ def _barrier() -> None:
         dist.barrier()
 
 
+class NotResumable(ValueError):
+    """A readable checkpoint that this run's parallel layout cannot resume."""
+
+
 class Checkpointer:
     """Owns `<run_dir>/checkpoints/`: which checkpoints exist, and how they are written.
 
-    Saving and loading are collective: every rank calls them. The engine writes its own state
-    (one file set for a single process or DDP, sharded files for FSDP and ZeRO); the EMA is
-    consolidated into one safetensors file; each rank keeps its own RNG state.
+    A checkpoint holds the training state as components (train/state.py), each written by its
+    store: the stores are called in order, by every rank, for saving and for loading alike.
     """
 
-    def __init__(self, run_dir: str | Path, keep_last: int = 3, keep_every: int = 0):
+    def __init__(self, run_dir: str | Path, stores: list, keep_last: int = 3, keep_every: int = 0):
         self.root = Path(run_dir) / "checkpoints"
+        self.stores = stores
         self.keep_last = keep_last
         self.keep_every = keep_every
 
-    def save(self, step: int, engine, ema, trainer_state: dict, rng: dict) -> Path:
+    def save(self, step: int) -> Path:
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f".tmp_step_{step:08d}"
-        main = _rank() == 0
+        main = _is_main()
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        engine.save(tmp)
-        if ema is not None:
-            ema_weights = engine.full_tensors(ema.shadow)
-            if main:
-                save_tensors(ema_weights, tmp / "ema.safetensors")
-        torch.save(rng, tmp / f"rng_rank{_rank()}.pt")
+        for store in self.stores:
+            store.save(tmp)
         fault_point("checkpoint", step)
-        if main:
-            (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
         _barrier()
         if main:
             _write_manifest(tmp)
@@ -183,28 +181,24 @@ class Checkpointer:
             return [path]
         return list(reversed(self.complete_checkpoints()))
 
-    def load(self, path: Path, engine, ema) -> tuple[dict, dict | None]:
-        """Restore engine and EMA from `path`; returns (trainer_state, this rank's RNG state or
-        None when the checkpoint was written by fewer ranks)."""
-        # Check every file and read the small ones first, so a damaged checkpoint fails
-        # before anything changes.
+    def load(self, path: Path) -> None:
+        """Restore every component from `path`. Every file is checked against the manifest
+        first, so a truncated or missing one fails before anything changes."""
         _verify_manifest(path)
-        trainer_state = _read_json(path / "trainer.json")
-        engine.check_resumable(trainer_state.get("layout", {"backend": "none"}), path)
-        ema_state = load_tensors(path / "ema.safetensors") if ema is not None else None
-        rng_file = path / f"rng_rank{_rank()}.pt"
-        rng = load_torch(rng_file) if rng_file.exists() else None
-        engine.load(path)
-        if ema is not None:
-            ema.load_full(engine, ema_state)
-        return trainer_state, rng
+        try:
+            for store in self.stores:
+                store.load(path)
+        except NotResumable as error:
+            raise NotResumable(f"checkpoint {path}: {error}") from None
 
-    def load_latest(self, resume: str, engine, ema) -> tuple[dict, dict | None] | None:
-        """Load the newest readable checkpoint; a corrupt one is reported and skipped."""
+    def load_latest(self, resume: str) -> Path | None:
+        """Load the newest readable checkpoint (a corrupt one is reported and skipped); returns
+        its folder, or None when there is none to resume."""
         candidates = self.resume_candidates(resume)
         for path in candidates:
             try:
-                return self.load(path, engine, ema)
+                self.load(path)
+                return path
             except CheckpointError as error:
                 if resume != "auto":
                     raise

@@ -106,43 +106,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
-    """Every generator that can influence the next step, as checkpointable values."""
-    np_state = np.random.get_state()
-    state = {
-        "python": list(random.getstate()[1]) + [random.getstate()[2]],
-        "python_version": random.getstate()[0],
-        "numpy": {
-            "key": np_state[1].tolist(),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "gauss": float(np_state[4]),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    internal = tuple(state["python"][:-1])
-    random.setstate((state["python_version"], internal, state["python"][-1]))
-    np_state = state["numpy"]
-    np.random.set_state(
-        (
-            "MT19937",
-            np.array(np_state["key"], dtype=np.uint32),
-            np_state["pos"],
-            np_state["has_gauss"],
-            np_state["gauss"],
-        )
-    )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

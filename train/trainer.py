@@ -17,21 +17,21 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from data.pipeline import Batch
 from train.checkpoint import Checkpointer
-from train.config import Config, config_to_dict
+from train.config import Config
 from train.logger import RunLogger
 from train.parallel import ParallelDims
-from train.runtime import Runtime, rng_state
+from train.runtime import Runtime
 from train.signals import Preempted, StopSignals
 
 
 @dataclass
 class Progress:
-    """The trainer's own state, saved in trainer.json beside the weights."""
+    """The trainer's own state: a checkpoint component (train/state.py)."""
 
     step: int = 0
     samples_seen: int = 0
@@ -39,7 +39,13 @@ class Progress:
     skipped_steps: int = 0  # steps whose loss or gradients were NaN/Inf, applied nowhere
     bad_steps_in_a_row: int = 0
     flops_seen: float = 0.0  # analytic training FLOPs, counted like tokens_seen
-    data_state: dict = field(default_factory=dict)
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, state[name])
 
 
 class Trainer:
@@ -91,7 +97,7 @@ class Trainer:
         for batch in batches:
             with self.runtime.autocast():
                 loss = self.objective(self.engine.model, batch, self.runtime.device)
-            self.engine.backward(loss.total * scale)
+            self.engine.micro_step(loss.total * scale)
             loss_sum += loss.total.item()
             tokens += loss.tokens
             flops += loss.flops
@@ -105,7 +111,7 @@ class Trainer:
         batches, data_wait = self._draw()
         start = time.perf_counter()
         sums = self.accumulate_gradients(batches)
-        grad_norm = self.engine.step()
+        grad_norm = self.engine.finish_step()
         p = self.progress
         finite = math.isfinite(sums["loss_sum"]) and math.isfinite(grad_norm)
         p.skipped_steps += not finite
@@ -116,7 +122,6 @@ class Trainer:
         p.samples_seen += int(sums["samples"])
         p.tokens_seen += int(sums["tokens"])
         p.flops_seen += sums["flops"]
-        p.data_state = batches[-1].state_after
         if self.config.train.record_samples:
             self._record_samples(batches)
         step_time = time.perf_counter() - start + data_wait
@@ -195,12 +200,7 @@ class Trainer:
         raise Preempted(step, received or "")
 
     def save(self) -> Path:
-        state = {
-            **self.progress.__dict__,
-            "layout": self.dims.layout(),
-            "config": config_to_dict(self.config),
-        }
-        return self.checkpointer.save(self.progress.step, self.engine, self.ema, state, rng_state())
+        return self.checkpointer.save(self.progress.step)
 
     def consolidated_weights(self) -> dict:
         """Full EMA weights (raw ones without an EMA), gathered on every rank (collective)."""
@@ -208,7 +208,7 @@ class Trainer:
         return self.engine.full_tensors(pieces)
 
     def evaluate(self, final: bool) -> None:
-        progress = {k: v for k, v in self.progress.__dict__.items() if k != "data_state"}
+        progress = self.progress.state_dict()
         self.logger.log(self.progress.step, self.evaluator(self.engine.model, progress, final))
 
     def sample(self) -> None:

@@ -1,15 +1,18 @@
 """The engines behind the trainer's one interface, whatever the backend:
 
     engine.model                 what the forward pass is called on
-    engine.backward(loss)        accumulate gradients of one micro-batch
-    engine.step() -> grad norm   reduce, clip, apply and clear the gradients (once per step);
-                                 with a NaN/Inf gradient norm nothing is applied
+    engine.micro_step(loss)      backward of one micro-batch; DeepSpeed also reduces, clips and
+                                 applies the update inside the step's last one
+    engine.finish_step() -> grad norm  end the step: the torch engines reduce, clip and apply
+                                 the gradients here; every engine clears them. With a NaN/Inf
+                                 gradient norm nothing is applied
     engine.lr                    the learning rate of the step just taken
     engine.local_params()        this rank's piece of every trainable parameter, by name
     engine.full_tensors(pieces)  the full tensors of such pieces (collective)
     engine.load_full(pieces, full)  copy full tensors into such pieces
-    engine.save(dir) / load(dir) checkpoint state (collective)
-    engine.check_resumable(layout, dir)  refuse, clearly, a checkpoint it cannot read
+    engine.checkpoint_stores()   the stores of the checkpoint components only it holds (model,
+                                 optimizer, LR schedule; see train/state.py)
+    engine.check_resumable(layout)  refuse, clearly, a checkpoint layout it cannot read
 
 `LocalEngine` serves one process and DDP (full parameters everywhere), `FSDPEngine` FSDP2
 (DTensor shards), `DeepSpeedEngine` ZeRO stages 1-3. Gradients are averaged over every rank;
@@ -18,25 +21,24 @@ the trainer scales each rank's loss so that this average is the global batch's m
 
 from __future__ import annotations
 
-import json
 import math
-import pickle
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_state_dict,
-    set_state_dict,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
 )
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from train.checkpoint import CheckpointError, load_tensors, load_torch, save_tensors
+from train.checkpoint import CheckpointError, NotResumable
 from train.config import OptimConfig
+from train.state import DCPStore, FullTensorStore, JsonStore, Store, TorchStore
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):
@@ -78,14 +80,43 @@ def has_frozen_params(module: nn.Module) -> bool:
     return any(not p.requires_grad for p in module.parameters())
 
 
-def checkpointed_state(module: nn.Module) -> dict[str, Tensor]:
-    """The module's state dict without its frozen parameters."""
-    frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
-    return {name: value for name, value in module.state_dict().items() if name not in frozen}
+def _state_options(module: nn.Module) -> StateDictOptions:
+    frozen = has_frozen_params(module)
+    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
 
 
-def _is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+class ModelState:
+    """The model component: its state by name (full tensors, or DTensor shards under FSDP),
+    without the frozen weights of a partly frozen model."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return get_model_state_dict(self.module, options=_state_options(self.module))
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        strayed = state.keys() ^ self.state_dict().keys()
+        if strayed:  # what trains, exactly: a LoRA checkpoint must not miss an adapter
+            raise CheckpointError(f"the checkpoint's model has mismatched keys {sorted(strayed)}")
+        set_model_state_dict(self.module, state, options=_state_options(self.module))
+
+
+class OptimizerState:
+    """The optimizer component, keyed by parameter name so it can be resharded."""
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer):
+        self.module, self.optimizer = module, optimizer
+
+    def state_dict(self) -> dict:
+        return get_optimizer_state_dict(
+            self.module, self.optimizer, options=_state_options(self.module)
+        )
+
+    def load_state_dict(self, state: dict) -> None:
+        set_optimizer_state_dict(
+            self.module, self.optimizer, state, options=_state_options(self.module)
+        )
 
 
 class TorchEngine:
@@ -97,11 +128,13 @@ class TorchEngine:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg, total_steps)
         )
+        self.model_state = ModelState(module)
+        self.optimizer_state = OptimizerState(module, self.optimizer)
 
-    def backward(self, loss: Tensor) -> None:
+    def micro_step(self, loss: Tensor) -> None:
         loss.backward()
 
-    def step(self) -> float:
+    def finish_step(self) -> float:
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
         if isinstance(grad_norm, DTensor):
@@ -120,9 +153,9 @@ class TorchEngine:
         return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
 
 
-def _refuse(path: Path, layout: dict, reason: str) -> None:
-    raise ValueError(
-        f"checkpoint {path} was written by parallel.backend={layout['backend']} on "
+def _refuse(layout: dict, reason: str) -> None:
+    raise NotResumable(
+        f"written by parallel.backend={layout['backend']} on "
         f"{layout.get('world_size', 1)} ranks; {reason}"
     )
 
@@ -130,9 +163,9 @@ def _refuse(path: Path, layout: dict, reason: str) -> None:
 class LocalEngine(TorchEngine):
     """Full parameters on every rank: one process, or DDP (whose wrapper is `model`)."""
 
-    def check_resumable(self, layout: dict, path: Path) -> None:
+    def check_resumable(self, layout: dict) -> None:
         if layout["backend"] not in ("none", "ddp"):
-            _refuse(path, layout, "resume it with that backend (none and ddp share a format)")
+            _refuse(layout, "resume it with that backend (none and ddp share a format)")
 
     def full_tensors(self, pieces: dict[str, Tensor]) -> dict[str, Tensor]:
         return {name: piece.detach() for name, piece in pieces.items()}
@@ -142,66 +175,21 @@ class LocalEngine(TorchEngine):
             for name, piece in pieces.items():
                 piece.copy_(full[name])
 
-    def save(self, folder: Path) -> None:
-        if _is_main():
-            save_tensors(checkpointed_state(self.module), folder / "model.safetensors")
-            torch.save(
-                {
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                },
-                folder / "optimizer.pt",
-            )
-
-    def load(self, folder: Path) -> None:
-        # Read every file before changing anything, so a corrupt file leaves no half-load.
-        weights = load_tensors(folder / "model.safetensors")
-        state = load_torch(folder / "optimizer.pt")
-        if has_frozen_params(self.module):  # the checkpoint holds exactly what trains
-            strayed = weights.keys() ^ checkpointed_state(self.module).keys()
-            if strayed:
-                raise RuntimeError(f"{folder / 'model.safetensors'}: mismatched keys {strayed}")
-        self.module.load_state_dict(weights, strict=not has_frozen_params(self.module))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """DCP's `.metadata` is a pickle: admit only the checkpoint's own record types."""
-
-    SAFE = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
-
-    def find_class(self, module: str, name: str):
-        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if (
-            module.startswith("torch.distributed.checkpoint.")
-            or is_dtype
-            or (module, name) in self.SAFE
-        ):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
-
-
-class SafeFileSystemReader(dcp.FileSystemReader):
-    """Reads DCP checkpoints without unpickling arbitrary objects (tensors already load with
-    weights_only=True; this restricts the metadata file too)."""
-
-    def read_metadata(self, *args, **kwargs) -> Metadata:
-        with open(self._get_metadata_path(kwargs.get("rank")), "rb") as file:
-            metadata = _MetadataUnpickler(file).load()
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
+    def checkpoint_stores(self) -> list[Store]:
+        return [
+            JsonStore("lr_schedule.json", {"lr_schedule": self.scheduler}),
+            FullTensorStore("model.safetensors", self.model_state),
+            TorchStore("optimizer.pt", self.optimizer_state),
+        ]
 
 
 class FSDPEngine(TorchEngine):
     """FSDP2: parameters, gradients and optimizer state are DTensor shards; checkpoints are
     sharded through torch.distributed.checkpoint, which reshards on load."""
 
-    def check_resumable(self, layout: dict, path: Path) -> None:
+    def check_resumable(self, layout: dict) -> None:
         if layout["backend"] != "fsdp":
-            _refuse(path, layout, "parallel.backend=fsdp resumes only FSDP checkpoints")
+            _refuse(layout, "parallel.backend=fsdp resumes only FSDP checkpoints")
 
     def full_tensors(self, pieces: dict[str, Tensor]) -> dict[str, Tensor]:
         return {name: piece.detach().full_tensor() for name, piece in pieces.items()}
@@ -212,52 +200,27 @@ class FSDPEngine(TorchEngine):
                 value = full[name].to(piece.device, piece.dtype)
                 piece.copy_(distribute_tensor(value, piece.device_mesh, piece.placements))
 
-    def _state_options(self) -> StateDictOptions:
-        frozen = has_frozen_params(self.module)
-        return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
-
-    def save(self, folder: Path) -> None:
-        model_state, optim_state = get_state_dict(
-            self.module, self.optimizer, options=self._state_options()
-        )
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=folder / "dcp")
-        if _is_main():
-            (folder / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
-
-    def load(self, folder: Path) -> None:
-        if not (folder / "dcp" / ".metadata").exists():
-            raise CheckpointError(f"checkpoint file {folder / 'dcp' / '.metadata'} is missing")
-        options = self._state_options()
-        model_state, optim_state = get_state_dict(self.module, self.optimizer, options=options)
-        state = {"model": model_state, "optimizer": optim_state}
-        try:
-            dcp.load(state, storage_reader=SafeFileSystemReader(folder / "dcp"))
-            scheduler = json.loads((folder / "scheduler.json").read_text())
-        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as error:
-            raise CheckpointError(f"cannot read checkpoint {folder / 'dcp'}: {error}") from error
-        set_state_dict(
-            self.module,
-            self.optimizer,
-            model_state_dict=state["model"],
-            optim_state_dict=state["optimizer"],
-            options=options,
-        )
-        self.scheduler.load_state_dict(scheduler)
+    def checkpoint_stores(self) -> list[Store]:
+        return [
+            JsonStore("lr_schedule.json", {"lr_schedule": self.scheduler}),
+            DCPStore("dcp", {"model": self.model_state, "optimizer": self.optimizer_state}),
+        ]
 
 
 class DeepSpeedEngine:
-    """DeepSpeed ZeRO 1-3. Its own gradient accumulation counts micro-batches: the update is
-    applied inside the last micro-batch's step call, so `step()` only reports the norm."""
+    """DeepSpeed ZeRO 1-3. DeepSpeed counts micro-batches itself: its step, called after every
+    micro-batch's backward, reduces, clips and applies the update on the step's last one, so
+    `finish_step()` only reports the norm and clears the gradients."""
 
     def __init__(self, ds_engine, stage: int):
         self.model = self.ds = ds_engine
         self.stage = stage
 
-    def backward(self, loss: Tensor) -> None:
+    def micro_step(self, loss: Tensor) -> None:
         self.ds.backward(loss, scale_wrt_gas=False)  # the trainer already normalised the loss
         self.ds.step()
 
-    def step(self) -> float:
+    def finish_step(self) -> float:
         # DeepSpeed already skipped the update (and the schedule) if the norm was NaN/Inf.
         norm = self.ds.get_global_grad_norm()
         self.ds.optimizer.zero_grad()
@@ -295,13 +258,12 @@ class DeepSpeedEngine:
                     value = value[dist.get_rank() * size : (dist.get_rank() + 1) * size]
                 piece.copy_(value.view_as(piece))
 
-    def check_resumable(self, layout: dict, path: Path) -> None:
+    def check_resumable(self, layout: dict) -> None:
         backend = f"zero{self.stage}"
         if layout["backend"] != backend:
-            _refuse(path, layout, f"parallel.backend={backend} resumes only its own checkpoints")
+            _refuse(layout, f"parallel.backend={backend} resumes only its own checkpoints")
         if layout["dp_size"] != dist.get_world_size():
             _refuse(
-                path,
                 layout,
                 f"ZeRO's optimizer partitions are tied to {layout['dp_size']} data-parallel "
                 f"ranks, not {dist.get_world_size()}. Convert it with DeepSpeed's "
@@ -309,19 +271,32 @@ class DeepSpeedEngine:
                 f"{layout['dp_size']} ranks",
             )
 
+    def checkpoint_stores(self) -> list[Store]:
+        return [DeepSpeedStore(self.ds)]
+
+
+class DeepSpeedStore:
+    """The model, optimizer and LR schedule of a DeepSpeed engine, in the files DeepSpeed
+    writes itself (its ZeRO partitions can only be read back by the same number of ranks)."""
+
+    TAG = "deepspeed"
+
+    def __init__(self, ds_engine):
+        self.ds = ds_engine
+
     def save(self, folder: Path) -> None:
         self.ds.save_checkpoint(
             str(folder),
-            tag="deepspeed",
+            tag=self.TAG,
             save_latest=False,
             exclude_frozen_parameters=has_frozen_params(self.ds.module),
         )
 
     def load(self, folder: Path) -> None:
-        if not (folder / "deepspeed").is_dir():
-            raise CheckpointError(f"checkpoint folder {folder / 'deepspeed'} is missing")
+        if not (folder / self.TAG).is_dir():
+            raise CheckpointError(f"checkpoint folder {folder / self.TAG} is missing")
         path, _ = self.ds.load_checkpoint(
-            str(folder), tag="deepspeed", load_module_strict=not has_frozen_params(self.ds.module)
+            str(folder), tag=self.TAG, load_module_strict=not has_frozen_params(self.ds.module)
         )
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint in {folder}")
