@@ -113,14 +113,14 @@ def main() -> None:
     parser.add_argument("--lora-rank", type=int, default=32)
     args = parser.parse_args()
 
+    from model.geometry import LatentGeometry
     from train.config import LoraConfig
 
     geometry = preset(args.model)
     transformer = meta_transformer(geometry, geometry.wan)
-    compression = 16 if geometry.wan.in_channels == 48 else 8  # the Wan 2.2 VAE is 16x16
-    pt, ph, pw = geometry.patch_size
-    latent = (1 + (args.frames - 1) // 4, args.height // compression, args.width // compression)
-    tokens = (latent[0] // pt) * (latent[1] // ph) * (latent[2] // pw) // args.sp
+    spatial = 16 if geometry.wan.in_channels == 48 else 8  # the Wan 2.2 VAE is 16x16
+    latent_geometry = LatentGeometry(4, spatial, tuple(geometry.patch_size))
+    tokens = latent_geometry.tokens(args.frames, args.height, args.width) // args.sp
     counts = {
         "total": sum(p.numel() for p in transformer.parameters()),
         "lora": lora_param_count(transformer, args.lora_rank, LoraConfig().target_modules),
