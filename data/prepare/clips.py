@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import posixpath
 from collections.abc import Iterator
 from fractions import Fraction
 
@@ -61,7 +62,7 @@ def cut_file(source: dict, cfg: PrepareConfig) -> tuple[list[dict], list[dict]]:
         return [], [dropped(source, f"unreadable: {error}")]
     if not data:
         return [], [dropped(source, "corrupt: empty file")]
-    ext = source["file"].rpartition(".")[2].lower() if "." in source["file"] else ""
+    ext = posixpath.splitext(source["file"])[1].lstrip(".").lower()
     try:
         if ext in STILL_EXTS:
             return [still_clip(source, data, ext)], []

@@ -94,9 +94,27 @@ def list_rows(path: str) -> list[dict]:
         if not file or not isinstance(file, str):
             raise ValueError(f"{path}: row {number} has an empty or missing 'file'")
         url = file if is_remote(file) or os.path.isabs(file) else f"{base}/{file}"
-        size = os.path.getsize(url) if not is_remote(url) and os.path.isfile(url) else 0
-        rows.append(entry(file, url, size, row.get("caption") or "", row.get("recaption") or ""))
-    return rows
+        rows.append(entry(file, url, 0, row.get("caption") or "", row.get("recaption") or ""))
+    sizes = file_sizes([row["url"] for row in rows])
+    return [row | {"size": sizes.get(row["url"], 0)} for row in rows]
+
+
+def file_sizes(urls: list[str]) -> dict[str, int]:
+    """Sizes for chunking (a missing file: none, and its worker reports it): local files by
+    stat, remote ones by listing each folder once, not one request per file."""
+    sizes = {
+        url: os.path.getsize(url) for url in urls if not is_remote(url) and os.path.isfile(url)
+    }
+    folders = {url.rsplit("/", 1)[0] for url in urls if is_remote(url)}
+    for folder in sorted(folders):
+        fs, root = fsspec.core.url_to_fs(folder)
+        protocol = folder.split("://", 1)[0]
+        try:
+            listed = fs.ls(root, detail=True)
+        except FileNotFoundError:
+            continue
+        sizes.update({f"{protocol}://{info['name']}": info["size"] for info in listed})
+    return sizes
 
 
 def read_list(path: str) -> pa.Table:
