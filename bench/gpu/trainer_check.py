@@ -24,14 +24,14 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS, RESUME_AT = 6, 3
 
 
-def overrides(bundle: Path, run_dir: Path, model: str) -> list[str]:
+def overrides(bundle: Path, run_dir: Path, model: str, precision: str) -> list[str]:
     return [
         f"data.shards={bundle / 'demo' / 'shards'}",
         f"text_encoder.path={bundle / 'minilm_fp16'}",
         f"train.run_dir={run_dir}",
         f"model={model}",
         "parallel=fsdp",
-        "train.precision=bf16",
+        f"train.precision={precision}",
         f"train.steps={STEPS}",
         f"train.checkpoint_every={RESUME_AT}",
         "train.keep_last=10",
@@ -79,18 +79,24 @@ def main() -> None:
         "--out", type=Path, default=Path(os.environ.get("OUT") or "bench/gpu/results")
     )
     parser.add_argument("--model", default="base", help="a DiT size (model/dit.py)")
+    parser.add_argument("--precision", default="bf16", help="train.precision (fp32 on a CPU)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.out / "trainer_runs"
     straight, resumed = work / "straight", work / "resumed"
     shutil.rmtree(work, ignore_errors=True)
-    _, straight_s = train(overrides(args.bundle, straight, args.model), args.out / "straight.log")
+    _, straight_s = train(
+        overrides(args.bundle, straight, args.model, args.precision), args.out / "straight.log"
+    )
     step_dir = f"checkpoints/step_{RESUME_AT:08d}"
     shutil.copytree(straight / step_dir, resumed / step_dir)
-    output, resumed_s = train(overrides(args.bundle, resumed, args.model), args.out / "resumed.log")
+    output, resumed_s = train(
+        overrides(args.bundle, resumed, args.model, args.precision), args.out / "resumed.log"
+    )
     expected, got = losses(straight)[RESUME_AT:], losses(resumed)
     report = {
         "model": args.model,
+        "precision": args.precision,
         "steps": STEPS,
         "straight_s": straight_s,
         "resumed_s": resumed_s,
