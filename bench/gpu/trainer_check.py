@@ -113,7 +113,7 @@ def main() -> None:
     failed = [name for name in checks if not report[name]]
     if failed:
         raise SystemExit(f"trainer check failed: {', '.join(failed)}")
-    print("trainer check passed: fsdp on CUDA, checkpoint, resume, bitwise identical")
+    print("trainer check passed: fsdp on one process, checkpoint, resume, bitwise identical")
 
 
 if __name__ == "__main__":
