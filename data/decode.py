@@ -11,8 +11,8 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import av
 import numpy as np
 from PIL import Image
 
@@ -22,6 +22,9 @@ try:
     decord.bridge.set_bridge("native")
 except ImportError:  # no aarch64 wheel: PyAV decodes everything
     decord = None
+
+if TYPE_CHECKING:
+    import av
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 VIDEO_EXTS = ("mp4", "mov", "webm", "mkv", "avi")
@@ -81,6 +84,13 @@ def _decode_decord(data: bytes, indices_for, out_size: tuple[int, int]) -> np.nd
     return reader.get_batch(list(indices)).asnumpy()
 
 
+def _open_pyav(data: bytes) -> av.container.InputContainer:
+    # Imported on first use: with decord alone (as on the GPU image) PyAV is never needed.
+    import av
+
+    return av.open(io.BytesIO(data))
+
+
 def _pyav_info(container: av.container.InputContainer) -> tuple[int, int, float, int]:
     """(width, height, fps, frames) of a container's first video stream."""
     stream = container.streams.video[0]
@@ -96,14 +106,14 @@ def _decode_pyav(data: bytes, indices_for, out_size: tuple[int, int]) -> np.ndar
     """Streams through the video and converts (and resizes) only the wanted frames, so a
     long video never sits in memory."""
     out_h, out_w = out_size
-    with av.open(io.BytesIO(data)) as container:
+    with _open_pyav(data) as container:
         _, _, fps, total = _pyav_info(container)
     indices = indices_for(total, fps)
     wanted: dict[int, list[int]] = {}
     for position, index in enumerate(indices):
         wanted.setdefault(int(index), []).append(position)
     frames: list[np.ndarray | None] = [None] * len(indices)
-    with av.open(io.BytesIO(data)) as container:
+    with _open_pyav(data) as container:
         for index, frame in enumerate(container.decode(video=0)):
             for position in wanted.get(index, ()):
                 frames[position] = frame.to_ndarray(format="rgb24", width=out_w, height=out_h)
@@ -177,7 +187,7 @@ def probe(data: bytes, ext: str, name: str = "") -> dict:
             height, width = reader[0].shape[:2]
             fps, frames = float(reader.get_avg_fps()), len(reader)
         else:
-            with av.open(io.BytesIO(data)) as container:
+            with _open_pyav(data) as container:
                 width, height, fps, frames = _pyav_info(container)
     except Exception as error:
         raise DecodeError(f"cannot probe {name or 'sample'} ({ext}): {error}") from error

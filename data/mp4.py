@@ -6,7 +6,6 @@ import json
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 
 
@@ -20,6 +19,8 @@ def write_mp4(
 ) -> Path:
     """Encode uint8 (T, H, W, 3) frames (even H and W); `metadata` goes into the container's
     comment as JSON (a provenance record: model, checkpoint, prompt)."""
+    import av  # on use: a run that writes no video needs no PyAV (the GPU image has none)
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w") as container:

@@ -23,9 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
-import botocore.config
-import botocore.httpsession
-import botocore.session
 import fsspec
 import fsspec.asyn
 import urllib3  # a dependency of botocore, itself one of s3fs
@@ -284,6 +281,11 @@ class _S3Ranges:
 
     def __init__(self):
         self.pid = os.getpid()
+        # Imported on use: local shards need no botocore (the GPU image has none).
+        import botocore.config
+        import botocore.httpsession
+        import botocore.session
+
         self.session = botocore.session.get_session()
         # SigV4: botocore still presigns with SigV2 in us-east-1, which newer regions refuse.
         self.config = botocore.config.Config(signature_version="s3v4")

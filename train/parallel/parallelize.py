@@ -2,7 +2,7 @@
 
 1. sequence parallelism (hooks that split tokens over the sp group),
 2. activation checkpointing per block (in place: parameter names do not change),
-3. torch.compile per block,
+3. torch.compile per block (train/compile.py: CUDA only),
 4. data parallelism: FSDP2 `fully_shard` per block and at the root, or DDP.
 
 Sharding comes last because it must see the final blocks; ZeRO engines are built by DeepSpeed
@@ -23,6 +23,7 @@ from torch.distributed.fsdp import (
 from torch.nn.parallel import DistributedDataParallel
 
 from model.wan import WanVideoModel
+from train.compile import compile_blocks
 from train.config import ParallelConfig
 from train.parallel.dims import ParallelDims
 from train.parallel.sequence import apply_sequence_parallel, apply_wan_sequence_parallel
@@ -41,8 +42,7 @@ def parallelize(
         every = 1 if cfg.activation_checkpointing == "full" else cfg.checkpoint_every_k
         apply_activation_checkpointing(model, every)
     if cfg.compile:
-        for block in model.blocks:
-            block.compile()
+        compile_blocks(model.blocks, next(model.parameters()).device)
     if dims.backend == "fsdp":
         apply_fsdp(
             model, data_parallel_mesh(dims), param_dtype, cfg.reshard_after_forward, cfg.cpu_offload
