@@ -289,11 +289,21 @@ def test_an_s3_prefix_on_an_existing_ray_cluster(ray_cluster, mixed, tmp_path, m
     (captions from the `.txt` beside each file): the same shards as from the local folder."""
     s3, address, auth = ray_cluster
     folder, valid, bad = mixed
-    for name, value in (s3.env | auth).items():
+    for name, value in s3.env.items():
         monkeypatch.setenv(name, value)
     url = s3.upload(folder, "raw")
     options = ["shard_size_mb=0.05"]
-    report = prepare_command([url, "--out", str(tmp_path / "s3"), "--address", address, *options])
+    # A process of its own with a deadline: a driver that cannot reach its cluster fails the
+    # test instead of hanging it.
+    subprocess.run(
+        [sys.executable, "-m", "data.prepare", url, "--out", str(tmp_path / "s3")]
+        + ["--address", address, *options],
+        env=os.environ | auth | {"PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        check=True,
+        timeout=300,
+    )
+    report = json.loads((tmp_path / "s3" / "report.json").read_text())
     local = prepare(str(folder), tmp_path / "local", load_config(options), runner="inline")
     assert report["samples"] == len(valid) and report == local | {"source": url}
     assert output_files(tmp_path / "s3") == output_files(tmp_path / "local") | {
