@@ -113,9 +113,11 @@ def video_clips(
         if not whole:
             meta["clip_s"] = [round(start / info["fps"], 3), round(end / info["fps"], 3)]
         clips.append((start, end, meta))
+    if not clips:
+        return [], rejected
     if reencode:
         return encode_clips(source, data, info, clips, cfg), rejected
-    return [clip_row(source, 0, ext, data, clips[0][2])] if clips else [], rejected
+    return [clip_row(source, 0, ext, data, clips[0][2])], rejected
 
 
 def probe_video(data: bytes) -> dict:
