@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from model.dit import DiT, dit_config
+from model.geometry import LatentGeometry
 from train.objectives import EncodingCache, FlowMatchingObjective
 
 
@@ -26,7 +27,7 @@ def flow_objective(cfg, autoencoder, text_encoder, cache: EncodingCache | None =
         text_encoder,
         cfg.flow,
         cfg.conditioning,
-        cfg.model.patch_size,
+        LatentGeometry.of(autoencoder, cfg.model.patch_size),
         lambda tokens: 0.0,
         cfg.train.seed,
         cache,

@@ -159,8 +159,13 @@ def connect(ray, address: str | None, workers: int | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
+        # "local": a new Ray of this process's own, never a cluster `ray start` left behind.
         ray.init(
-            num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level="WARNING"
+            address="local",
+            num_cpus=workers,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level="WARNING",
         )
 
 
