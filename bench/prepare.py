@@ -60,7 +60,7 @@ def main() -> dict:
     import ray
 
     start = time.perf_counter()
-    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
     ray_start_s = round(time.perf_counter() - start, 2)
     try:
         on_ray = timed_run(source, CACHE / "prepare-ray", options, "ray")
