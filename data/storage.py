@@ -104,7 +104,7 @@ def exists(url: str) -> bool:
 
 
 def read_bytes(url: str) -> bytes:
-    """A whole (small) file, such as a manifest."""
+    """A whole file: a manifest, a source video to prepare."""
     if is_remote(url):
         return _filesystem(url).cat_file(url)
     return Path(local_path(url)).read_bytes()

@@ -5,7 +5,6 @@ SIGKILL."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -13,19 +12,17 @@ import signal
 import socket
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from manifests import manifest_rows
+from manifests import manifest_rows, span_members
 from media import encode, half_white, mixed_folder, source_frames
 from vlm import save_tiny_vlm
 
 from data.decode import decode_clip
-from data.manifest import sample_members
 from data.prepare import load_config, prepare
 from data.prepare.__main__ import main as prepare_command
 
@@ -37,13 +34,8 @@ def samples(out: Path) -> dict[str, dict]:
     row's byte span as the loader reads it."""
     found = {}
     for row in manifest_rows(str(out)):
-        with open(row["shard"], "rb") as f:
-            f.seek(row["offset"])
-            span = f.read(row["size"])
-        with tarfile.open(fileobj=io.BytesIO(span)) as tar:
-            (members,) = sample_members(tar).values()
-            meta = json.loads(tar.extractfile(members["json"]).read())
-            media = tar.extractfile(members[row["media"]]).read()
+        (members,) = span_members(row).values()
+        meta, media = json.loads(members["json"]), members[row["media"]]
         found.setdefault(meta["source"], []).append(
             {"meta": meta, "media": media, "ext": row["media"], "row": row}
         )

@@ -3,7 +3,6 @@ wheel."""
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import tarfile
@@ -12,27 +11,13 @@ from pathlib import Path
 import decord
 import pytest
 import webdataset as wds
-from manifests import manifest_rows
+from manifests import manifest_rows, span_members
 from PIL import Image
 
 from data.manifest import main as manifest_command
-from data.manifest import sample_members
 from data.mp4 import write_mp4
 from data.prepare import load_config, prepare
 from data.prepare.__main__ import main
-
-
-def span_members(row: dict) -> dict[str, dict[str, bytes]]:
-    """The members in a manifest row's byte span, read as the small tar it is."""
-    with open(row["shard"], "rb") as f:
-        f.seek(row["offset"])
-        span = f.read(row["size"])
-    assert len(span) == row["size"] and row["size"] % 512 == 0
-    with tarfile.open(fileobj=io.BytesIO(span)) as tar:
-        return {
-            key: {ext: tar.extractfile(member).read() for ext, member in members.items()}
-            for key, members in sample_members(tar).items()
-        }
 
 
 @pytest.fixture(scope="module")

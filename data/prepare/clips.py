@@ -15,13 +15,12 @@ from collections.abc import Iterator
 from fractions import Fraction
 
 import av
-import fsspec
 import numpy as np
 from PIL import Image
 
 from data.decode import IMAGE_EXTS, VIDEO_EXTS
 from data.prepare.config import FilterConfig, PrepareConfig
-from data.storage import is_remote
+from data.storage import read_bytes
 
 try:
     import decord
@@ -36,14 +35,6 @@ class Rejected(Exception):
     """A file or clip that cannot become a sample; the message is the report's reason."""
 
 
-def read_file(url: str) -> bytes:
-    if is_remote(url):
-        with fsspec.open(url, "rb") as f:
-            return f.read()
-    with open(url, "rb") as f:
-        return f.read()
-
-
 def dropped(source: dict, reason: str, clip: tuple[float, float] | None = None) -> dict:
     """A report row; `clip_s` is the clip's time range, None when the whole file is dropped
     (every row has the same keys, as Ray's Arrow blocks need)."""
@@ -54,9 +45,9 @@ def dropped(source: dict, reason: str, clip: tuple[float, float] | None = None) 
 def cut_file(source: dict, cfg: PrepareConfig) -> tuple[list[dict], list[dict]]:
     """(clips, dropped) of one source file: never raises for bad input."""
     try:
-        data = read_file(source["url"])
+        data = read_bytes(source["url"])
         if source["caption_url"]:
-            caption = read_file(source["caption_url"]).decode("utf-8", errors="replace")
+            caption = read_bytes(source["caption_url"]).decode("utf-8", errors="replace")
             source = source | {"caption": caption.strip()}
     except OSError as error:
         return [], [dropped(source, f"unreadable: {error}")]
