@@ -52,6 +52,7 @@ SCHEMA = pa.schema(
     ]
 )
 PROBED_FIELDS = ("width", "height", "fps", "frames")
+LATENT_MEDIA = "latents.safetensors"  # a latent shard's sample (data/latents.py)
 log = logging.getLogger(__name__)
 
 
@@ -76,7 +77,7 @@ def sample_members(tar: tarfile.TarFile) -> dict[str, dict[str, tarfile.TarInfo]
 
 
 def media_extension(members: dict) -> str | None:
-    return next((ext for ext in members if ext in VIDEO_EXTS + IMAGE_EXTS), None)
+    return next((ext for ext in members if ext in (*VIDEO_EXTS, *IMAGE_EXTS, LATENT_MEDIA)), None)
 
 
 def read_caption_fields(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo]) -> dict:

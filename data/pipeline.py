@@ -12,12 +12,17 @@ be read, or cannot be decoded, is skipped and counted in the next batch's `skipp
 that went away is no dataset to skip through).
 
 Per-sample randomness (clip start, crop, caption or recaption) is seeded by (seed, epoch,
-sample id), so it does not depend on the rank or the loader worker either; with
-`data.augment=false` a clip is always its middle frames and centre crop.
+sample key), so it depends neither on the rank or the loader worker nor on where the sample sits
+in its manifest; with `data.augment=false` a clip is always its middle frames and centre crop.
+
+Latent shards (`python -m data.encode`, data/latents.py) are read the same way, by the same
+plan: a batch of them carries the stored latents and caption embeddings instead of pixels, the
+caption or recaption chosen by the same draw.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import deque
 from collections.abc import Iterator
@@ -30,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.buckets import Bucket, BucketTable
 from data.decode import DecodeError, decode_clip
+from data.latents import LATENT_MEDIA, LatentSample, read_sample
 from data.lru import ByteLRU
 from data.plan import DataPlan, DataState, PlannedBatch
 from data.reader import RawSample, SampleError, SampleReader
@@ -71,7 +77,7 @@ class DataConfig:
 
 @dataclass
 class Batch:
-    video: torch.Tensor  # uint8 (B, T, H, W, 3)
+    video: torch.Tensor | None  # uint8 (B, T, H, W, 3); None in a batch of latent shards
     captions: list[str]
     keys: list[str]
     fps: torch.Tensor  # (B,) frame rate of the sampled frames
@@ -81,15 +87,29 @@ class Batch:
     skipped: int = 0  # samples that failed to read or decode since the previous batch
     epoch: int = 0  # with plan_index, names this batch in the global plan: training seeds
     plan_index: int = 0  # its noise from it, so randomness follows the data, not the rank
+    # From latent shards, in their stored dtype: the posterior's mean (B, C, T', H', W') and,
+    # where stored, log-variance; the chosen caption's embedding (B, L, D) and mask (B, L).
+    latents: torch.Tensor | None = None
+    latent_logvar: torch.Tensor | None = None
+    text: torch.Tensor | None = None
+    text_mask: torch.Tensor | None = None
 
     def pin_memory(self) -> Batch:
         """Called by the DataLoader (pin_memory=True) for fast, asynchronous host-to-GPU copies."""
+        tensors = ("video", "fps", "native_size", "latents", "latent_logvar", "text", "text_mask")
         return replace(
             self,
-            video=self.video.pin_memory(),
-            fps=self.fps.pin_memory(),
-            native_size=self.native_size.pin_memory(),
+            **{
+                name: getattr(self, name).pin_memory()
+                for name in tensors
+                if getattr(self, name) is not None
+            },
         )
+
+
+def sample_seed(key: str) -> int:
+    """A sample's own seed, from its key: the same in every manifest that holds it."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
 
 
 def open_plan(cfg: DataConfig, table: BucketTable) -> DataPlan:
@@ -160,14 +180,21 @@ class BatchStream(IterableDataset):
 
     def _sample(
         self, sample_id: int, read: Future | None, bucket: Bucket, rng: np.random.Generator
-    ) -> tuple[np.ndarray, dict]:
-        """One sample's frames and metadata; without augmentation, from the decoded-clip cache
-        if it has them."""
+    ) -> tuple[np.ndarray | LatentSample, dict]:
+        """One sample's frames (or stored latents) and metadata; without augmentation, frames
+        from the decoded-clip cache if it has them."""
         key = (sample_id, bucket.shape)
         cached = self._decoded.get(key) if self._caching else None
         if cached is not None:
             return cached
         raw = self._fetch(sample_id, read)
+        if self.plan.media(sample_id) == LATENT_MEDIA:
+            if raw.meta.get("bucket") != list(bucket.shape):
+                raise DecodeError(
+                    f"sample {raw.key} was encoded for bucket {raw.meta.get('bucket')}, "
+                    f"not the planned {list(bucket.shape)}"
+                )
+            return read_sample(raw.media, raw.key), raw.meta
         columns = self.plan.columns
         clip = decode_clip(
             raw.media,
@@ -211,33 +238,34 @@ class BatchStream(IterableDataset):
         may come out empty: the loader skips it, and keeps the count)."""
         bucket, columns = planned.bucket, self.plan.columns
         reads = reads or [None] * len(planned.sample_ids)
-        videos, captions, keys, fps, native_sizes = [], [], [], [], []
+        videos, latents, captions, keys, fps, native_sizes = [], [], [], [], [], []
         for sample_id, read in zip(planned.sample_ids, reads, strict=True):
-            rng = np.random.default_rng([self.state.seed, epoch, sample_id])
+            key = self.plan.key(sample_id)
+            rng = np.random.default_rng([self.state.seed, epoch, sample_seed(key)])
             try:
-                clip, meta = self._sample(sample_id, read, bucket, rng)
+                item, meta = self._sample(sample_id, read, bucket, rng)
+                use_recaption = meta.get("recaption") and rng.random() < self.cfg.recaption_prob
+                field = "recaption" if use_recaption else "caption"
+                if isinstance(item, LatentSample):
+                    latents.append((item, _stored_text(item, field, key)))
+                else:
+                    videos.append(item)
             except (DecodeError, SampleError, ReadError) as error:
-                log.warning(
-                    "skipping sample %s of %s: %s",
-                    self.plan.key(sample_id),
-                    self.plan.shard(sample_id),
-                    error,
-                )
+                log.warning("skipping sample %s of %s: %s", key, self.plan.shard(sample_id), error)
                 continue
-            videos.append(clip)
-            use_recaption = meta.get("recaption") and rng.random() < self.cfg.recaption_prob
-            captions.append(meta["recaption"] if use_recaption else meta["caption"])
-            keys.append(self.plan.key(sample_id))
+            captions.append(meta[field])
+            keys.append(key)
             frames, source_fps = int(columns["frames"][sample_id]), float(columns["fps"][sample_id])
             fps.append(min(source_fps, self.cfg.fps) if frames > 1 else self.cfg.fps)
             native_sizes.append(
                 (int(columns["height"][sample_id]), int(columns["width"][sample_id]))
             )
-        video = (
-            torch.from_numpy(np.stack(videos))
-            if videos
-            else torch.empty(0, *bucket.shape, 3, dtype=torch.uint8)
-        )
+        if latents:
+            video = None
+        elif videos:
+            video = torch.from_numpy(np.stack(videos))
+        else:
+            video = torch.empty(0, *bucket.shape, 3, dtype=torch.uint8)
         return Batch(
             video,
             captions,
@@ -249,7 +277,30 @@ class BatchStream(IterableDataset):
             skipped=len(planned.sample_ids) - len(keys),
             epoch=epoch,
             plan_index=plan_index,
+            **_stack_latents(latents),
         )
+
+
+def _stored_text(sample: LatentSample, field: str, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if field not in sample.text:
+        raise DecodeError(f"sample {key} has a {field} but no stored embedding of it")
+    return sample.text[field]
+
+
+def _stack_latents(
+    samples: list[tuple[LatentSample, tuple[torch.Tensor, torch.Tensor]]],
+) -> dict[str, torch.Tensor | None]:
+    """A batch's stored tensors (none for pixels); the log-variance only where every sample has
+    one."""
+    if not samples:
+        return {}
+    logvars = [sample.logvar for sample, _ in samples]
+    return {
+        "latents": torch.stack([sample.mean for sample, _ in samples]),
+        "latent_logvar": None if any(v is None for v in logvars) else torch.stack(logvars),
+        "text": torch.stack([text for _, (text, _) in samples]),
+        "text_mask": torch.stack([mask for _, (_, mask) in samples]),
+    }
 
 
 def _skip_empty(batches: Iterator[Batch]) -> Iterator[Batch]:

@@ -105,10 +105,17 @@ class VideoAutoencoder(nn.Module):
 
         Returns the posterior mean, or a posterior sample when `sample` is True.
         """
+        mean, logvar = self.posterior(video)
+        return _sample_gaussian(mean, logvar, generator) if sample else mean
+
+    def posterior(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels (B, 3, T, H, W) in [-1, 1] -> the posterior's mean and log-variance, both in
+        the normalised latent space: `mean + exp(logvar / 2) * noise` samples it."""
         self.latent_shape(tuple(video.shape))
         mean, logvar = self._encode_raw(video)
-        z = _sample_gaussian(mean, logvar, generator) if sample else mean
-        return (z - self._channel_view(self.latent_shift)) / self._channel_view(self.latent_scale)
+        scale = self._channel_view(self.latent_scale)
+        mean = (mean - self._channel_view(self.latent_shift)) / scale
+        return mean, logvar - 2 * torch.log(scale)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents -> pixels (B, 3, T, H, W), roughly in [-1, 1] and not clamped."""
@@ -487,6 +494,19 @@ def build_autoencoder(cfg: AutoencoderConfig) -> VideoAutoencoder:
     if cfg.checkpoint:
         _load_checkpoint(model, cfg.checkpoint)
     return model
+
+
+def weight_files(cfg: AutoencoderConfig) -> list[str]:
+    """The files that decide what the autoencoder computes (for the record of latent shards);
+    [] for a randomly initialised causal VAE."""
+    if cfg.kind == "diffusers" and cfg.pretrained_path:
+        folder = _diffusers_vae_folder(cfg.pretrained_path)
+        return sorted(
+            os.path.join(folder, name)
+            for name in os.listdir(folder)
+            if name == "config.json" or name.endswith((".safetensors", ".bin"))
+        )
+    return [cfg.checkpoint] if cfg.checkpoint else []
 
 
 def _load_checkpoint(model: nn.Module, path: str) -> None:

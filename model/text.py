@@ -48,6 +48,25 @@ def default_text_encoder_path() -> str:
     return os.path.join(spec.submodule_search_locations[0], "model")
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt")  # weights, config, tokenizer
+
+
+def weight_files(cfg: TextEncoderConfig) -> list[str]:
+    """The files that decide what the text encoder computes (for the record of latent shards):
+    the weights and config of its folder and the tokenizer's files."""
+    path = cfg.path if cfg.path is not None else default_text_encoder_path()
+    folders = dict.fromkeys([path, cfg.tokenizer_path or path])
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"text encoder folder not found: {folder} (text_encoder.path)")
+    return sorted(
+        os.path.join(folder, name)
+        for folder in folders
+        for name in os.listdir(folder)
+        if name.endswith(WEIGHT_SUFFIXES) and os.path.isfile(os.path.join(folder, name))
+    )
+
+
 def _load_encoder(path: str) -> nn.Module:
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     class_name = _ENCODER_ONLY_CLASSES.get(config.model_type)

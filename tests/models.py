@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from model.dit import DiT, dit_config
@@ -23,8 +25,8 @@ def perturbed_tiny_dit(in_channels: int, text_dim: int, scale: float = 0.05) -> 
 def flow_objective(cfg, autoencoder, text_encoder, cache: EncodingCache | None = None):
     """The training objective of a composed config, without a FLOP count."""
     return FlowMatchingObjective(
-        autoencoder,
-        text_encoder,
+        SimpleNamespace(autoencoder=autoencoder, text_encoder=text_encoder),
+        text_encoder.null_embedding(),
         cfg.flow,
         cfg.conditioning,
         LatentGeometry.of(autoencoder, cfg.model.patch_size),

@@ -117,7 +117,7 @@ def eval_parts(demo_shards: Path, held_out: Path, run_dir: Path, samples: int = 
     torch.manual_seed(0)
     autoencoder = frozen(build_autoencoder(cfg.autoencoder), runtime.device)
     text_encoder = frozen(TextEncoder(cfg.text_encoder), runtime.device)
-    model = build_dit(cfg, autoencoder, text_encoder)
+    model = build_dit(cfg, autoencoder.latent_channels, text_encoder.dim)
     for p in model.parameters():  # leave adaLN-Zero's identity start, so the weights matter
         torch.nn.init.normal_(p, std=0.02)
     table = build_bucket_table(cfg, autoencoder)

@@ -26,11 +26,11 @@ def frozen(module: nn.Module, device: torch.device) -> nn.Module:
     return module.eval().to(device)
 
 
-def build_dit(config: Config, autoencoder: nn.Module, text_encoder: TextEncoder) -> nn.Module:
+def build_dit(config: Config, latent_channels: int, text_dim: int) -> nn.Module:
     """Tessera's DiT from scratch, or the pretrained Wan model of config.model.wan."""
     if config.model.wan is not None:
-        return build_wan_model(config, autoencoder.latent_channels, text_encoder.dim)
-    return DiT(config.model, autoencoder.latent_channels, text_encoder.dim)
+        return build_wan_model(config, latent_channels, text_dim)
+    return DiT(config.model, latent_channels, text_dim)
 
 
 def model_name(config: Config) -> str:
@@ -90,7 +90,7 @@ def load_for_sampling(checkpoint: str, weights: str, device: torch.device) -> Sa
     config = config_from_dict(values)
     autoencoder = frozen(build_autoencoder(config.autoencoder), device)
     text_encoder = frozen(TextEncoder(config.text_encoder), device)
-    dit = build_dit(config, autoencoder, text_encoder)
+    dit = build_dit(config, autoencoder.latent_channels, text_encoder.dim)
     try:
         load_trained(dit, load_tensors(weights_file), weights_file)
     except ValueError as error:

@@ -81,6 +81,9 @@ class TrainConfig:
     # > 0: keep up to this many MiB of frozen-encoder outputs (latents, caption embeddings) in
     # host memory and reuse them; latents repeat only with data.augment=false
     encoding_cache_mb: int = 0
+    # Train on a draw from the autoencoder's posterior (mean + std * noise, the noise seeded by
+    # the batch like the rest) instead of its mean; on latent shards, those stored with --logvar
+    sample_posterior: bool = False
     log_every: int = 10
     checkpoint_every: int = 500
     keep_last: int = 3  # keep the newest K checkpoints ...
@@ -222,6 +225,11 @@ def to_config(cfg: DictConfig) -> Config:
     if config.train.encoding_cache_mb and config.train.stage != "dit":
         raise ValueError(
             "config key train.encoding_cache_mb needs train.stage=dit (frozen encoders)"
+        )
+    if config.train.sample_posterior and config.train.encoding_cache_mb:
+        raise ValueError(
+            "config keys train.sample_posterior and train.encoding_cache_mb exclude each other: "
+            "the cache keeps only the posterior's mean"
         )
     if config.eval.samples < 1 or config.eval.timesteps < 1 or config.eval.every < 0:
         raise ValueError(

@@ -130,11 +130,13 @@ class Evaluator:
         if not batch.keys:  # skipping it would leave ranks with unequal numbers of forwards
             raise ValueError(f"eval.shards={self.cfg.shards!r}: no sample of a batch decodes")
         with self.runtime.autocast():
-            latents, text, mask = objective.encode(batch, self.runtime.device)
+            encoded = objective.encode(batch, self.runtime.device)
         bucket = self.buckets.index(batch.bucket)
         device = self.runtime.device
         micro = {"fps": batch.fps.to(device), "native_size": batch.native_size.to(device)}
-        return EncodedBatch(latents, text, mask, batch.keys, micro, bucket, counted)
+        return EncodedBatch(
+            encoded.latents, encoded.text, encoded.mask, batch.keys, micro, bucket, counted
+        )
 
     @torch.no_grad()
     def _sums(self, model: nn.Module) -> tuple[Tensor, Tensor]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -71,53 +72,89 @@ def pixel_key(video: torch.Tensor) -> tuple:
     return ("pixels", tuple(video.shape), digest)
 
 
+class Encoders(Protocol):
+    """The frozen encoders an objective runs on batches of pixels (train/encoders.py)."""
+
+    autoencoder: nn.Module
+    text_encoder: nn.Module
+
+
+@dataclass
+class Encoded:
+    """A batch as the DiT takes it: latents (the posterior's mean) and caption embeddings."""
+
+    latents: torch.Tensor
+    text: torch.Tensor
+    mask: torch.Tensor
+    logvar: torch.Tensor | None = None  # only with train.sample_posterior
+
+
 class FlowMatchingObjective:
     """Flow matching on the latents of a frozen autoencoder, with frame conditioning (a mode and
-    its given frames drawn per sample) and the micro-conditions frame rate and native size."""
+    its given frames drawn per sample) and the micro-conditions frame rate and native size.
+    A batch from latent shards carries its latents and caption embeddings, and no encoder runs;
+    caption dropout then uses the shards' stored empty caption, `null_caption`."""
 
     def __init__(
         self,
-        autoencoder: nn.Module,
-        text_encoder: nn.Module,
+        encoders: Encoders,
+        null_caption: tuple[torch.Tensor, torch.Tensor],
         flow: FlowConfig,
         conditioning: ConditioningConfig,
         geometry: LatentGeometry,
         train_flops: Callable[[int], float],
         seed: int,
         cache: EncodingCache | None = None,
+        sample_posterior: bool = False,
     ):
         self.seed = seed
         self.cache = cache
         self.train_flops = train_flops  # per sample, from its number of latent tokens
-        self.autoencoder = autoencoder
-        self.text_encoder = text_encoder
+        self.encoders = encoders
         self.flow = flow
         self.conditioning = conditioning
         self.geometry = geometry
-        self.null_text, self.null_mask = text_encoder.null_embedding()
+        self.null_text, self.null_mask = null_caption
+        self.sample_posterior = sample_posterior
 
     def num_tokens(self, latents: torch.Tensor) -> int:
         return self.geometry.latent_tokens(latents.shape[2:])
 
     @torch.no_grad()
-    def encode(self, batch: Batch, device: torch.device):
-        """(latents, text embeddings, text mask) of a batch, from the cache where it has them."""
+    def encode(self, batch: Batch, device: torch.device) -> Encoded:
+        """A batch's latents and caption embeddings: stored in latent shards, or encoded (from
+        the cache where it has them)."""
+        if batch.latents is not None:
+            return self._stored(batch, device)
+        autoencoder, text_encoder = self.encoders.autoencoder, self.encoders.text_encoder
+        if self.sample_posterior:  # refused with the cache (train/config.py)
+            latents, logvar = autoencoder.posterior(video_to_float(batch.video, device))
+            return Encoded(latents, *text_encoder.encode(batch.captions), logvar)
         if self.cache is None:
-            latents = self.autoencoder.encode(video_to_float(batch.video, device))
-            text, mask = self.text_encoder.encode(batch.captions)
-            return latents, text, mask
+            latents = autoencoder.encode(video_to_float(batch.video, device))
+            return Encoded(latents, *text_encoder.encode(batch.captions))
         video, captions = batch.video, batch.captions
         (latents,) = self.cache.lookup(
             [pixel_key(clip) for clip in video],
-            lambda rows: (self.autoencoder.encode(video_to_float(video[rows], device)),),
+            lambda rows: (autoencoder.encode(video_to_float(video[rows], device)),),
             device,
         )
         text, mask = self.cache.lookup(
             [("caption", caption) for caption in captions],
-            lambda rows: self.text_encoder.encode([captions[i] for i in rows]),
+            lambda rows: text_encoder.encode([captions[i] for i in rows]),
             device,
         )
-        return latents, text, mask
+        return Encoded(latents, text, mask)
+
+    def _stored(self, batch: Batch, device: torch.device) -> Encoded:
+        """Latent shards' tensors on the device, in float32 like the encoders' outputs."""
+
+        def moved(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device, non_blocking=True).float()
+
+        logvar = moved(batch.latent_logvar) if self.sample_posterior else None
+        mask = batch.text_mask.to(device, non_blocking=True)
+        return Encoded(moved(batch.latents), moved(batch.text), mask, logvar)
 
     def metrics(self) -> dict[str, float]:
         """What the objective has to report beside the loss: the encoding cache's hit share."""
@@ -137,10 +174,16 @@ class FlowMatchingObjective:
         return torch.Generator(device).manual_seed(int(seed.generate_state(1, np.uint64)[0]))
 
     def __call__(self, model: nn.Module, batch: Batch, device: torch.device) -> Loss:
-        latents, text, mask = self.encode(batch, device)
+        encoded = self.encode(batch, device)
+        latents = encoded.latents
+        if self.sample_posterior:
+            draws = self.generator(batch, device, stream=2)
+            noise = torch.randn(latents.shape, generator=draws, device=device)
+            latents = latents + torch.exp(0.5 * encoded.logvar) * noise
         generator = self.generator(batch, device)
+        null_text, null_mask = self.null_text.to(device), self.null_mask.to(device)
         text, mask = drop_captions(
-            text, mask, self.null_text, self.null_mask, self.flow.caption_dropout, generator
+            encoded.text, encoded.mask, null_text, null_mask, self.flow.caption_dropout, generator
         )
         batch_size, num_tokens = latents.shape[0], self.num_tokens(latents)
         t = sample_timesteps(batch_size, num_tokens, self.flow, generator, device)

@@ -4,7 +4,8 @@ A stage builds its model, objective and bucket table, and says how many steps a 
 is evaluated and sampled during training, and what it exports at the end. `python -m train` runs
 any of them the same way (train/__main__.py):
 
-- `DiTStage`: flow matching of Tessera's DiT on the latents of a frozen autoencoder;
+- `DiTStage`: flow matching of Tessera's DiT on the latents of a frozen autoencoder, encoded
+  every step or read from latent shards (`python -m data.encode`);
 - `WanStage`: the same for a pretrained Wan transformer (model.wan set), fully or with LoRA;
 - `AutoencoderStage`: the video autoencoder itself (reconstruction plus KL).
 """
@@ -27,11 +28,11 @@ from data.pipeline import build_loader
 from data.plan import DataPlan, DataState
 from model.autoencoder import build_autoencoder
 from model.flops import dit_param_count, dit_train_flops
-from model.text import TextEncoder
 from train.budget import budget_steps
 from train.build import build_dit, frozen, latent_geometry, model_name
 from train.checkpoint import export
 from train.config import Config, config_to_dict
+from train.encoders import FrozenEncoders, open_latent_shards
 from train.evaluate import Evaluator
 from train.objectives import (
     AutoencoderObjective,
@@ -80,23 +81,36 @@ def stage_type(config: Config) -> type[Stage]:
 
 
 class DiTStage:
+    """On latent shards the encoders are not built for training (train/encoders.py): what the
+    DiT needs of them comes from the shards' record."""
+
     def __init__(self, config: Config, runtime: Runtime):
         self.runtime = runtime
-        self.autoencoder = frozen(build_autoencoder(config.autoencoder), runtime.device)
-        self.text_encoder = frozen(TextEncoder(config.text_encoder), runtime.device)
-        self.model = build_dit(config, self.autoencoder, self.text_encoder).to(runtime.device)
-        geometry = latent_geometry(config, self.autoencoder)
+        self.encoders = FrozenEncoders(config, runtime.device)
+        self.latents = open_latent_shards(config, config.data.shards)
+        if self.latents is not None:
+            self.latent_channels = self.latents.latent_channels
+            self.text_dim = self.latents.text_dim
+            geometry = self.latents.geometry(config.model.patch_size)
+            null_caption = self.latents.null_caption
+        else:
+            autoencoder, text_encoder = self.encoders.autoencoder, self.encoders.text_encoder
+            self.latent_channels, self.text_dim = autoencoder.latent_channels, text_encoder.dim
+            geometry = latent_geometry(config, autoencoder)
+            null_caption = text_encoder.null_embedding()
+        self.model = build_dit(config, self.latent_channels, self.text_dim).to(runtime.device)
         self.table = BucketTable(config.buckets, geometry)
         cache_bytes = config.train.encoding_cache_mb * 2**20
         self.objective = FlowMatchingObjective(
-            self.autoencoder,
-            self.text_encoder,
+            self.encoders,
+            null_caption,
             config.flow,
             config.conditioning,
             geometry,
             lambda num_tokens: self.train_flops(config, num_tokens),
             config.train.seed,
             EncodingCache(cache_bytes) if cache_bytes else None,
+            config.train.sample_posterior,
         )
 
     @staticmethod
@@ -107,8 +121,8 @@ class DiTStage:
         """Analytic training FLOPs of one sample of `num_tokens` latent tokens."""
         return dit_train_flops(
             config.model,
-            self.autoencoder.latent_channels,
-            self.text_encoder.dim,
+            self.latent_channels,
+            self.text_dim,
             num_tokens=num_tokens,
             text_tokens=config.text_encoder.max_length,
         )
@@ -137,7 +151,7 @@ class DiTStage:
             "budget_flops": config.train.budget_flops,
             "steps": config.train.steps,
         }
-        return Evaluator(
+        evaluator = Evaluator(
             config.eval,
             config.data,
             self.table,
@@ -148,22 +162,32 @@ class DiTStage:
             run_dir,
             facts,
         )
+        if self.latents is not None:  # held-out pixels are encoded once, then the encoders go
+            self.encoders.release()
+        return evaluator
 
     def sampler(self, config: Config, plan: DataPlan, run_dir: Path) -> Sampler | None:
         """The fixed prompts, sampled with consolidated weights on an unsharded copy."""
         if not config.train.sample_prompts:
             return None
         cfg = config.train
-        model = frozen(build_dit(config, self.autoencoder, self.text_encoder), self.runtime.device)
-        latent_frames = latent_geometry(config, self.autoencoder).latent_frames(cfg.sample_frames)
+        model = frozen(build_dit(config, self.latent_channels, self.text_dim), self.runtime.device)
+        latent_frames = self.objective.geometry.latent_frames(cfg.sample_frames)
         provenance = {"generator": "tessera", "model": model_name(config)}
 
         def sample(weights: dict, step: int) -> dict[str, Path]:
             load_trained(model, weights, f"the weights of step {step}")
+            try:
+                return videos(step)
+            finally:
+                if self.latents is not None:  # built to sample; training does not need them
+                    self.encoders.release()
+
+        def videos(step: int) -> dict[str, Path]:
             generator = VideoGenerator(
                 model,
-                self.autoencoder,
-                self.text_encoder,
+                self.encoders.autoencoder,
+                self.encoders.text_encoder,
                 config.flow,
                 cfg.sample_fps,
                 cfg.sample_steps,
@@ -209,13 +233,18 @@ class WanStage(DiTStage):
     def export_weights(self, config: Config, weights: dict, run_dir: Path, kind: str) -> Path:
         """Also in the layouts diffusers and others read."""
         out = super().export_weights(config, weights, run_dir, kind)
-        export_wan(config, build_dit(config, self.autoencoder, self.text_encoder), weights, out)
+        export_wan(config, build_dit(config, self.latent_channels, self.text_dim), weights, out)
         return out
 
 
 class AutoencoderStage:
     def __init__(self, config: Config, runtime: Runtime):
         self.runtime = runtime
+        if open_latent_shards(config, config.data.shards) is not None:
+            raise ValueError(
+                f"data.shards={config.data.shards!r} are latent shards: the autoencoder stage "
+                "trains on pixels"
+            )
         self.model = build_autoencoder(config.autoencoder).to(runtime.device)
         # Batches keep the DiT's geometry, so that both stages see the same buckets.
         self.table = BucketTable(config.buckets, latent_geometry(config, self.model))
