@@ -13,7 +13,7 @@ DEMO_EVAL_SHARDS := $(DEMO_DIR)/eval/shards/manifest.parquet
 SCALING_SWEEP := runs/sweeps/scaling-demo
 ARGS ?=
 
-.PHONY: setup train scaling test test-fast lint sample shards demo-data demo-autoencoder clean
+.PHONY: setup train scaling test test-fast lint sample shards latents demo-data demo-autoencoder clean
 
 setup: $(VENV)/.installed
 
@@ -52,6 +52,11 @@ sample: | $(VENV)/.installed
 # Prepare your own clips: make shards ARGS='my_videos --out my_shards [key=value ...]'
 shards: | $(VENV)/.installed
 	$(PY) -m data.prepare $(ARGS)
+
+# The demo's latent shards, so that training skips the frozen encoders:
+#   make latents && make train ARGS='data.shards=$(DEMO_DIR)/latents'
+latents: $(DEMO_AUTOENCODER)
+	$(PY) -m data.encode --out $(DEMO_DIR)/latents experiment=demo $(ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(ARGS)
