@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 import torch
 
 from data.buckets import Bucket
-from data.decode import DecodeError, decode_clip
+from data.decode import DecodeError
 from data.latents import (
     DTYPES,
     NULL_CAPTION_NAME,
@@ -55,7 +55,7 @@ from data.latents import (
     sample_bytes,
 )
 from data.manifest import LATENT_MEDIA, SCHEMA
-from data.pipeline import DataConfig
+from data.pipeline import DataConfig, decode_planned
 from data.plan import DataPlan
 from data.prepare.pack import add_member, merge_manifests, write_atomic
 from data.reader import SampleError, SampleReader
@@ -181,18 +181,11 @@ class EncodeJob:
 
     def _load(self, sample_id: int) -> Loaded:
         """Read and decode one sample as data.augment=false does: middle frames, centre crop."""
-        key, columns, bucket = self.plan.key(sample_id), self.plan.columns, self._bucket(sample_id)
+        key = self.plan.key(sample_id)
         try:
             raw = self.reader.read(sample_id)
-            clip = decode_clip(
-                raw.media,
-                self.plan.media(sample_id),
-                bucket.frames,
-                self.data.fps,
-                (bucket.height, bucket.width),
-                (int(columns["height"][sample_id]), int(columns["width"][sample_id])),
-                None,
-                key,
+            clip = decode_planned(
+                self.plan, sample_id, raw, self._bucket(sample_id), self.data.fps, None
             )
         except (DecodeError, SampleError, ReadError) as error:
             log.warning("skipping sample %s of %s: %s", key, self.plan.shard(sample_id), error)

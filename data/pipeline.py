@@ -107,6 +107,29 @@ class Batch:
         )
 
 
+def decode_planned(
+    plan: DataPlan,
+    sample_id: int,
+    raw: RawSample,
+    bucket: Bucket,
+    fps: float,
+    rng: np.random.Generator | None,
+) -> np.ndarray:
+    """A planned sample's frames at its bucket's size, with a random start and crop, or with
+    `rng` None the middle frames and the centre crop."""
+    columns = plan.columns
+    return decode_clip(
+        raw.media,
+        plan.media(sample_id),
+        bucket.frames,
+        fps,
+        (bucket.height, bucket.width),
+        (int(columns["height"][sample_id]), int(columns["width"][sample_id])),
+        rng,
+        raw.key,
+    )
+
+
 def sample_seed(key: str) -> int:
     """A sample's own seed, from its key: the same in every manifest that holds it."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
@@ -195,16 +218,8 @@ class BatchStream(IterableDataset):
                     f"not the planned {list(bucket.shape)}"
                 )
             return read_sample(raw.media, raw.key), raw.meta
-        columns = self.plan.columns
-        clip = decode_clip(
-            raw.media,
-            self.plan.media(sample_id),
-            bucket.frames,
-            self.cfg.fps,
-            (bucket.height, bucket.width),
-            (int(columns["height"][sample_id]), int(columns["width"][sample_id])),
-            rng if self.cfg.augment else None,
-            raw.key,
+        clip = decode_planned(
+            self.plan, sample_id, raw, bucket, self.cfg.fps, rng if self.cfg.augment else None
         )
         if self._caching:
             self._decoded.put(key, (clip, raw.meta), clip.nbytes)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -38,23 +39,23 @@ class FrozenEncoders:
         self._autoencoder: nn.Module | None = None
         self._text_encoder: text_encoders.TextEncoder | None = None
 
-    # Built under a forked RNG: building one (a random init before its weights load) leaves
-    # the run's random state as it was, so the DiT starts the same whether or when it is built.
     @property
     def autoencoder(self) -> nn.Module:
         if self._autoencoder is None:
-            with torch.random.fork_rng(devices=[]):
-                built = autoencoders.build_autoencoder(self.config.autoencoder)
-            self._autoencoder = frozen(built, self.device)
+            self._autoencoder = self._build(autoencoders.build_autoencoder, self.config.autoencoder)
         return self._autoencoder
 
     @property
     def text_encoder(self) -> text_encoders.TextEncoder:
         if self._text_encoder is None:
-            with torch.random.fork_rng(devices=[]):
-                built = text_encoders.TextEncoder(self.config.text_encoder)
-            self._text_encoder = frozen(built, self.device)
+            self._text_encoder = self._build(text_encoders.TextEncoder, self.config.text_encoder)
         return self._text_encoder
+
+    def _build(self, build: Callable, cfg) -> nn.Module:
+        """Under a forked RNG: building (a random init before the weights load) leaves the run's
+        random state as it was, so the DiT starts the same whether or when an encoder is built."""
+        with torch.random.fork_rng(devices=[]):
+            return frozen(build(cfg), self.device)
 
     @property
     def loaded(self) -> list[str]:
