@@ -118,7 +118,12 @@ class EncodeJob:
         path = self.work / "job.json"
         if path.exists():
             before = json.loads(path.read_text())
-            differ = sorted(key for key in job if before.get(key) != job[key])
+            differ = [key for key in job if key != "record" and before.get(key) != job[key]]
+            differ += [
+                f"record.{key}"
+                for key in self.record
+                if before.get("record", {}).get(key) != self.record[key]
+            ]
             if differ:
                 raise ValueError(
                     f"{self.options.out} holds an encoding made with other {', '.join(differ)} "
@@ -294,7 +299,9 @@ def parse_args(argv: list[str] | None) -> tuple[EncodeOptions, list[str]]:
         epilog="example: python -m data.encode --out .cache/demo/latents experiment=demo "
         "data.shards=.cache/demo/shards",
     )
-    parser.add_argument("--out", required=True, type=Path, help="the latent shard folder")
+    parser.add_argument(
+        "--out", required=True, type=Path, help="the latent shard folder (local or mounted)"
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument(
         "--logvar", action="store_true", help="also store the posterior's log-variance"
