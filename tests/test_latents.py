@@ -8,6 +8,7 @@ import filecmp
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,6 +97,20 @@ def test_fifty_steps_on_latent_shards_match_online_encoding(
     assert len(online) == len(stored) == 50
     np.testing.assert_allclose(stored, online, rtol=1e-5, atol=0)
     assert consumed_keys(tmp_path / "latents") == consumed_keys(tmp_path / "online")
+
+
+def test_a_run_on_latent_shards_resumes_exactly(autoencoder, latents, tmp_path):
+    """The same plan and DataState as pixels: resumed from step 3's checkpoint, steps 4-6 are
+    those of the uninterrupted run, bit for bit."""
+    straight = tmp_path / "straight"
+    every = ("train.checkpoint_every=3", "train.keep_last=5")
+    losses = train(autoencoder, latents, straight, 6, *every)
+    resumed_dir = tmp_path / "resumed"
+    step_3 = Path("checkpoints") / "step_00000003"
+    shutil.copytree(straight / step_3, resumed_dir / step_3)
+    resumed = train(autoencoder, latents, resumed_dir, 6, *every)
+    assert resumed == losses[3:]
+    assert consumed_keys(resumed_dir) == consumed_keys(straight)[3:]
 
 
 def test_posterior_draws_match_online_encoding(demo_shards, autoencoder, latents, tmp_path):
