@@ -42,7 +42,6 @@ from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from data.buckets import Bucket
@@ -57,8 +56,8 @@ from data.latents import (
 from data.manifest import LATENT_MEDIA, SCHEMA
 from data.pipeline import DataConfig, decode_planned
 from data.plan import DataPlan
-from data.prepare.pack import add_member, merge_manifests, write_atomic
 from data.reader import SampleError, SampleReader
+from data.shard_writer import add_member, merge_manifests, write_atomic, write_rows
 from data.storage import ReadError
 
 WORK_DIR = ".encode"
@@ -163,9 +162,7 @@ class EncodeJob:
         (self.options.out / f"{name}.tmp").replace(self.options.out / name)
         report = {"samples": len(rows), "skipped": skipped}
         write_atomic(self.part(shard).with_suffix(".json"), json.dumps(report).encode())
-        buffer = pa.BufferOutputStream()
-        pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), buffer)
-        write_atomic(self.part(shard), buffer.getvalue().to_pybytes())  # the commit
+        write_rows(pa.Table.from_pylist(rows, schema=SCHEMA), self.part(shard))  # the commit
 
     def _groups(self, loaded: Iterator[Loaded]) -> Iterator[list[Loaded]]:
         """Consecutive samples of one bucket, up to --batch-size: what is encoded together."""

@@ -9,30 +9,20 @@ uninterrupted one end with identical files.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from data.manifest import MANIFEST_NAME, SCHEMA, index_shards
+from data.manifest import index_shards
+from data.shard_writer import add_member, merge_manifests, write_atomic, write_rows
 
 WORK_DIR = ".prepare"
 REPORT_NAME = "report.json"
-ROW_GROUP = 1 << 20  # manifest rows per Parquet row group, as data.manifest writes them
 
 
 def chunk_record(out: Path, chunk: int) -> Path:
     return out / WORK_DIR / "chunks" / f"chunk-{chunk:06d}.json"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def pack_chunk(work: dict, out: str, shard_bytes: int) -> dict:
@@ -52,9 +42,7 @@ def pack_chunk(work: dict, out: str, shard_bytes: int) -> dict:
     shards = write_tars(captioned, out, work["chunk"], shard_bytes)
     table = index_shards([str(out / name) for name in shards], shards)
     manifest = chunk_record(out, work["chunk"]).with_suffix(".parquet")
-    buffer = pa.BufferOutputStream()
-    pq.write_table(table, buffer)
-    write_atomic(manifest, buffer.getvalue().to_pybytes())
+    write_rows(table, manifest)
     record = {
         "chunk": work["chunk"],
         "files": len(work["files"]),
@@ -103,14 +91,6 @@ def sample_members(clip: dict) -> list[tuple[str, bytes]]:
     return [(clip["ext"], clip["media"]), ("json", json.dumps(meta).encode())]
 
 
-def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    """A webdataset member with fixed metadata (time 0, read-only), so a rerun writes the
-    same bytes."""
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o444
-    tar.addfile(info, io.BytesIO(data))
-
-
 def close_tar(tar: tarfile.TarFile, sink, path: Path) -> None:
     tar.close()  # the end-of-archive blocks; tarfile leaves a file object it did not open
     sink.close()
@@ -136,18 +116,3 @@ def finalize(out: Path, chunks: int, source: str) -> dict:
     }
     write_atomic(out / REPORT_NAME, json.dumps(report, indent=1).encode())
     return report
-
-
-def merge_manifests(parts: list[Path], out: Path) -> None:
-    """Streams the chunk manifests into one, in row groups of `ROW_GROUP` rows."""
-    tmp = out / f"{MANIFEST_NAME}.{os.getpid()}.tmp"
-    pending: list[pa.Table] = []
-    with pq.ParquetWriter(tmp, SCHEMA) as writer:
-        for part in parts:
-            pending.append(pq.read_table(part))
-            if sum(t.num_rows for t in pending) >= ROW_GROUP:
-                writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP)
-                pending = []
-        if pending:
-            writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP)
-    os.replace(tmp, out / MANIFEST_NAME)
