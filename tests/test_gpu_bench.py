@@ -80,7 +80,7 @@ class Missing(importlib.abc.MetaPathFinder):
             raise ImportError(f"{{name}} is not on the GPU image")
 sys.meta_path.insert(0, Missing())
 import model.dit, model.flops, model.attention, model.autoencoder, model.text, model.flow, model.wan, model.conditioning
-import bench.gpu.mfu, bench.gpu.trainer_check, bench.gpu.half_text_encoder
+import bench.gpu.mfu, bench.gpu.trainer_check, bench.gpu.half_text_encoder, bench.gpu.latent_check
 """
     result = subprocess.run(
         [sys.executable, "-c", script], cwd=ROOT, env=process_env(), capture_output=True, text=True

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import torch
 
 from data.pipeline import Batch
 from train.checkpoint import Checkpointer
@@ -138,11 +141,19 @@ class Trainer:
             "progress/tokens_seen": p.tokens_seen,
             **self.objective.metrics(),
         }
+        metrics |= self._peak_memory()
         if self.peak_flops and sums["flops"]:
             metrics["perf/mfu"] = (
                 sums["flops"] / step_time / (self.peak_flops * self.dims.world_size)
             )
         return metrics
+
+    def _peak_memory(self) -> dict[str, float]:
+        """This rank's high-water marks: host RSS, and the GPU memory torch allocated."""
+        peak = {"perf/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+        if self.runtime.device.type == "cuda":
+            peak["perf/peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return peak
 
     def _record_samples(self, batches: list[Batch]) -> None:
         """An audit trail of the data: which samples each step consumed on this rank."""

@@ -3,12 +3,14 @@
 #   1. bench.gpu.mfu: matmul ceiling, 1B/3B DiT steps (eager/compiled, +/- checkpointing), MFU,
 #      peak memory, the SDPA kernel and the top 10 kernels of a profiled step;
 #   2. bench.gpu.trainer_check: the real trainer, parallel=fsdp on a world of one, bf16,
-#      checkpoint, resume and the bitwise comparison.
+#      checkpoint, resume and the bitwise comparison;
+#   3. bench.gpu.latent_check: python -m data.encode on the GPU, then DiT-base on the latent
+#      shards against online encoding: step time, tokens/s, peak GPU memory, same batches.
 # Results (results.json, results.txt, trainer.json, logs) go to $OUT, else bench/gpu/results.
 # First, here on the CPU machine: bash bench/gpu/prepare.sh (makes .whl/ and .gpu_bundle/).
-# Then the device call (about 7 minutes of its 8):
+# Then the device call (about 7 to 8 minutes of its 9):
 #   run(command="bash bench/gpu/run.sh", carry=[".whl", ".gpu_bundle"], timeout_s=540)
-# MFU_BUDGET_S (default 300) is when the sweep stops starting cases.
+# MFU_BUDGET_S (default 240, so that all three fit the call) is when the sweep stops starting cases.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-bench/gpu/results}
@@ -19,10 +21,12 @@ SITE=/tmp/tessera-site
   --target "$SITE" .whl/*.whl || { echo "installing the carried wheels failed"; exit 1; }
 export PYTHONPATH="$PWD:$SITE"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,driver_version --format=csv | tee "$OUT/gpu.txt"
-"$PYTHON" -m bench.gpu.mfu --budget-s "${MFU_BUDGET_S:-300}" --out "$OUT" 2>&1 | tee "$OUT/mfu.log"
+"$PYTHON" -m bench.gpu.mfu --budget-s "${MFU_BUDGET_S:-240}" --out "$OUT" 2>&1 | tee "$OUT/mfu.log"
 mfu=${PIPESTATUS[0]}
 "$PYTHON" -m bench.gpu.trainer_check --bundle .gpu_bundle --out "$OUT" 2>&1 | tail -40
 trainer=${PIPESTATUS[0]}
-echo "== summary (mfu exit $mfu, trainer check exit $trainer)"
+"$PYTHON" -m bench.gpu.latent_check --bundle .gpu_bundle --out "$OUT" 2>&1 | tail -20
+latent=${PIPESTATUS[0]}
+echo "== summary (mfu exit $mfu, trainer check exit $trainer, latent check exit $latent)"
 cat "$OUT/results.txt" 2>/dev/null
-exit $((mfu || trainer))
+exit $((mfu || trainer || latent))
