@@ -35,7 +35,7 @@ import safetensors.torch
 import torch
 
 from data.decode import DecodeError
-from data.manifest import LATENT_MEDIA, ManifestSource
+from data.manifest import LATENT_MEDIA, ManifestSource, resolve_sources
 from data.storage import exists, join, parent, read_bytes, redact
 
 RECORD_NAME = "encoding.json"
@@ -136,6 +136,11 @@ def latent_folder(sources: list[ManifestSource]) -> tuple[str, dict] | None:
             f"version reads {RECORD_FORMAT}: encode the shards again"
         )
     return folder, record
+
+
+def are_latent_shards(shards: str) -> bool:
+    """Whether a `data.shards` spec names latent shards."""
+    return latent_folder(resolve_sources(shards)) is not None
 
 
 def _encoding(record: dict) -> dict:

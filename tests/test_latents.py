@@ -165,7 +165,7 @@ def perturbed_copy(weights: Path, out: Path) -> Path:
 
 
 def test_training_with_other_encoders_or_buckets_fails_before_the_first_step(
-    autoencoder, latents, tmp_path
+    demo_shards, autoencoder, latents, tmp_path
 ):
     other = perturbed_copy(autoencoder, tmp_path / "other.safetensors")
     cases = [
@@ -183,6 +183,8 @@ def test_training_with_other_encoders_or_buckets_fails_before_the_first_step(
         with pytest.raises(ValueError, match=message):
             train(autoencoder, latents, run_dir, 2, *overrides)
         assert not (run_dir / "metrics.jsonl").exists()
+    with pytest.raises(ValueError, match=r"eval.shards=.* were encoded with the autoencoder"):
+        train(other, demo_shards, tmp_path / "eval", 2, f"eval.shards={latents}")
     # The batch size follows the token budget, which may change: the buckets stay the same.
     assert len(train(autoencoder, latents, tmp_path / "budget", 2, "buckets.token_budget=960"))
 

@@ -15,11 +15,12 @@ import torch.distributed as dist
 from hydra import compose, initialize_config_dir
 
 from data.encode import EncodeJob, EncodeOptions
+from data.latents import are_latent_shards
 from data.pipeline import open_plan
 from model.autoencoder import weight_files
 from train.build import build_bucket_table
 from train.config import Config, register_configs, to_config
-from train.encoders import FrozenEncoders, encoding_record, open_latent_shards
+from train.encoders import FrozenEncoders, encoding_record
 from train.objectives import video_to_float
 from train.runtime import Runtime, init_runtime, shutdown
 
@@ -61,7 +62,7 @@ def run(options: EncodeOptions, overrides: list[str]) -> dict | None:
             "autoencoder.checkpoint is not set: latents of a randomly initialised autoencoder "
             "mean nothing (set it, or autoencoder=diffusers with a pretrained_path)"
         )
-    if open_latent_shards(config, config.data.shards) is not None:
+    if are_latent_shards(config.data.shards):
         raise ValueError(f"data.shards={config.data.shards!r} are latent shards already")
     runtime = init_runtime(config.train.device, config.train.precision)
     encoders = FrozenEncoders(config, runtime.device)

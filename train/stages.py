@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from data.buckets import BucketTable
+from data.latents import are_latent_shards
 from data.mp4 import write_mp4
 from data.pipeline import build_loader
 from data.plan import DataPlan, DataState
@@ -145,6 +146,7 @@ class DiTStage:
         """The fixed evaluation loss; its results also carry what a scaling-law fit needs."""
         if not config.eval.shards:
             return None
+        open_latent_shards(config, config.eval.shards, "eval.shards")  # held-out latents: ours?
         facts = {
             "model": config.model.size,
             "params": dit_param_count(config.model, self.model.in_channels, self.model.text_dim),
@@ -240,7 +242,7 @@ class WanStage(DiTStage):
 class AutoencoderStage:
     def __init__(self, config: Config, runtime: Runtime):
         self.runtime = runtime
-        if open_latent_shards(config, config.data.shards) is not None:
+        if are_latent_shards(config.data.shards):
             raise ValueError(
                 f"data.shards={config.data.shards!r} are latent shards: the autoencoder stage "
                 "trains on pixels"
