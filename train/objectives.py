@@ -181,9 +181,13 @@ class FlowMatchingObjective:
             noise = torch.randn(latents.shape, generator=draws, device=device)
             latents = latents + torch.exp(0.5 * encoded.logvar) * noise
         generator = self.generator(batch, device)
-        null_text, null_mask = self.null_text.to(device), self.null_mask.to(device)
         text, mask = drop_captions(
-            encoded.text, encoded.mask, null_text, null_mask, self.flow.caption_dropout, generator
+            encoded.text,
+            encoded.mask,
+            self.null_text,
+            self.null_mask,
+            self.flow.caption_dropout,
+            generator,
         )
         batch_size, num_tokens = latents.shape[0], self.num_tokens(latents)
         t = sample_timesteps(batch_size, num_tokens, self.flow, generator, device)

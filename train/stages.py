@@ -93,7 +93,7 @@ class DiTStage:
             self.latent_channels = self.latents.latent_channels
             self.text_dim = self.latents.text_dim
             geometry = self.latents.geometry(config.model.patch_size)
-            null_caption = self.latents.null_caption
+            null_caption = tuple(t.to(runtime.device) for t in self.latents.null_caption)
         else:
             autoencoder, text_encoder = self.encoders.autoencoder, self.encoders.text_encoder
             self.latent_channels, self.text_dim = autoencoder.latent_channels, text_encoder.dim

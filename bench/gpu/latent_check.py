@@ -10,35 +10,16 @@ encoding or a run fails, or the two runs saw other samples.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from bench.gpu.trainer_check import check_parser, torchrun
+
 WARMUP = 5
-
-
-def torchrun(args: list[str], log: Path) -> float:
-    """One process on this machine's GPU; its wall time. Stops the check when it fails."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    started = time.perf_counter()
-    result = subprocess.run([*command, *args], cwd=ROOT, env=env, capture_output=True, text=True)
-    log.write_text(result.stdout + result.stderr)
-    if result.returncode != 0:
-        raise SystemExit(f"{args[:2]} failed; the end of {log}:\n{log.read_text()[-3000:]}")
-    return time.perf_counter() - started
 
 
 def common(bundle: Path, autoencoder: Path) -> list[str]:
@@ -70,12 +51,7 @@ def run_figures(run_dir: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", type=Path, default=ROOT / ".gpu_bundle")
-    parser.add_argument(
-        "--out", type=Path, default=Path(os.environ.get("OUT") or "bench/gpu/results")
-    )
-    parser.add_argument("--model", default="base", help="a DiT size (model/dit.py)")
+    parser = check_parser(__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
     from safetensors.torch import save_file  # after --help: the run's packages
@@ -93,7 +69,7 @@ def main() -> None:
     shared = common(args.bundle, autoencoder)
     latents = work / "latents"
     pixels = args.bundle / "demo" / "shards"
-    encode_s = torchrun(
+    _, encode_s = torchrun(
         ["-m", "data.encode", "--out", str(latents), *shared, f"data.shards={pixels}"],
         args.out / "encode.log",
     )

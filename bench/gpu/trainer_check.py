@@ -42,11 +42,11 @@ def overrides(bundle: Path, run_dir: Path, model: str, precision: str) -> list[s
     ]
 
 
-def train(args: list[str], log: Path) -> tuple[str, float]:
-    """torchrun with one process on this machine's GPU; the run's output and its wall time."""
+def torchrun(args: list[str], log: Path) -> tuple[str, float]:
+    """torchrun with one process on this machine's GPU (args: a script or `-m module`, and
+    its arguments); its output and wall time. Stops the check when it fails."""
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-        str(ROOT / "bench" / "gpu" / "deterministic_train.py"), *args,
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", *args
     ]  # fmt: skip
     env = {
         **os.environ,
@@ -57,9 +57,25 @@ def train(args: list[str], log: Path) -> tuple[str, float]:
     log.write_text(result.stdout + result.stderr)
     if result.returncode != 0:
         raise SystemExit(
-            f"training failed ({result.returncode}); the end of {log}:\n{log.read_text()[-3000:]}"
+            f"{args[:2]} failed ({result.returncode}); the end of {log}:\n{log.read_text()[-3000:]}"
         )
     return result.stdout + result.stderr, time.perf_counter() - started
+
+
+def train(args: list[str], log: Path) -> tuple[str, float]:
+    """`python -m train` with deterministic kernels, under torchrun."""
+    return torchrun([str(ROOT / "bench" / "gpu" / "deterministic_train.py"), *args], log)
+
+
+def check_parser(description: str) -> argparse.ArgumentParser:
+    """The options every GPU check takes: the carried bundle, where results go, the DiT size."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--bundle", type=Path, default=ROOT / ".gpu_bundle")
+    parser.add_argument(
+        "--out", type=Path, default=Path(os.environ.get("OUT") or "bench/gpu/results")
+    )
+    parser.add_argument("--model", default="base", help="a DiT size (model/dit.py)")
+    return parser
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -73,12 +89,7 @@ def same_exports(a: Path, b: Path) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", type=Path, default=ROOT / ".gpu_bundle")
-    parser.add_argument(
-        "--out", type=Path, default=Path(os.environ.get("OUT") or "bench/gpu/results")
-    )
-    parser.add_argument("--model", default="base", help="a DiT size (model/dit.py)")
+    parser = check_parser(__doc__.splitlines()[0])
     parser.add_argument("--precision", default="bf16", help="train.precision (fp32 on a CPU)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
