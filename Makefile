@@ -56,7 +56,7 @@ shards: | $(VENV)/.installed
 # The demo's latent shards, so that training skips the frozen encoders:
 #   make latents && make train ARGS='data.shards=$(DEMO_DIR)/latents'
 latents: $(DEMO_AUTOENCODER)
-	$(PY) -m data.encode --out $(DEMO_DIR)/latents experiment=demo $(ARGS)
+	$(PY) -m train.encode --out $(DEMO_DIR)/latents experiment=demo $(ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(ARGS)

@@ -5,8 +5,8 @@
 
 Builds its inputs once in a temporary folder: the demo shards (`data.demo.build_demo`, 10 clips
 and 10 stills per source), a seeded random-init demo autoencoder saved with safetensors
-(data.encode refuses to run without a checkpoint; the weights change nothing about the cost),
-and their latent shards (`python -m data.encode`, bfloat16). The encoding does not depend on
+(train.encode refuses to run without a checkpoint; the weights change nothing about the cost),
+and their latent shards (`python -m train.encode`, bfloat16). The encoding does not depend on
 the DiT, so every size trains on the same pixel and latent shards. Then, for each DiT size of
 `--sizes` (`model=<size>`, model/dit.py's DIT_SIZES; `size:N` runs that size N steps instead of
 `--steps`, so a larger, slower model can take fewer), it trains the demo DiT
@@ -126,14 +126,14 @@ def threads_env(threads: int) -> dict[str, str]:
 
 
 def encode(pixels: Path, out: Path, overrides: list[str], env: dict[str, str]) -> float:
-    """Seconds `python -m data.encode` took to write the latent shards of `pixels`."""
-    command = [sys.executable, "-m", "data.encode", "--out", str(out)]
+    """Seconds `python -m train.encode` took to write the latent shards of `pixels`."""
+    command = [sys.executable, "-m", "train.encode", "--out", str(out)]
     start = time.perf_counter()
     done = subprocess.run(
         [*command, *overrides, f"data.shards={pixels}"], cwd=ROOT, env=env, capture_output=True
     )
     if done.returncode:
-        raise RuntimeError(f"python -m data.encode failed:\n{done.stderr.decode()[-3000:]}")
+        raise RuntimeError(f"python -m train.encode failed:\n{done.stderr.decode()[-3000:]}")
     return time.perf_counter() - start
 
 

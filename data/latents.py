@@ -1,5 +1,7 @@
-"""Latent shards: the frozen encoders' outputs per sample, written by `python -m data.encode` and
-read by the loader in place of pixels, so that training runs neither encoder.
+"""Latent shards: the frozen encoders' outputs per sample, written by `python -m train.encode` (the
+job is data/encode_job.py) and read by the loader in place of pixels, so that training runs
+neither encoder. This module owns the format: the files, a sample's member, a batch of them, and
+how to tell a latent shard folder (one with a record) from a pixel one.
 
 A latent shard folder is a shard folder like any other: tars and a `manifest.parquet` with the
 pixel manifest's columns. Each row keeps its source's size, frame rate and duration, so the
@@ -24,6 +26,7 @@ and saves most of the bytes (a T5-XXL caption padded to 226 tokens is 1.8 MB in 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -35,9 +38,9 @@ import safetensors.torch
 import torch
 
 from data.decode import DecodeError
-from data.manifest import LATENT_MEDIA, ManifestSource, resolve_sources
-from data.storage import exists, join, parent, read_bytes, redact
+from data.storage import exists, join, parent, read_bytes, redact, write_atomic
 
+LATENT_MEDIA = "latents.safetensors"  # the media member of a latent shard's sample
 RECORD_NAME = "encoding.json"
 NULL_CAPTION_NAME = "null_caption.safetensors"
 RECORD_FORMAT = 1
@@ -50,6 +53,42 @@ class LatentSample:
     mean: torch.Tensor  # (C, T, H, W)
     logvar: torch.Tensor | None
     text: dict[str, tuple[torch.Tensor, torch.Tensor]]  # field -> (embedding (L, D), mask (L,))
+
+
+@dataclass
+class LatentBatch:
+    """A batch's stored tensors, in their stored dtype: the posterior's mean (B, C, T', H', W')
+    and, where every sample stores one, its log-variance; the chosen captions' embeddings
+    (B, L, D) and masks (B, L)."""
+
+    mean: torch.Tensor
+    logvar: torch.Tensor | None
+    text: torch.Tensor
+    text_mask: torch.Tensor
+
+    @classmethod
+    def stack(cls, samples: list[tuple[LatentSample, str]]) -> LatentBatch:
+        """The batch of (sample, the caption field chosen for it)."""
+        logvars = [sample.logvar for sample, _ in samples]
+        texts = [sample.text[field] for sample, field in samples]
+        return cls(
+            torch.stack([sample.mean for sample, _ in samples]),
+            None if any(v is None for v in logvars) else torch.stack(logvars),
+            torch.stack([text for text, _ in texts]),
+            torch.stack([mask for _, mask in texts]),
+        )
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.mean.dtype
+
+    def pin_memory(self) -> LatentBatch:
+        return LatentBatch(
+            *(None if t is None else t.pin_memory() for t in dataclasses.astuple(self))
+        )
 
 
 def sample_bytes(
@@ -106,13 +145,14 @@ def read_null_caption(folder: str) -> tuple[torch.Tensor, torch.Tensor]:
     return tensors["embedding"], tensors["mask"]
 
 
-def latent_folder(sources: list[ManifestSource]) -> tuple[str, dict] | None:
-    """(folder, encoding record) when `data.shards` names latent shards, None for pixel shards.
-    Every manifest must be of one kind, and latent ones made by the same encoders the same way."""
+def latent_folder(manifests: list[str]) -> tuple[str, dict] | None:
+    """(folder, encoding record) when the manifests (URLs) are latent shards' (their folders hold
+    a record), None for pixel shards. Every manifest must be of one kind, and latent ones made
+    by the same encoders the same way."""
     records = {}
-    for source in sources:
-        url = join(parent(source.url), RECORD_NAME)
-        records[parent(source.url)] = json.loads(read_bytes(url)) if exists(url) else None
+    for manifest in manifests:
+        url = join(parent(manifest), RECORD_NAME)
+        records[parent(manifest)] = json.loads(read_bytes(url)) if exists(url) else None
     kinds = {record is None for record in records.values()}
     if len(kinds) > 1:
         raise ValueError(
@@ -136,11 +176,6 @@ def latent_folder(sources: list[ManifestSource]) -> tuple[str, dict] | None:
             f"version reads {RECORD_FORMAT}: encode the shards again"
         )
     return folder, record
-
-
-def are_latent_shards(shards: str) -> bool:
-    """Whether a `data.shards` spec names latent shards."""
-    return latent_folder(resolve_sources(shards)) is not None
 
 
 def _encoding(record: dict) -> dict:
@@ -178,7 +213,5 @@ def _file_digest(path: str, cache_dir: str | Path | None) -> str:
         digest = hashlib.file_digest(file, "sha256").hexdigest()
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(digest)
-        os.replace(tmp, cached)
+        write_atomic(cached, digest)
     return digest

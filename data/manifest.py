@@ -32,7 +32,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data.decode import IMAGE_EXTS, VIDEO_EXTS, DecodeError, probe
-from data.storage import checked_url, exists, is_remote, join, local_path, parent, redact
+from data.latents import LATENT_MEDIA
+from data.storage import (
+    atomic_path,
+    checked_url,
+    exists,
+    is_remote,
+    join,
+    local_path,
+    parent,
+    redact,
+)
 
 MANIFEST_NAME = "manifest.parquet"
 LEGACY_INDEX_NAME = "index.json"
@@ -52,7 +62,6 @@ SCHEMA = pa.schema(
     ]
 )
 PROBED_FIELDS = ("width", "height", "fps", "frames")
-LATENT_MEDIA = "latents.safetensors"  # a latent shard's sample (data/latents.py)
 log = logging.getLogger(__name__)
 
 
@@ -157,10 +166,8 @@ def write_manifest(table: pa.Table, url: str) -> None:
         with fsspec.open(url, "wb") as f:  # one object PUT: atomic in object stores
             pq.write_table(table, f, row_group_size=1 << 20)
         return
-    path = local_path(url)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    pq.write_table(table, tmp, row_group_size=1 << 20)
-    os.replace(tmp, path)
+    with atomic_path(local_path(url)) as tmp:
+        pq.write_table(table, tmp, row_group_size=1 << 20)
 
 
 # --- finding and reading manifests for `data.shards` ---------------------------------------

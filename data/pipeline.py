@@ -15,9 +15,9 @@ Per-sample randomness (clip start, crop, caption or recaption) is seeded by (see
 sample key), so it depends neither on the rank or the loader worker nor on where the sample sits
 in its manifest; with `data.augment=false` a clip is always its middle frames and centre crop.
 
-Latent shards (`python -m data.encode`, data/latents.py) are read the same way, by the same
-plan: a batch of them carries the stored latents and caption embeddings instead of pixels, the
-caption or recaption chosen by the same draw.
+Latent shards (`python -m train.encode`, data/latents.py) are read the same way, by the same
+plan: a batch of them carries the stored latents and caption embeddings (one `LatentBatch`)
+instead of pixels, the caption or recaption chosen by the same draw.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.buckets import Bucket, BucketTable
 from data.decode import DecodeError, decode_clip
-from data.latents import LATENT_MEDIA, LatentSample, read_sample
+from data.latents import LATENT_MEDIA, LatentBatch, LatentSample, read_sample
 from data.lru import ByteLRU
 from data.plan import DataPlan, DataState, PlannedBatch
 from data.reader import RawSample, SampleError, SampleReader
@@ -87,24 +87,16 @@ class Batch:
     skipped: int = 0  # samples that failed to read or decode since the previous batch
     epoch: int = 0  # with plan_index, names this batch in the global plan: training seeds
     plan_index: int = 0  # its noise from it, so randomness follows the data, not the rank
-    # From latent shards, in their stored dtype: the posterior's mean (B, C, T', H', W') and,
-    # where stored, log-variance; the chosen caption's embedding (B, L, D) and mask (B, L).
-    latents: torch.Tensor | None = None
-    latent_logvar: torch.Tensor | None = None
-    text: torch.Tensor | None = None
-    text_mask: torch.Tensor | None = None
+    latents: LatentBatch | None = None  # from latent shards, instead of the video
 
     def pin_memory(self) -> Batch:
         """Called by the DataLoader (pin_memory=True) for fast, asynchronous host-to-GPU copies."""
-        tensors = ("video", "fps", "native_size", "latents", "latent_logvar", "text", "text_mask")
-        return replace(
-            self,
-            **{
-                name: getattr(self, name).pin_memory()
-                for name in tensors
-                if getattr(self, name) is not None
-            },
-        )
+        pinned = {
+            name: getattr(self, name).pin_memory()
+            for name in ("video", "fps", "native_size", "latents")
+            if getattr(self, name) is not None
+        }
+        return replace(self, **pinned)
 
 
 def decode_planned(
@@ -262,7 +254,7 @@ class BatchStream(IterableDataset):
                 use_recaption = meta.get("recaption") and rng.random() < self.cfg.recaption_prob
                 field = "recaption" if use_recaption else "caption"
                 if isinstance(item, LatentSample):
-                    latents.append((item, _stored_text(item, field, key)))
+                    latents.append((item, _stored_field(item, field, key)))
                 else:
                     videos.append(item)
             except (DecodeError, SampleError, ReadError) as error:
@@ -279,7 +271,7 @@ class BatchStream(IterableDataset):
             video = None
         elif videos:
             video = torch.from_numpy(np.stack(videos))
-        else:
+        else:  # every sample failed: the loader skips the batch and keeps the count
             video = torch.empty(0, *bucket.shape, 3, dtype=torch.uint8)
         return Batch(
             video,
@@ -292,30 +284,15 @@ class BatchStream(IterableDataset):
             skipped=len(planned.sample_ids) - len(keys),
             epoch=epoch,
             plan_index=plan_index,
-            **_stack_latents(latents),
+            latents=LatentBatch.stack(latents) if latents else None,
         )
 
 
-def _stored_text(sample: LatentSample, field: str, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _stored_field(sample: LatentSample, field: str, key: str) -> str:
+    """The caption field the draw chose, which the sample must store an embedding of."""
     if field not in sample.text:
         raise DecodeError(f"sample {key} has a {field} but no stored embedding of it")
-    return sample.text[field]
-
-
-def _stack_latents(
-    samples: list[tuple[LatentSample, tuple[torch.Tensor, torch.Tensor]]],
-) -> dict[str, torch.Tensor | None]:
-    """A batch's stored tensors (none for pixels); the log-variance only where every sample has
-    one."""
-    if not samples:
-        return {}
-    logvars = [sample.logvar for sample, _ in samples]
-    return {
-        "latents": torch.stack([sample.mean for sample, _ in samples]),
-        "latent_logvar": None if any(v is None for v in logvars) else torch.stack(logvars),
-        "text": torch.stack([text for _, (text, _) in samples]),
-        "text_mask": torch.stack([mask for _, (_, mask) in samples]),
-    }
+    return field
 
 
 def _skip_empty(batches: Iterator[Batch]) -> Iterator[Batch]:

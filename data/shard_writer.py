@@ -1,11 +1,10 @@
 """Writing shard folders so that a rerun writes the same bytes and a reader never sees half a
 file: tar members with fixed metadata, files replaced atomically, and per-part manifests merged
-into one. Shared by `data.prepare` and `data.encode`."""
+into one. Shared by `data.prepare` and the latent-shard encoding job (`data/encode_job.py`)."""
 
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 from pathlib import Path
 
@@ -13,14 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data.manifest import MANIFEST_NAME, SCHEMA
+from data.storage import atomic_path, write_atomic
 
 ROW_GROUP = 1 << 20  # manifest rows per Parquet row group, as data.manifest writes them
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def write_rows(table: pa.Table, path: Path) -> None:
@@ -41,9 +35,8 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def merge_manifests(parts: list[Path], out: Path) -> None:
     """Streams the manifest parts into `out/manifest.parquet`, in order, in row groups of
     `ROW_GROUP` rows."""
-    tmp = out / f"{MANIFEST_NAME}.{os.getpid()}.tmp"
     pending: list[pa.Table] = []
-    with pq.ParquetWriter(tmp, SCHEMA) as writer:
+    with atomic_path(out / MANIFEST_NAME) as tmp, pq.ParquetWriter(tmp, SCHEMA) as writer:
         for part in parts:
             pending.append(pq.read_table(part))
             if sum(t.num_rows for t in pending) >= ROW_GROUP:
@@ -51,4 +44,3 @@ def merge_manifests(parts: list[Path], out: Path) -> None:
                 pending = []
         if pending:
             writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP)
-    os.replace(tmp, out / MANIFEST_NAME)

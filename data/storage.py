@@ -19,7 +19,9 @@ import re
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -155,6 +157,40 @@ def missing(urls: list[str], threads: int = 16) -> list[str]:
     return absent
 
 
+@contextmanager
+def atomic_path(path: str | Path, durable: bool = False) -> Iterator[Path]:
+    """A temporary path beside `path` to write; when the block ends without an error, one rename
+    puts it in place, so a reader sees the old file or the whole new one, never half of it. With
+    `durable` the file is on disk (fsynced, and its folder) before and after the rename, as a
+    checkpoint needs across a power loss. A failed block leaves no temporary file behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        yield tmp
+        if durable:
+            fsync(tmp)
+        os.replace(tmp, path)
+        if durable:
+            fsync(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | Path, data: bytes | str, durable: bool = False) -> None:
+    """Write a whole file through `atomic_path`."""
+    with atomic_path(path, durable) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def fsync(path: str | Path) -> None:
+    """Flush a file, or a folder's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class DiskCache:
     """Byte ranges on local disk, shared by every process of a node, least recently used out.
 
@@ -187,9 +223,7 @@ class DiskCache:
         return data
 
     def put(self, name: str, data: bytes) -> None:
-        tmp = self.folder / f".{name}.{os.getpid()}.{threading.get_ident()}"
-        tmp.write_bytes(data)
-        tmp.replace(self.folder / name)
+        write_atomic(self.folder / name, data)  # its temporary name starts with a dot: not listed
         with self._lock:
             self._total += len(data)
             self._written += len(data)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 
 from model.dit import DiT, dit_config
-from model.geometry import LatentGeometry
-from train.objectives import EncodingCache, FlowMatchingObjective
+from train.encoders import FrozenEncoders
+from train.latent_source import EncodingCache, OnlineLatents
 
 
 def perturbed_tiny_dit(in_channels: int, text_dim: int, scale: float = 0.05) -> DiT:
@@ -22,15 +20,8 @@ def perturbed_tiny_dit(in_channels: int, text_dim: int, scale: float = 0.05) -> 
     return model
 
 
-def flow_objective(cfg, autoencoder, text_encoder, cache: EncodingCache | None = None):
-    """The training objective of a composed config, without a FLOP count."""
-    return FlowMatchingObjective(
-        SimpleNamespace(autoencoder=autoencoder, text_encoder=text_encoder),
-        text_encoder.null_embedding(),
-        cfg.flow,
-        cfg.conditioning,
-        LatentGeometry.of(autoencoder, cfg.model.patch_size),
-        lambda tokens: 0.0,
-        cfg.train.seed,
-        cache,
-    )
+def online_source(
+    cfg, encoders: FrozenEncoders, cache: EncodingCache | None = None
+) -> OnlineLatents:
+    """The pixel shards' latent source of a composed config, on already built encoders."""
+    return OnlineLatents(encoders, cfg.model.patch_size, cache)

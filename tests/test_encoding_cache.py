@@ -11,15 +11,14 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from models import flow_objective
+from models import online_source
 
 from data.pipeline import BatchStream, open_plan
 from data.plan import DataState
-from model.autoencoder import build_autoencoder
-from model.text import TextEncoder
-from train.build import build_bucket_table, frozen
+from train.build import build_bucket_table
 from train.config import register_configs, to_config
-from train.objectives import EncodingCache
+from train.encoders import FrozenEncoders
+from train.latent_source import EncodingCache
 
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()
@@ -57,14 +56,13 @@ def test_cache_encodes_each_key_once_and_drops_the_least_recently_used():
 def parts(demo_shards):
     cfg = config("model=micro", f"data.shards={demo_shards}", "data.augment=false")
     torch.manual_seed(0)
-    autoencoder = frozen(build_autoencoder(cfg.autoencoder), torch.device("cpu"))
-    text_encoder = frozen(TextEncoder(cfg.text_encoder), torch.device("cpu"))
-    table = build_bucket_table(cfg, autoencoder)
+    encoders = FrozenEncoders(cfg, torch.device("cpu"))
+    table = build_bucket_table(cfg, encoders.autoencoder)
 
-    def objective(cache):
-        return flow_objective(cfg, autoencoder, text_encoder, cache)
+    def source(cache):
+        return online_source(cfg, encoders, cache)
 
-    return cfg, table, objective
+    return cfg, table, source
 
 
 def batches(plan):
@@ -91,12 +89,12 @@ def test_without_augmentation_a_sample_decodes_to_the_same_pixels_every_epoch(pa
 
 
 def test_cached_encodings_equal_fresh_ones_and_the_next_epoch_hits(parts):
-    cfg, table, objective = parts
+    cfg, table, source = parts
     batch, again = load_same_samples(cfg, table, 0), load_same_samples(cfg, table, 3)
     fields = ("latents", "text", "mask")
-    encoded = objective(None).encode(batch, torch.device("cpu"))
+    encoded = source(None).encode(batch, torch.device("cpu"))
     fresh = [getattr(encoded, name) for name in fields]
-    cached = objective(EncodingCache(2**20))
+    cached = source(EncodingCache(2**20))
     encoded = cached.encode(batch, torch.device("cpu"))
     first = [getattr(encoded, name) for name in fields]
     for value, expected in zip(first, fresh, strict=True):

@@ -17,8 +17,7 @@ from test_train import dit_config
 
 from data.decode import read_media
 from train.__main__ import run
-from train.build import load_for_sampling
-from train.sample import MODES, VideoGenerator, load, parse, sample_to_mp4
+from train.sample import MODES, VideoGenerator, load, load_for_sampling, parse, sample_to_mp4
 from train.sample import main as sample_main
 
 FPS, HEIGHT, WIDTH = 8.0, 48, 80

@@ -1,4 +1,4 @@
-"""Latent shards (`python -m data.encode`, data/latents.py): training on them matches online
+"""Latent shards (`python -m train.encode`, data/latents.py): training on them matches online
 encoding, their bytes do not depend on the number of ranks or on a crash, a run refuses shards
 of other encoders, a broken sample is skipped, and the encoders stay unbuilt."""
 
@@ -24,13 +24,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from launching import process_env, run_checked, torchrun_command
 
-from data.encode import main as encode
 from data.latents import RECORD_NAME
 from data.manifest import index_shards, write_manifest
 from data.pipeline import BatchStream, open_plan
 from data.plan import DataState
 from train.__main__ import run
 from train.config import register_configs, to_config
+from train.encode import main as encode
 from train.runtime import init_runtime
 from train.stages import AutoencoderStage, DiTStage
 
@@ -89,7 +89,7 @@ def test_fifty_steps_on_latent_shards_match_online_encoding(
     demo_shards, autoencoder, latents, tmp_path
 ):
     """The latents are the encoders' float32 outputs, stored in float32: the only difference
-    left is that data.encode encodes other groups of samples than a training batch, and a conv
+    left is that train.encode encodes other groups of samples than a training batch, and a conv
     or matmul may round a row differently in another batch. So the losses must agree to float32
     rounding, carried through 50 optimizer steps: rtol 1e-5. (On CPU they agree bit for bit.)"""
     online = train(autoencoder, demo_shards, tmp_path / "online", 50)
@@ -273,13 +273,13 @@ def test_two_ranks_encode_the_same_bytes_as_one_and_a_killed_run_resumes_to_them
     for ranks in (1, 2):
         outputs[ranks] = tmp_path / f"ranks{ranks}"
         command = torchrun_command(
-            "-m", "data.encode", "--out", str(outputs[ranks]), *args, nproc=ranks
+            "-m", "train.encode", "--out", str(outputs[ranks]), *args, nproc=ranks
         )
         run_checked(command, timeout=600)
     assert_same_files(outputs[1], outputs[2])
 
     killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "data.encode", "--out", str(killed), *args]
+    command = [sys.executable, "-m", "train.encode", "--out", str(killed), *args]
     process = subprocess.Popen(command, cwd=ROOT, env=process_env(), stderr=subprocess.DEVNULL)
     parts = killed / ".encode" / "parts"
     deadline = time.monotonic() + 300

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
-from models import flow_objective
+from models import online_source
 
 from data.demo import build_demo
 from data.pipeline import BatchStream, open_plan
@@ -26,10 +26,10 @@ from data.plan import DataState
 from launch.scaling import Run, fit_scaling, fit_sweep
 from model.autoencoder import build_autoencoder
 from model.flops import dit_train_flops
-from model.text import TextEncoder
 from train.budget import budget_steps, step_flops
-from train.build import build_bucket_table, build_dit, frozen
+from train.build import build_bucket_table, build_dit
 from train.config import EvalConfig, ParallelConfig, register_configs, to_config
+from train.encoders import FrozenEncoders
 from train.evaluate import Evaluator
 from train.parallel import ParallelDims
 from train.runtime import init_runtime
@@ -115,23 +115,22 @@ def eval_parts(demo_shards: Path, held_out: Path, run_dir: Path, samples: int = 
     )
     runtime = init_runtime("cpu", "fp32")
     torch.manual_seed(0)
-    autoencoder = frozen(build_autoencoder(cfg.autoencoder), runtime.device)
-    text_encoder = frozen(TextEncoder(cfg.text_encoder), runtime.device)
-    model = build_dit(cfg, autoencoder.latent_channels, text_encoder.dim)
+    encoders = FrozenEncoders(cfg, runtime.device)
+    source = online_source(cfg, encoders)
+    model = build_dit(cfg, source.latent_channels, source.text_dim)
     for p in model.parameters():  # leave adaLN-Zero's identity start, so the weights matter
         torch.nn.init.normal_(p, std=0.02)
-    table = build_bucket_table(cfg, autoencoder)
-    objective = flow_objective(cfg, autoencoder, text_encoder)
+    table = build_bucket_table(cfg, encoders.autoencoder)
     # Evaluation splits by data-parallel rank: plain data parallelism over this world.
     dims = ParallelDims.resolve(ParallelConfig(backend="ddp"), runtime.world_size, runtime.rank)
     evaluator = Evaluator(
-        cfg.eval, cfg.data, table, objective, cfg.flow, runtime, dims, run_dir, {"model": "micro"}
+        cfg.eval, cfg.data, table, source, cfg.flow, runtime, dims, run_dir, {"model": "micro"}
     )
-    return model, evaluator, cfg, table, objective, runtime, dims
+    return model, evaluator, cfg, table, source, runtime, dims
 
 
 def test_evaluation_is_fixed_and_deterministic(demo_shards, held_out, tmp_path):
-    model, first, cfg, table, objective, runtime, dims = eval_parts(
+    model, first, cfg, table, source, runtime, dims = eval_parts(
         demo_shards, held_out, tmp_path / "a"
     )
     rng_before = torch.get_rng_state()
@@ -159,7 +158,7 @@ def test_evaluation_is_fixed_and_deterministic(demo_shards, held_out, tmp_path):
             EvalConfig(shards=str(held_out), samples=1000),
             cfg.data,
             table,
-            objective,
+            source,
             cfg.flow,
             runtime,
             dims,

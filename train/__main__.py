@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from data.pipeline import build_loader, open_plan
 from data.plan import DataState
 from model.flops import peak_flops
-from train.checkpoint import Checkpointer
+from train.checkpoint import Checkpointer, checkpoint_stores
 from train.config import Config, config_to_dict, register_configs, to_config
 from train.ema import EMA
 from train.logger import RunLogger
@@ -27,7 +27,7 @@ from train.parallel import ParallelDims, build_engine
 from train.runtime import Runtime, init_runtime, launch_env, seed_everything, shutdown
 from train.signals import PREEMPTED_MARKER, Preempted, StopSignals, die_with_agent
 from train.stages import Stage, stage_type
-from train.state import DataPosition, checkpoint_stores
+from train.state import DataPosition
 from train.trainer import Progress, Trainer
 
 
@@ -138,7 +138,7 @@ def run(config: Config) -> list[float]:
         evaluator=evaluator,
     )
     losses = _fit(trainer, runtime, run_dir)
-    stage.export(config, trainer, run_dir)
+    stage.export(config, trainer.consolidated_weights(), trainer.weights_kind, batches, run_dir)
     shutdown()
     return losses
 

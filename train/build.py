@@ -1,24 +1,17 @@
-"""Builds a run's parts from its Config: the frozen encoders, the DiT, the bucket table,
-and everything the sampling command needs to rebuild a trained model."""
+"""Builds a run's models from its Config, and loads trained weights into them: Tessera's DiT or a
+pretrained Wan model (with LoRA adapters when asked), and the bucket table their latents make."""
 
 from __future__ import annotations
-
-import json
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
 from data.buckets import BucketTable
-from model.autoencoder import build_autoencoder
 from model.dit import DiT
 from model.geometry import LatentGeometry
-from model.text import TextEncoder
-from train.checkpoint import CheckpointError, load_tensors
+from model.wan import WanVideoModel, add_lora, load_wan
 from train.config import Config, to_config
-from train.wan import build_wan_model, load_trained
 
 
 def frozen(module: nn.Module, device: torch.device) -> nn.Module:
@@ -31,6 +24,40 @@ def build_dit(config: Config, latent_channels: int, text_dim: int) -> nn.Module:
     if config.model.wan is not None:
         return build_wan_model(config, latent_channels, text_dim)
     return DiT(config.model, latent_channels, text_dim)
+
+
+def build_wan_model(config: Config, latent_channels: int, text_dim: int) -> WanVideoModel:
+    """The run's pretrained Wan model, with the LoRA adapter of config.lora. The encoders must be
+    the ones it was trained on."""
+    wan = config.model.wan
+    model = load_wan(config.model, wan)
+    if model.in_channels != latent_channels:
+        raise ValueError(
+            f"model.wan.path={wan.path}: the transformer takes {model.in_channels} latent channels "
+            f"but the autoencoder makes {latent_channels} (autoencoder.pretrained_path)"
+        )
+    if model.text_dim != text_dim:
+        raise ValueError(
+            f"model.wan.path={wan.path}: the transformer reads {model.text_dim}-d captions but the "
+            f"text encoder makes {text_dim}-d ones (text_encoder.path)"
+        )
+    if config.lora.rank:
+        lora = config.lora
+        add_lora(model, lora.rank, lora.alpha or lora.rank, lora.target_modules)
+    return model
+
+
+def load_trained(model: nn.Module, weights: dict[str, torch.Tensor], source) -> None:
+    """Trained weights into a model built like the run's: all of them, or with LoRA all the
+    adapters (the frozen base then comes from the pretrained folder)."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    params = dict(model.named_parameters())  # trained weights carry no buffers
+    adapted = any(".lora_" in name for name in params)
+    missing = [name for name in missing if name in params and (".lora_" in name or not adapted)]
+    if missing or unexpected:
+        raise ValueError(
+            f"{source} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
 
 
 def model_name(config: Config) -> str:
@@ -51,48 +78,5 @@ def build_bucket_table(config: Config, autoencoder: nn.Module) -> BucketTable:
 
 
 def config_from_dict(values: dict) -> Config:
+    """A run's Config from the values its checkpoint or export recorded."""
     return to_config(OmegaConf.merge(OmegaConf.structured(Config), values))
-
-
-@dataclass
-class SamplingParts:
-    config: Config
-    dit: nn.Module  # Tessera's DiT or a Wan model
-    autoencoder: nn.Module
-    text_encoder: TextEncoder
-    source: Path
-
-
-def _find_weights(path: Path, weights: str) -> tuple[Path, dict]:
-    """(weights file, config dict) of a run dir, an export/ folder or a checkpoint folder."""
-    if (path / "export" / "model.safetensors").exists():
-        path = path / "export"
-    elif (path / "checkpoints" / "latest").exists():
-        path = path / "checkpoints" / (path / "checkpoints" / "latest").read_text().strip()
-    if (path / "model.safetensors").exists() and (path / "config.json").exists():
-        return path / "model.safetensors", json.loads((path / "config.json").read_text())
-    if (path / "trainer.json").exists():
-        name = (
-            "ema.safetensors"
-            if weights == "ema" and (path / "ema.safetensors").exists()
-            else "model.safetensors"
-        )
-        return path / name, json.loads((path / "trainer.json").read_text())["config"]
-    raise CheckpointError(
-        f"checkpoint={path}: not a run directory, export/ folder or checkpoint "
-        "folder (no export/model.safetensors, checkpoints/latest or trainer.json)"
-    )
-
-
-def load_for_sampling(checkpoint: str, weights: str, device: torch.device) -> SamplingParts:
-    weights_file, values = _find_weights(Path(checkpoint), weights)
-    values = {k: v for k, v in values.items() if k != "weights"}
-    config = config_from_dict(values)
-    autoencoder = frozen(build_autoencoder(config.autoencoder), device)
-    text_encoder = frozen(TextEncoder(config.text_encoder), device)
-    dit = build_dit(config, autoencoder.latent_channels, text_encoder.dim)
-    try:
-        load_trained(dit, load_tensors(weights_file), weights_file)
-    except ValueError as error:
-        raise CheckpointError(str(error)) from error
-    return SamplingParts(config, frozen(dit, device), autoencoder, text_encoder, weights_file)

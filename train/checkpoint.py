@@ -1,11 +1,30 @@
-"""Checkpoints: save, load, atomic commit, a `latest` pointer, retention and export.
+"""The checkpoint layout: which file holds what, how a checkpoint is committed, and how a trained
+model's weights are read back. No other module names these files.
 
-A checkpoint is a folder `step_XXXXXXXX/` written under a temporary name and renamed
-when every file is on disk and listed with its size in `manifest.json`; `latest` is
-rewritten (atomically) only after that. A crash
-at any moment therefore leaves the previous checkpoint as the latest complete one.
-What goes into the folder is the training state's components, each written by its store
-(train/state.py); loading never unpickles code from a file.
+    <run_dir>/checkpoints/step_XXXXXXXX/   one committed checkpoint:
+        trainer.json        progress, data position, parallel layout (with the engine's
+                            checkpoint format), and the run's config for readers
+        lr_schedule.json    }
+        model.safetensors   } format "full" (one process, DDP): full tensors
+        optimizer.pt        }
+        dcp/                format "sharded" (FSDP): model and optimizer, with lr_schedule.json
+        deepspeed/          format "deepspeed" (ZeRO 1-3): DeepSpeed's own files
+        ema.safetensors     the EMA's full weights, whatever the format
+        rng_rank<r>.pt      each rank's random generators
+        manifest.json       every file's size, written last
+    <run_dir>/checkpoints/latest            the newest committed checkpoint's folder name
+    <run_dir>/export/model.safetensors      the final consolidated weights (the EMA's if any)
+    <run_dir>/export/config.json            the run's config, with "weights": "ema" | "raw"
+
+Writing: a checkpoint folder is written under a temporary name and renamed once every file is on
+disk and listed with its size in `manifest.json`; `latest` is rewritten (atomically) only after
+that. A crash at any moment leaves the previous checkpoint as the latest complete one. What goes
+into the folder is the training state's components, each written by its store (train/state.py).
+
+Reading weights back (`find_weights`, then `read_weights`): raw or EMA weights of a run
+directory, an export folder or any engine's checkpoint folder, consolidated in one process
+(sharded ones resharded by DCP, ZeRO partitions merged by DeepSpeed's zero_to_fp32), for
+sampling, evaluation and export.
 """
 
 from __future__ import annotations
@@ -16,37 +35,83 @@ import os
 import re
 import shutil
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from torch import nn
+
+from data.storage import atomic_path, fsync, write_atomic
+from train.state import (
+    CheckpointError,
+    DCPStore,
+    DeepSpeedStore,
+    FullTensorStore,
+    JsonStore,
+    Layout,
+    ModelState,
+    NotResumable,
+    RandomState,
+    RankStore,
+    Store,
+    TorchStore,
+    load_tensors,
+    read_sharded,
+    read_zero_weights,
+    save_tensors,
+)
 
 log = logging.getLogger(__name__)
+
+CHECKPOINTS, LATEST, EXPORT = "checkpoints", "latest", "export"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+MANIFEST = "manifest.json"
+TRAINER = "trainer.json"
+LR_SCHEDULE = "lr_schedule.json"
+MODEL = "model.safetensors"  # full weights: format "full", and an export
+OPTIMIZER = "optimizer.pt"
+SHARDED = "dcp"
+DEEPSPEED = "deepspeed"
+EMA = "ema.safetensors"
+RNG = "rng"
+EXPORT_CONFIG = "config.json"
+WEIGHTS = ("ema", "raw")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated or corrupt; the message names it."""
+# --- what a checkpoint holds -----------------------------------------------------------------
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+def checkpoint_stores(engine, ema, progress, data, layout: dict, config: dict) -> list[Store]:
+    """Every component of a training checkpoint, in the order they are saved and loaded: the
+    layout first (a checkpoint the engine cannot read fails before anything changes), each
+    rank's random generators last."""
+    layout = layout | {"format": engine.checkpoint_format}
+    replicated = {"layout": Layout(layout, engine), "progress": progress, "data": data}
+    return [
+        JsonStore(TRAINER, replicated, record={"config": config}),
+        *_engine_stores(engine),
+        *([FullTensorStore(EMA, ema)] if ema is not None else []),
+        RankStore(RNG, RandomState()),
+    ]
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"cannot read checkpoint file {path}: {error}") from error
+def _engine_stores(engine) -> list[Store]:
+    """What only the engine holds (model, optimizer, LR schedule), in its checkpoint format."""
+    if engine.checkpoint_format == "deepspeed":
+        return [DeepSpeedStore(engine.ds, DEEPSPEED)]
+    schedule = JsonStore(LR_SCHEDULE, {"lr_schedule": engine.scheduler})
+    if engine.checkpoint_format == "sharded":
+        model_and_optimizer = {"model": engine.model_state, "optimizer": engine.optimizer_state}
+        return [schedule, DCPStore(SHARDED, model_and_optimizer)]
+    return [
+        schedule,
+        FullTensorStore(MODEL, engine.model_state),
+        TorchStore(OPTIMIZER, engine.optimizer_state),
+    ]
 
 
-def load_torch(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"cannot read checkpoint file {path}: {error}") from error
+# --- committing and finding checkpoints ------------------------------------------------------
 
 
 def _read_json(path: Path) -> dict:
@@ -56,35 +121,14 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"cannot read checkpoint file {path}: {error}") from error
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-MANIFEST = "manifest.json"
-
-
 def _write_manifest(folder: Path) -> None:
     """Record every file's size (after fsyncing it), so truncation is caught on load."""
     sizes = {}
     for file in sorted(folder.rglob("*")):
         if file.is_file():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
+            fsync(file)
             sizes[str(file.relative_to(folder))] = file.stat().st_size
-    _write_atomic(folder / MANIFEST, json.dumps(sizes, indent=1))
+    write_atomic(folder / MANIFEST, json.dumps(sizes, indent=1), durable=True)
 
 
 def _verify_manifest(folder: Path) -> None:
@@ -116,10 +160,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-class NotResumable(ValueError):
-    """A readable checkpoint that this run's parallel layout cannot resume."""
-
-
 class Checkpointer:
     """Owns `<run_dir>/checkpoints/`: which checkpoints exist, and how they are written.
 
@@ -128,7 +168,7 @@ class Checkpointer:
     """
 
     def __init__(self, run_dir: str | Path, stores: list, keep_last: int = 3, keep_every: int = 0):
-        self.root = Path(run_dir) / "checkpoints"
+        self.root = Path(run_dir) / CHECKPOINTS
         self.stores = stores
         self.keep_last = keep_last
         self.keep_every = keep_every
@@ -149,8 +189,8 @@ class Checkpointer:
             _write_manifest(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            _fsync_dir(self.root)
-            _write_atomic(self.root / "latest", final.name)
+            fsync(self.root)
+            write_atomic(self.root / LATEST, final.name, durable=True)
             self._apply_retention()
         _barrier()
         return final
@@ -176,8 +216,8 @@ class Checkpointer:
             return []
         if resume != "auto":
             path = Path(resume)
-            if not (path / "trainer.json").exists():
-                raise CheckpointError(f"train.resume={resume}: no checkpoint (trainer.json) there")
+            if not (path / TRAINER).exists():
+                raise CheckpointError(f"train.resume={resume}: no checkpoint ({TRAINER}) there")
             return [path]
         return list(reversed(self.complete_checkpoints()))
 
@@ -208,13 +248,107 @@ class Checkpointer:
         return None
 
 
+# --- the trained weights -----------------------------------------------------------------------
+
+
 def export(run_dir: str | Path, weights: dict[str, torch.Tensor], config: dict, kind: str) -> Path:
     """Write `<run_dir>/export/`: one consolidated safetensors file (`kind`: "ema" or "raw"
     weights) and the run's config as JSON, which the sampling command and later stages load."""
-    out = Path(run_dir) / "export"
+    out = Path(run_dir) / EXPORT
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "model.safetensors.tmp"
-    save_tensors(weights, tmp)
-    os.replace(tmp, out / "model.safetensors")
-    _write_atomic(out / "config.json", json.dumps({**config, "weights": kind}, indent=2))
+    with atomic_path(out / MODEL) as tmp:
+        save_tensors(weights, tmp)
+    write_atomic(out / EXPORT_CONFIG, json.dumps({**config, "weights": kind}, indent=2))
     return out
+
+
+@dataclass(frozen=True)
+class SavedWeights:
+    """A trained model's weights on disk: an export folder, or one checkpoint folder."""
+
+    folder: Path
+    kind: str  # "ema" | "raw": what `read_weights` gives
+    format: str  # "export", or the checkpoint's: "full" | "sharded" | "deepspeed"
+    config: dict  # the run's config
+
+
+def find_weights(path: str | Path, weights: str = "ema") -> SavedWeights:
+    """The `weights` ("ema" or "raw") of a run directory (its export when that holds them,
+    else its latest checkpoint), an export folder, or a checkpoint folder. Where a run kept no
+    EMA, its raw weights stand in for it, with a warning."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r} is not one of {', '.join(WEIGHTS)}")
+    path = Path(path)
+    if (path / EXPORT).is_dir() or (path / CHECKPOINTS).is_dir():
+        return _in_run_dir(path, weights)
+    if (path / EXPORT_CONFIG).exists():
+        return _in_export(path, weights)
+    if (path / TRAINER).exists():
+        return _in_checkpoint(path, weights)
+    raise CheckpointError(
+        f"checkpoint={path}: not a run directory, export folder or checkpoint folder (no "
+        f"{EXPORT}/, {CHECKPOINTS}/, {EXPORT_CONFIG} or {TRAINER})"
+    )
+
+
+def _in_run_dir(run: Path, weights: str) -> SavedWeights:
+    exported = run / EXPORT / EXPORT_CONFIG
+    if exported.exists() and _read_json(exported).get("weights") in (weights, "raw"):
+        return _in_export(run / EXPORT, weights)  # the weights asked, or all the run kept
+    latest = run / CHECKPOINTS / LATEST
+    if latest.exists():
+        return _in_checkpoint(run / CHECKPOINTS / latest.read_text().strip(), weights)
+    if exported.exists():
+        return _in_export(run / EXPORT, weights)
+    raise CheckpointError(f"checkpoint={run}: the run has neither an export nor a checkpoint")
+
+
+def _in_export(folder: Path, weights: str) -> SavedWeights:
+    values = _read_json(folder / EXPORT_CONFIG)
+    kind = values.pop("weights", "raw")
+    if weights == "raw" and kind == "ema":
+        raise CheckpointError(
+            f"{folder} holds the EMA weights; the raw ones are in the run's checkpoints "
+            f"(checkpoint=<run>/{CHECKPOINTS}/step_XXXXXXXX weights=raw)"
+        )
+    _warn_if_raw(folder, weights, kind)
+    return SavedWeights(folder, kind, "export", values)
+
+
+def _in_checkpoint(folder: Path, weights: str) -> SavedWeights:
+    record = _read_json(folder / TRAINER)
+    layout_format = record.get("layout", {}).get("format")
+    if layout_format is None:
+        raise CheckpointError(
+            f"{folder / TRAINER} records no checkpoint format: written by an "
+            "older Tessera; sample from its export instead"
+        )
+    kind = "ema" if weights == "ema" and (folder / EMA).exists() else "raw"
+    _warn_if_raw(folder, weights, kind)
+    return SavedWeights(folder, kind, layout_format, record["config"])
+
+
+def _warn_if_raw(folder: Path, weights: str, kind: str) -> None:
+    if weights != kind:
+        log.warning("%s holds no EMA weights (the run kept none): reading its raw weights", folder)
+
+
+def read_weights(saved: SavedWeights, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The full weights `saved` names, read in this process. `model`, built like the run's,
+    gives the names and shapes a sharded checkpoint is read into (it is not changed)."""
+    if saved.format == "export":
+        return load_tensors(saved.folder / MODEL)
+    if saved.kind == "ema":
+        return load_tensors(saved.folder / EMA)
+    if saved.format == "full":
+        return load_tensors(saved.folder / MODEL)
+    if saved.format == "sharded":
+        if model is None:
+            raise ValueError(f"{saved.folder} is sharded: reading it needs the model it holds")
+        shapes = ModelState(model).state_dict()
+        state = {"model": {name: torch.empty_like(t) for name, t in shapes.items()}}
+        read_sharded(saved.folder / SHARDED, state, one_process=True)
+        return state["model"]
+    if saved.format == "deepspeed":
+        return read_zero_weights(saved.folder, DEEPSPEED)
+    raise CheckpointError(f"{saved.folder}: unknown checkpoint format {saved.format!r}")

@@ -1,51 +1,36 @@
-"""What `python -m data.encode` runs: the training config and its frozen encoders, composed with
-the encoding job of data/encode.py.
+"""`python -m train.encode`: latent shards from pixel shards, so that training runs neither frozen
+encoder (the job is data/encode_job.py; the format data/latents.py).
+
+    python -m train.encode --out LATENTS [--dtype bfloat16] [--logvar] [--batch-size 8]
+        [--samples-per-shard 512] [overrides as for training: experiment=demo autoencoder=...]
 
 The config is composed from the same overrides as `python -m train`, so the autoencoder, text
-encoder, buckets and frame rate are the run's own, and the encoders run as training runs them
-(the same precision, the posterior's mean as `autoencoder.encode` gives it).
+encoder, buckets and frame rate are the run's own, and the encoders run as training runs them:
+through the online latent source (train/latent_source.py), on the run's device and in its
+precision. Under torchrun every rank encodes its share of the shards; rerun the same command to
+resume.
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from hydra import compose, initialize_config_dir
 
-from data.encode import EncodeJob, EncodeOptions
-from data.latents import are_latent_shards
+from data.buckets import BucketTable
+from data.encode_job import EncodeJob, EncodeOptions
+from data.latents import DTYPES
 from data.pipeline import open_plan
 from model.autoencoder import weight_files
-from train.build import build_bucket_table
 from train.config import Config, register_configs, to_config
 from train.encoders import FrozenEncoders, encoding_record
-from train.objectives import video_to_float
-from train.runtime import Runtime, init_runtime, shutdown
+from train.latent_source import OnlineLatents, stored_latents_record
+from train.runtime import init_runtime, shutdown
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-class RunEncoders:
-    """The run's encoders behind the two calls the job makes, on the run's device and in its
-    precision; results come back to the host in float32."""
-
-    def __init__(self, encoders: FrozenEncoders, runtime: Runtime):
-        self.encoders, self.runtime = encoders, runtime
-
-    @torch.no_grad()
-    def video(self, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with self.runtime.autocast():
-            video = video_to_float(clips, self.runtime.device)
-            mean, logvar = self.encoders.autoencoder.posterior(video)
-        return mean.float().cpu(), logvar.float().cpu()
-
-    @torch.no_grad()
-    def text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        with self.runtime.autocast():
-            embedding, mask = self.encoders.text_encoder.encode(captions)
-        return embedding.float().cpu(), mask.cpu()
 
 
 def compose_config(overrides: list[str]) -> Config:
@@ -62,20 +47,28 @@ def run(options: EncodeOptions, overrides: list[str]) -> dict | None:
             "autoencoder.checkpoint is not set: latents of a randomly initialised autoencoder "
             "mean nothing (set it, or autoencoder=diffusers with a pretrained_path)"
         )
-    if are_latent_shards(config.data.shards):
+    if stored_latents_record(config.data.shards) is not None:
         raise ValueError(f"data.shards={config.data.shards!r} are latent shards already")
     runtime = init_runtime(config.train.device, config.train.precision)
     encoders = FrozenEncoders(config, runtime.device)
-    plan = open_plan(config.data, build_bucket_table(config, encoders.autoencoder))
-    record = encoding_record(config, encoders, options.dtype, options.logvar)
+    source = OnlineLatents(encoders, config.model.patch_size, autocast=runtime.autocast)
+    plan = open_plan(config.data, BucketTable(config.buckets, source.geometry))
+    record = encoding_record(
+        config,
+        source.geometry,
+        source.latent_channels,
+        source.text_dim,
+        options.dtype,
+        options.logvar,
+    )
     job = EncodeJob(plan, config.data, options, record)
     spec = job.check_job()  # on every rank, so that all refuse together
     if runtime.is_main:
         job.start(spec)
     _barrier()
-    job.encode(RunEncoders(encoders, runtime), runtime.rank, runtime.world_size)
+    job.encode(source, runtime.rank, runtime.world_size)
     _barrier()
-    report = job.finish(encoders.text_encoder.null_embedding()) if runtime.is_main else None
+    report = job.finish(source.null_caption) if runtime.is_main else None
     shutdown()
     if report is not None:
         print(
@@ -89,3 +82,46 @@ def run(options: EncodeOptions, overrides: list[str]) -> dict | None:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def parse_args(argv: list[str] | None) -> tuple[EncodeOptions, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.encode",
+        description="Encode pixel shards (data.shards of the config) into latent shards: the "
+        "autoencoder's latents at each sample's bucket size (middle frames, centre crop, as "
+        "data.augment=false) and the caption and recaption embeddings. Run it under torchrun "
+        "to encode on every GPU; rerun the same command to resume.",
+        epilog="example: python -m train.encode --out .cache/demo/latents experiment=demo "
+        "data.shards=.cache/demo/shards",
+    )
+    parser.add_argument(
+        "--out", required=True, type=Path, help="the latent shard folder (local or mounted)"
+    )
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    parser.add_argument(
+        "--logvar", action="store_true", help="also store the posterior's log-variance"
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="samples encoded together")
+    parser.add_argument("--samples-per-shard", type=int, default=512)
+    parser.add_argument(
+        "overrides", nargs="*", help="config overrides as for `python -m train` (key=value)"
+    )
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.samples_per_shard < 1:
+        parser.error("--batch-size and --samples-per-shard must be at least 1")
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        parser.error(f"overrides must be key=value, not {bad}")
+    options = EncodeOptions(
+        args.out, args.dtype, args.logvar, args.batch_size, args.samples_per_shard
+    )
+    return options, args.overrides
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    return run(*parse_args(argv))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main()

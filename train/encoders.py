@@ -1,41 +1,46 @@
-"""The frozen encoders of a DiT run, and the latent shards that stand in for them.
+"""The frozen encoders of a DiT run (the video autoencoder and the text encoder), what they are,
+and the record latent shards keep of them.
 
-`FrozenEncoders` builds the autoencoder and the text encoder on first use. A run on pixel
-shards uses them every step. A run on latent shards (`python -m data.encode`) never builds them
-for training: it builds them only to encode a held-out set in pixels, or to sample videos, and
-frees them after. `LatentShards` is what such a run knows instead: the latents' channels and
-compressions, the text embedding's width and the stored empty caption, all from the shards'
-record, which must name the same encoders as the run's config.
+`FrozenEncoders` builds each on first use and, unless training encodes with them every step,
+frees them at the end of the block that needed them (train/latent_source.py decides which).
+`encoder_identity` is what the encoders compute (their output-deciding config and a digest of
+their weight files): latent shards record it, and a run on them must configure the same.
 """
 
 from __future__ import annotations
 
 import gc
-import logging
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
 
 import torch
 from torch import nn
 
-from data.latents import RECORD_FORMAT, files_digest, latent_folder, read_null_caption
-from data.manifest import resolve_sources
+from data.latents import RECORD_FORMAT, files_digest
 from model import autoencoder as autoencoders
 from model import text as text_encoders
 from model.geometry import LatentGeometry
 from train.build import frozen
 from train.config import Config
 
-log = logging.getLogger(__name__)
 # Keys of an autoencoder config that name where its weights are, not what they compute.
 AUTOENCODER_PATH_KEYS = ("checkpoint", "pretrained_path", "kl_weight")
 
 
-class FrozenEncoders:
-    """The run's frozen autoencoder and text encoder, each built on first use."""
+def video_to_float(video_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(B, T, H, W, 3) uint8 -> (B, 3, T, H, W) in [-1, 1], converted on the device."""
+    video = video_uint8.to(device, non_blocking=True).permute(0, 4, 1, 2, 3)
+    return video.float().div_(127.5).sub_(1.0)
 
-    def __init__(self, config: Config, device: torch.device):
-        self.config, self.device = config, device
+
+class FrozenEncoders:
+    """The run's frozen autoencoder and text encoder, each built on first use. `keep`: training
+    encodes with them every step, so they stay in memory; otherwise `borrowed()` blocks build
+    what they use and free it at their end."""
+
+    def __init__(self, config: Config, device: torch.device, keep: bool = True):
+        self.config, self.device, self.keep = config, device, keep
         self._autoencoder: nn.Module | None = None
         self._text_encoder: text_encoders.TextEncoder | None = None
 
@@ -63,8 +68,19 @@ class FrozenEncoders:
         names = {"autoencoder": self._autoencoder, "text_encoder": self._text_encoder}
         return [name for name, module in names.items() if module is not None]
 
+    @contextmanager
+    def borrowed(self) -> Iterator[FrozenEncoders]:
+        """These encoders for a block; what it builds is freed at its end unless kept."""
+        try:
+            yield self
+        finally:
+            if not self.keep:
+                self.release()
+
     def release(self) -> None:
         """Drop both and return their memory (a later use builds them again)."""
+        if not self.loaded:
+            return
         self._autoencoder = self._text_encoder = None
         gc.collect()
         if self.device.type == "cuda":
@@ -102,21 +118,22 @@ def describe_encoders(config: Config) -> dict[str, str]:
     return {"autoencoder": f"{ae.kind} {where or '(random init)'}", "text_encoder": text}
 
 
-def encoding_record(config: Config, encoders: FrozenEncoders, dtype: str, logvar: bool) -> dict:
+def encoding_record(
+    config: Config, geometry: LatentGeometry, channels: int, text_dim: int, dtype: str, logvar: bool
+) -> dict:
     """The `encoding.json` of latent shards made with the run's encoders (data/latents.py)."""
     identity, where = encoder_identity(config, config.data.cache_dir), describe_encoders(config)
-    autoencoder, text_encoder = encoders.autoencoder, encoders.text_encoder
     return {
         "format": RECORD_FORMAT,
         "encoders": {name: {"identity": identity[name], "where": where[name]} for name in identity},
         "latents": {
-            "channels": autoencoder.latent_channels,
-            "temporal_compression": autoencoder.temporal_compression,
-            "spatial_compression": autoencoder.spatial_compression,
+            "channels": channels,
+            "temporal_compression": geometry.temporal_compression,
+            "spatial_compression": geometry.spatial_compression,
             "dtype": dtype,
             "logvar": logvar,
         },
-        "text": {"dim": text_encoder.dim, "max_length": text_encoder.max_length, "dtype": dtype},
+        "text": {"dim": text_dim, "max_length": config.text_encoder.max_length, "dtype": dtype},
         "clips": {
             "buckets": sorted(config.buckets.buckets),
             "max_aspect_change": config.buckets.max_aspect_change,
@@ -125,83 +142,3 @@ def encoding_record(config: Config, encoders: FrozenEncoders, dtype: str, logvar
         },
         "source": config.data.shards,
     }
-
-
-@dataclass
-class LatentShards:
-    """What a run on latent shards takes from their record instead of from the encoders."""
-
-    folder: str
-    record: dict
-    null_caption: tuple[torch.Tensor, torch.Tensor]
-
-    @property
-    def latent_channels(self) -> int:
-        return self.record["latents"]["channels"]
-
-    @property
-    def text_dim(self) -> int:
-        return self.record["text"]["dim"]
-
-    def geometry(self, patch) -> LatentGeometry:
-        latents = self.record["latents"]
-        return LatentGeometry(
-            latents["temporal_compression"], latents["spatial_compression"], tuple(patch)
-        )
-
-
-def open_latent_shards(
-    config: Config, shards: str, key: str = "data.shards"
-) -> LatentShards | None:
-    """The latent shards `shards` names, checked against the run's config before any model is
-    built; None for pixel shards."""
-    found = latent_folder(resolve_sources(shards))
-    if found is None:
-        return None
-    folder, record = found
-    _check_encoders(config, record, f"{key}={shards!r}")
-    _check_clips(config, record, f"{key}={shards!r}")
-    if config.data.augment:
-        log.warning(
-            "data.augment=true has no effect on latent shards: their clips were cut once, the "
-            "middle frames and the centre crop"
-        )
-    if config.train.sample_posterior and not record["latents"]["logvar"]:
-        raise ValueError(
-            f"train.sample_posterior=true needs the posterior's log-variance, which "
-            f"{key}={shards!r} does not store: encode them again with --logvar"
-        )
-    null_text, null_mask = read_null_caption(folder)
-    return LatentShards(folder, record, (null_text.float(), null_mask))
-
-
-def _check_encoders(config: Config, record: dict, shards: str) -> None:
-    ours = encoder_identity(config, config.data.cache_dir)
-    for name in ("autoencoder", "text_encoder"):
-        theirs = record["encoders"][name]
-        if theirs["identity"] != ours[name]:
-            raise ValueError(
-                f"{shards} were encoded with the {name} {theirs['where']} (weights sha256 "
-                f"{theirs['identity']['weights_sha256'][:12]}, config "
-                f"{theirs['identity']['config']}), but this run configures "
-                f"{describe_encoders(config)[name]} (weights sha256 "
-                f"{ours[name]['weights_sha256'][:12]}, config {ours[name]['config']}): "
-                f"configure that {name}, or encode the shards again with this one"
-            )
-
-
-def _check_clips(config: Config, record: dict, shards: str) -> None:
-    """The plan must cut the latent shards into the buckets their clips were encoded for."""
-    clips = record["clips"]
-    ours = {
-        "buckets": sorted(config.buckets.buckets),
-        "max_aspect_change": config.buckets.max_aspect_change,
-        "fps": config.data.fps,
-    }
-    for key, value in ours.items():
-        if clips[key] != value:
-            raise ValueError(
-                f"{shards} were encoded with {key}={clips[key]}, but this run has {value}: "
-                "the plan would put their latents in other buckets; keep the encoding's "
-                "buckets and data.fps (buckets.token_budget may change), or encode again"
-            )

@@ -31,10 +31,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from data.buckets import BucketTable
-from data.pipeline import BatchStream, DataConfig, open_plan
+from data.pipeline import Batch, BatchStream, DataConfig, open_plan
 from data.plan import DataPlan, DataState, PlannedBatch
+from data.storage import write_atomic
 from model.flow import FlowConfig, time_shift, training_loss
 from train.config import EvalConfig
+from train.latent_source import LatentSource
 from train.parallel import ParallelDims
 from train.runtime import Runtime
 
@@ -92,7 +94,7 @@ class Evaluator:
         cfg: EvalConfig,
         data: DataConfig,
         table: BucketTable,
-        objective,
+        source: LatentSource,
         flow: FlowConfig,
         runtime: Runtime,
         dims: ParallelDims,
@@ -113,24 +115,25 @@ class Evaluator:
         self.buckets = list(dict.fromkeys(b.bucket.shape for b in chosen))  # most tokens first
         keys = [plan.key(i) for batch in chosen for i in batch.sample_ids]
         self.sample_index = {key: i for i, key in enumerate(keys)}
-        self.num_tokens = objective.num_tokens  # of a latent batch, as training counts them
+        self.geometry = source.geometry  # tokens of a latent batch, as training counts them
         # Split by data-parallel rank: the ranks of a sequence-parallel group share batches.
         mine = chosen[dims.dp_rank :: dims.dp_size]
         # Ranks with a batch fewer run one more, uncounted, so all run as many forwards.
         padding = -(-len(chosen) // dims.dp_size) - len(mine)
         plan = [(b, True) for b in mine] + [(chosen[0], False)] * padding
-        self.batches = [
-            self._encode(stream.load(planned, 0, index, state), objective, counted)
-            for index, (planned, counted) in enumerate(plan)
-        ]
+        # The encoders are frozen, so the held-out latents and captions are encoded once.
+        with source.encoders():
+            self.batches = [
+                self._encode(stream.load(planned, 0, index, state), source, counted)
+                for index, (planned, counted) in enumerate(plan)
+            ]
 
     @torch.no_grad()
-    def _encode(self, batch, objective, counted: bool) -> EncodedBatch:
-        # The encoders are frozen, so the held-out latents and captions are encoded once.
+    def _encode(self, batch: Batch, source: LatentSource, counted: bool) -> EncodedBatch:
         if not batch.keys:  # skipping it would leave ranks with unequal numbers of forwards
             raise ValueError(f"eval.shards={self.cfg.shards!r}: no sample of a batch decodes")
         with self.runtime.autocast():
-            encoded = objective.encode(batch, self.runtime.device)
+            encoded = source.encode(batch, self.runtime.device)
         bucket = self.buckets.index(batch.bucket)
         device = self.runtime.device
         micro = {"fps": batch.fps.to(device), "native_size": batch.native_size.to(device)}
@@ -145,7 +148,8 @@ class Evaluator:
         sums = torch.zeros(len(self.buckets), 3, dtype=torch.float64, device=self.runtime.device)
         samples = torch.zeros(len(self.sample_index), 2, dtype=torch.float64, device=sums.device)
         for batch in self.batches:
-            times = eval_times(self.cfg.timesteps, self.num_tokens(batch.latents), self.flow)
+            tokens = self.geometry.latent_tokens(batch.latents.shape[2:])
+            times = eval_times(self.cfg.timesteps, tokens, self.flow)
             noise = torch.stack(
                 [
                     sample_noise(key, self.cfg.seed, len(times), batch.latents.shape[1:])
@@ -217,9 +221,7 @@ class Evaluator:
 
     def _write(self, name: str, result: dict) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.out / f"{name}.tmp"
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(self.out / name)  # atomic: a reader never sees half a file
+        write_atomic(self.out / name, json.dumps(result, indent=2) + "\n")
 
 
 def summarise(row: Tensor) -> dict:

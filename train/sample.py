@@ -14,9 +14,10 @@ Modes (`mode=`):
 
 A window is `frames` frames; given latent frames (the image, or the `context` latent frames next to
 the new ones) are put back at every sampling step, so they come out unchanged up to the
-autoencoder's round trip. Every mp4 carries a provenance record (model, checkpoint, prompt, mode,
-inputs) as JSON in its comment. `checkpoint` is a run directory (its export/, else its latest
-checkpoint), an export/ folder, or one checkpoint folder; the run's own config rebuilds the model.
+autoencoder's round trip. Every mp4 carries a provenance record (model, checkpoint, weights,
+prompt, mode, inputs) as JSON in its comment. `checkpoint` is a run directory (its export/ when that
+holds the `weights` asked, else its latest checkpoint), an export/ folder, or one checkpoint folder
+of any engine (train/checkpoint.py reads each); the run's own config rebuilds the model.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ from data.decode import read_media
 from data.mp4 import write_mp4
 from model.flow import FlowConfig, euler_sample
 from model.geometry import LatentGeometry
-from train.build import SamplingParts, load_for_sampling, model_name
+from train.build import build_dit, config_from_dict, frozen, load_trained, model_name
+from train.checkpoint import WEIGHTS, CheckpointError, find_weights, read_weights
+from train.config import Config
+from train.encoders import FrozenEncoders
 
 MAX_SECONDS = 60.0  # the longest video the command makes, as Sora
 MODES = ("t2v", "t2i", "i2v", "extend", "connect", "edit")
@@ -318,7 +322,9 @@ class SampleConfig:
     steps: int | None = None  # None: the run's flow.sample_steps
     cfg_scale: float | None = None  # None: the run's flow.cfg_scale
     seed: int = 0
-    weights: str = "ema"  # ema | raw (only for checkpoint folders; export/ holds one set)
+    # ema | raw: a run directory gives its export when that holds them, else its latest
+    # checkpoint; a run that kept no EMA gives its raw weights
+    weights: str = "ema"
     device: str = "auto"
     out: str = "sample.mp4"
 
@@ -354,7 +360,7 @@ def run_mode(generator: VideoGenerator, cfg: SampleConfig) -> tuple[np.ndarray, 
 
 
 def check_sample_config(cfg: SampleConfig) -> None:
-    choices = {"mode": MODES, "direction": ("forward", "backward"), "weights": ("ema", "raw")}
+    choices = {"mode": MODES, "direction": ("forward", "backward"), "weights": WEIGHTS}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"{key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
@@ -366,6 +372,37 @@ def check_sample_config(cfg: SampleConfig) -> None:
         raise ValueError(f"strength={cfg.strength}: must be in (0, 1]")
     if cfg.context < 1:
         raise ValueError(f"context={cfg.context}: must be at least 1 latent frame")
+
+
+@dataclass
+class SamplingParts:
+    config: Config  # the run's
+    dit: torch.nn.Module  # Tessera's DiT or a Wan model, with the trained weights
+    autoencoder: torch.nn.Module
+    text_encoder: torch.nn.Module
+    source: Path  # the export or checkpoint folder the weights came from
+    weights: str  # "ema" | "raw"
+
+
+def load_for_sampling(checkpoint: str, weights: str, device: torch.device) -> SamplingParts:
+    """The trained model of a run directory, export or checkpoint folder of any engine
+    (train/checkpoint.py finds and consolidates its weights), with the run's encoders."""
+    saved = find_weights(checkpoint, weights)
+    config = config_from_dict(saved.config)
+    encoders = FrozenEncoders(config, device)
+    dit = build_dit(config, encoders.autoencoder.latent_channels, encoders.text_encoder.dim)
+    try:
+        load_trained(dit, read_weights(saved, dit), saved.folder)
+    except ValueError as error:
+        raise CheckpointError(str(error)) from error
+    return SamplingParts(
+        config,
+        frozen(dit, device),
+        encoders.autoencoder,
+        encoders.text_encoder,
+        saved.folder,
+        saved.kind,
+    )
 
 
 def load(cfg: SampleConfig) -> SamplingParts:
@@ -403,6 +440,7 @@ def sample_to_mp4(parts: SamplingParts, cfg: SampleConfig) -> Path:
         "generator": "tessera",
         "model": model_name(parts.config),
         "checkpoint": str(parts.source),
+        "weights": parts.weights,
         "mode": cfg.mode,
         "prompt": cfg.prompt,
         "inputs": inputs,
@@ -415,7 +453,7 @@ def sample_to_mp4(parts: SamplingParts, cfg: SampleConfig) -> Path:
     path = write_mp4(cfg.out, video, cfg.fps, provenance)
     print(
         f"wrote {path} ({cfg.mode}: {video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}, "
-        f"{cfg.fps:g} fps) from {parts.source}"
+        f"{cfg.fps:g} fps) from the {parts.weights} weights of {parts.source}"
     )
     return path
 

@@ -4,8 +4,8 @@ A stage builds its model, objective and bucket table, and says how many steps a 
 is evaluated and sampled during training, and what it exports at the end. `python -m train` runs
 any of them the same way (train/__main__.py):
 
-- `DiTStage`: flow matching of Tessera's DiT on the latents of a frozen autoencoder, encoded
-  every step or read from latent shards (`python -m data.encode`);
+- `DiTStage`: flow matching of Tessera's DiT on the latents of a frozen autoencoder, from its
+  latent source (train/latent_source.py): encoded every step, or read from latent shards;
 - `WanStage`: the same for a pretrained Wan transformer (model.wan set), fully or with LoRA;
 - `AutoencoderStage`: the video autoencoder itself (reconstruction plus KL).
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
@@ -23,29 +23,23 @@ import torch
 from torch import nn
 
 from data.buckets import BucketTable
-from data.latents import are_latent_shards
 from data.mp4 import write_mp4
-from data.pipeline import build_loader
+from data.pipeline import Batch, build_loader
 from data.plan import DataPlan, DataState
 from model.autoencoder import build_autoencoder
 from model.flops import dit_param_count, dit_train_flops
 from train.budget import budget_steps
-from train.build import build_dit, frozen, latent_geometry, model_name
+from train.build import build_dit, frozen, latent_geometry, load_trained, model_name
 from train.checkpoint import export
 from train.config import Config, config_to_dict
-from train.encoders import FrozenEncoders, open_latent_shards
+from train.encoders import video_to_float
 from train.evaluate import Evaluator
-from train.objectives import (
-    AutoencoderObjective,
-    EncodingCache,
-    FlowMatchingObjective,
-    video_to_float,
-)
+from train.latent_source import open_latent_sources, stored_latents_record
+from train.objectives import AutoencoderObjective, FlowMatchingObjective, Objective
 from train.parallel import ParallelDims
 from train.runtime import Runtime
 from train.sample import VideoGenerator, training_samples
-from train.trainer import Trainer
-from train.wan import cast_frozen, export_wan, load_trained
+from train.wan import cast_frozen, export_wan
 
 Sampler = Callable[[dict, int], dict[str, Path]]  # (consolidated weights, step) -> videos
 
@@ -55,7 +49,7 @@ class Stage(Protocol):
     the other calls take the run's final config (its steps set by `train_steps`)."""
 
     model: nn.Module  # what trains
-    objective: Callable
+    objective: Objective
     table: BucketTable
 
     @staticmethod
@@ -71,8 +65,11 @@ class Stage(Protocol):
     def sampler(self, config: Config, plan: DataPlan, run_dir: Path) -> Sampler | None:
         """Training-time samples; built after the RNG is set for training, as it draws from it."""
 
-    def export(self, config: Config, trainer: Trainer, run_dir: Path) -> None:
-        """The trained weights in their final form (called on every rank: it may gather)."""
+    def export(
+        self, config: Config, weights: dict, kind: str, batches: Iterator[Batch], run_dir: Path
+    ) -> None:
+        """The trained weights (consolidated on every rank; `kind` "ema" or "raw") in their
+        final form; `batches` continue the training stream."""
 
 
 def stage_type(config: Config) -> type[Stage]:
@@ -82,36 +79,26 @@ def stage_type(config: Config) -> type[Stage]:
 
 
 class DiTStage:
-    """On latent shards the encoders are not built for training (train/encoders.py): what the
-    DiT needs of them comes from the shards' record."""
+    """The DiT's latents and caption embeddings come from the latent source of data.shards, the
+    held-out set's from that of eval.shards (train/latent_source.py)."""
 
     def __init__(self, config: Config, runtime: Runtime):
         self.runtime = runtime
-        self.encoders = FrozenEncoders(config, runtime.device)
-        self.latents = open_latent_shards(config, config.data.shards)
-        if self.latents is not None:
-            self.latent_channels = self.latents.latent_channels
-            self.text_dim = self.latents.text_dim
-            geometry = self.latents.geometry(config.model.patch_size)
-            null_caption = tuple(t.to(runtime.device) for t in self.latents.null_caption)
-        else:
-            autoencoder, text_encoder = self.encoders.autoencoder, self.encoders.text_encoder
-            self.latent_channels, self.text_dim = autoencoder.latent_channels, text_encoder.dim
-            geometry = latent_geometry(config, autoencoder)
-            null_caption = text_encoder.null_embedding()
-        self.model = build_dit(config, self.latent_channels, self.text_dim).to(runtime.device)
-        self.table = BucketTable(config.buckets, geometry)
-        cache_bytes = config.train.encoding_cache_mb * 2**20
+        sources = open_latent_sources(config, runtime)
+        self.source, self.held_out, self.encoders = (
+            sources.train,
+            sources.held_out,
+            sources.encoders,
+        )
+        channels, text_dim = self.source.latent_channels, self.source.text_dim
+        self.model = build_dit(config, channels, text_dim).to(runtime.device)
+        self.table = BucketTable(config.buckets, self.source.geometry)
         self.objective = FlowMatchingObjective(
-            self.encoders,
-            null_caption,
+            self.source,
             config.flow,
             config.conditioning,
-            geometry,
             lambda num_tokens: self.train_flops(config, num_tokens),
             config.train.seed,
-            EncodingCache(cache_bytes) if cache_bytes else None,
-            config.train.sample_posterior,
         )
 
     @staticmethod
@@ -122,8 +109,8 @@ class DiTStage:
         """Analytic training FLOPs of one sample of `num_tokens` latent tokens."""
         return dit_train_flops(
             config.model,
-            self.latent_channels,
-            self.text_dim,
+            self.source.latent_channels,
+            self.source.text_dim,
             num_tokens=num_tokens,
             text_tokens=config.text_encoder.max_length,
         )
@@ -144,66 +131,59 @@ class DiTStage:
 
     def evaluator(self, config: Config, dims: ParallelDims, run_dir: Path) -> Evaluator | None:
         """The fixed evaluation loss; its results also carry what a scaling-law fit needs."""
-        if not config.eval.shards:
+        if self.held_out is None:
             return None
-        open_latent_shards(config, config.eval.shards, "eval.shards")  # held-out latents: ours?
         facts = {
             "model": config.model.size,
             "params": dit_param_count(config.model, self.model.in_channels, self.model.text_dim),
             "budget_flops": config.train.budget_flops,
             "steps": config.train.steps,
         }
-        evaluator = Evaluator(
+        return Evaluator(
             config.eval,
             config.data,
             self.table,
-            self.objective,
+            self.held_out,
             config.flow,
             self.runtime,
             dims,
             run_dir,
             facts,
         )
-        if self.latents is not None:  # held-out pixels are encoded once, then the encoders go
-            self.encoders.release()
-        return evaluator
 
     def sampler(self, config: Config, plan: DataPlan, run_dir: Path) -> Sampler | None:
         """The fixed prompts, sampled with consolidated weights on an unsharded copy."""
         if not config.train.sample_prompts:
             return None
         cfg = config.train
-        model = frozen(build_dit(config, self.latent_channels, self.text_dim), self.runtime.device)
-        latent_frames = self.objective.geometry.latent_frames(cfg.sample_frames)
+        source = self.source
+        model = frozen(
+            build_dit(config, source.latent_channels, source.text_dim), self.runtime.device
+        )
+        latent_frames = source.geometry.latent_frames(cfg.sample_frames)
         provenance = {"generator": "tessera", "model": model_name(config)}
 
         def sample(weights: dict, step: int) -> dict[str, Path]:
             load_trained(model, weights, f"the weights of step {step}")
-            try:
-                return videos(step)
-            finally:
-                if self.latents is not None:  # built to sample; training does not need them
-                    self.encoders.release()
-
-        def videos(step: int) -> dict[str, Path]:
-            generator = VideoGenerator(
-                model,
-                self.encoders.autoencoder,
-                self.encoders.text_encoder,
-                config.flow,
-                cfg.sample_fps,
-                cfg.sample_steps,
-                context=max(1, min(2, latent_frames - 1)),
-                autocast=self.runtime.autocast,
-            )
-            samples = training_samples(
-                generator,
-                cfg.sample_modes,
-                cfg.sample_prompts,
-                cfg.sample_frames,
-                cfg.sample_height,
-                cfg.sample_width,
-            )
+            with source.encoders() as encoders:
+                generator = VideoGenerator(
+                    model,
+                    encoders.autoencoder,
+                    encoders.text_encoder,
+                    config.flow,
+                    cfg.sample_fps,
+                    cfg.sample_steps,
+                    context=max(1, min(2, latent_frames - 1)),
+                    autocast=self.runtime.autocast,
+                )
+                samples = training_samples(
+                    generator,
+                    cfg.sample_modes,
+                    cfg.sample_prompts,
+                    cfg.sample_frames,
+                    cfg.sample_height,
+                    cfg.sample_width,
+                )
             return {
                 name: write_mp4(
                     run_dir / "samples" / f"step_{step:08d}_{name}.mp4",
@@ -217,10 +197,10 @@ class DiTStage:
 
         return sample
 
-    def export(self, config: Config, trainer: Trainer, run_dir: Path) -> None:
-        weights = trainer.consolidated_weights()
+    def export(
+        self, config: Config, weights: dict, kind: str, batches: Iterator[Batch], run_dir: Path
+    ) -> None:
         if self.runtime.is_main:
-            kind = "ema" if trainer.ema is not None else "raw"
             self.export_weights(config, weights, run_dir, kind)
 
     def export_weights(self, config: Config, weights: dict, run_dir: Path, kind: str) -> Path:
@@ -235,14 +215,15 @@ class WanStage(DiTStage):
     def export_weights(self, config: Config, weights: dict, run_dir: Path, kind: str) -> Path:
         """Also in the layouts diffusers and others read."""
         out = super().export_weights(config, weights, run_dir, kind)
-        export_wan(config, build_dit(config, self.latent_channels, self.text_dim), weights, out)
+        unsharded = build_dit(config, self.source.latent_channels, self.source.text_dim)
+        export_wan(config, unsharded, weights, out)
         return out
 
 
 class AutoencoderStage:
     def __init__(self, config: Config, runtime: Runtime):
         self.runtime = runtime
-        if are_latent_shards(config.data.shards):
+        if stored_latents_record(config.data.shards) is not None:
             raise ValueError(
                 f"data.shards={config.data.shards!r} are latent shards: the autoencoder stage "
                 "trains on pixels"
@@ -291,15 +272,15 @@ class AutoencoderStage:
 
         return sample
 
-    def export(self, config: Config, trainer: Trainer, run_dir: Path) -> None:
+    def export(
+        self, config: Config, weights: dict, kind: str, batches: Iterator[Batch], run_dir: Path
+    ) -> None:
         """On the main rank: the latent normalisation set on training data, then export/."""
         if not self.runtime.is_main:
             return
-        model = trainer.engine.module
-        model.load_state_dict(trainer.consolidated_weights(), strict=False)
+        model = self.model
+        model.load_state_dict(weights, strict=False)
         device = next(model.parameters()).device
         model.eval()
-        batches = itertools.islice(trainer.batches, 8)
-        model.calibrate(video_to_float(b.video, device) for b in batches)
-        kind = "ema" if trainer.ema is not None else "raw"
+        model.calibrate(video_to_float(b.video, device) for b in itertools.islice(batches, 8))
         export(run_dir, model.state_dict(), config_to_dict(config), kind)

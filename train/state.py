@@ -1,4 +1,4 @@
-"""What a restart needs, as components, and the stores that write them into a checkpoint.
+"""What a restart needs, as components, and the stores that write them into a checkpoint folder.
 
 A component follows torch's Stateful protocol (`state_dict()` / `load_state_dict(state)`): the
 model, optimizer, LR schedule, EMA, data position, progress, each rank's random generators, and
@@ -11,12 +11,12 @@ call for:
     TorchStore       tensors and plain values every rank holds whole (an optimizer): torch.save
     RankStore        one file per rank (the random generators)
     DCPStore         sharded tensors (FSDP): torch.distributed.checkpoint, which reshards on load
+    DeepSpeedStore   a DeepSpeed engine's model, optimizer and schedule, in DeepSpeed's own files
 
-The engine supplies the stores of what it alone holds (`engine.checkpoint_stores()`); DeepSpeed's,
-which writes the files DeepSpeed forces, lives beside its engine. Saving and loading are
-collective; the Checkpointer (train/checkpoint.py) calls every store, in order, through one path.
-Loading never unpickles code: JSON, safetensors, torch.load(weights_only=True), and DCP with a
-restricted metadata reader and weights-only plain values.
+Which component goes into which file is train/checkpoint.py's business (the checkpoint layout);
+this module only knows how. Saving and loading are collective. Loading never unpickles code:
+JSON, safetensors, torch.load(weights_only=True) (with DeepSpeed's three record types allowed),
+and DCP with a restricted metadata reader and weights-only plain values.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import pickle
 import random
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -34,17 +36,52 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from data.plan import DataState
-from train.checkpoint import CheckpointError, load_tensors, load_torch, save_tensors
 from train.torch_private import DCP_METADATA_GLOBALS, dcp_metadata_path
 
 if TYPE_CHECKING:
     from data.pipeline import Batch
 
 log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated or corrupt; the message names it."""
+
+
+class NotResumable(ValueError):
+    """A readable checkpoint that this run's parallel layout cannot resume."""
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read checkpoint file {path}: {error}") from error
+
+
+def load_torch(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"cannot read checkpoint file {path}: {error}") from error
 
 
 class Stateful(Protocol):
@@ -267,34 +304,140 @@ class DCPStore:
         dcp.save(state, checkpoint_id=folder / self.name)
 
     def load(self, folder: Path) -> None:
-        path = folder / self.name
-        if not (path / ".metadata").exists():
-            raise CheckpointError(f"checkpoint file {path / '.metadata'} is missing")
         state = {name: c.state_dict() for name, c in self.components.items()}  # the shapes
-        try:
-            dcp.load(
-                state, storage_reader=SafeFileSystemReader(path), planner=WeightsOnlyLoadPlanner()
-            )
-        except (
-            OSError,
-            ValueError,
-            RuntimeError,
-            pickle.UnpicklingError,
-            dcp.CheckpointException,  # a BaseException: what a rank's read raised, gathered
-        ) as error:
-            raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+        read_sharded(folder / self.name, state, one_process=False)
         for name, component in self.components.items():
             component.load_state_dict(state[name])
 
 
-def checkpoint_stores(engine, ema, progress, data, layout: dict, config: dict) -> list[Store]:
-    """Every component of a training checkpoint, in the order they are saved and loaded: the
-    layout first (a checkpoint the engine cannot read fails before anything changes), each
-    rank's random generators last."""
-    replicated = {"layout": Layout(layout, engine), "progress": progress, "data": data}
-    return [
-        JsonStore("trainer.json", replicated, record={"config": config}),
-        *engine.checkpoint_stores(),
-        *([FullTensorStore("ema.safetensors", ema)] if ema is not None else []),
-        RankStore("rng", RandomState()),
-    ]
+def read_sharded(path: Path, state: dict, one_process: bool) -> None:
+    """Fill `state` (tensors or DTensors of the saved shapes, by name) from a DCP folder,
+    whatever number of ranks wrote it; `one_process`: this process alone reads, into full
+    tensors (sampling, export), not a collective of the ranks that now run."""
+    if not (path / ".metadata").exists():
+        raise CheckpointError(f"checkpoint file {path / '.metadata'} is missing")
+    try:
+        dcp.load(
+            state,
+            storage_reader=SafeFileSystemReader(path),
+            planner=WeightsOnlyLoadPlanner(),
+            no_dist=one_process,
+        )
+    except (
+        OSError,
+        ValueError,
+        RuntimeError,
+        pickle.UnpicklingError,
+        dcp.CheckpointException,  # a BaseException: what a rank's read raised, gathered
+    ) as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+
+
+def has_frozen_params(module: nn.Module) -> bool:
+    """A partly frozen model (LoRA): its checkpoints hold only what trains; the frozen weights
+    come from the pretrained model it was built from."""
+    return any(not p.requires_grad for p in module.parameters())
+
+
+def _state_options(module: nn.Module) -> StateDictOptions:
+    frozen = has_frozen_params(module)
+    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
+
+
+class ModelState:
+    """The model component: its state by name (full tensors, or DTensor shards under FSDP),
+    without the frozen weights of a partly frozen model."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return get_model_state_dict(self.module, options=_state_options(self.module))
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        strayed = state.keys() ^ self.state_dict().keys()
+        if strayed:  # what trains, exactly: a LoRA checkpoint must not miss an adapter
+            raise CheckpointError(f"the checkpoint's model has mismatched keys {sorted(strayed)}")
+        set_model_state_dict(self.module, state, options=_state_options(self.module))
+
+
+class OptimizerState:
+    """The optimizer component, keyed by parameter name so it can be resharded."""
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer):
+        self.module, self.optimizer = module, optimizer
+
+    def state_dict(self) -> dict:
+        return get_optimizer_state_dict(
+            self.module, self.optimizer, options=_state_options(self.module)
+        )
+
+    def load_state_dict(self, state: dict) -> None:
+        set_optimizer_state_dict(
+            self.module, self.optimizer, state, options=_state_options(self.module)
+        )
+
+
+class DeepSpeedStore:
+    """The model, optimizer and LR schedule of a DeepSpeed engine, in the files DeepSpeed
+    writes itself under the folder `tag` (its ZeRO partitions can only be resumed by the same
+    number of ranks; `read_zero_weights` consolidates their weights in one process)."""
+
+    def __init__(self, ds_engine, tag: str):
+        self.ds, self.tag = ds_engine, tag
+
+    def save(self, folder: Path) -> None:
+        self.ds.save_checkpoint(
+            str(folder),
+            tag=self.tag,
+            save_latest=False,
+            exclude_frozen_parameters=has_frozen_params(self.ds.module),
+        )
+
+    def load(self, folder: Path) -> None:
+        if not (folder / self.tag).is_dir():
+            raise CheckpointError(f"checkpoint folder {folder / self.tag} is missing")
+        path, _ = self.ds.load_checkpoint(
+            str(folder), tag=self.tag, load_module_strict=not has_frozen_params(self.ds.module)
+        )
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load the checkpoint in {folder}")
+
+
+def deepspeed_records() -> list[type]:
+    """What DeepSpeed's checkpoint files hold besides tensors and plain containers: the only
+    types unpickled from them."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def read_zero_weights(folder: Path, tag: str) -> dict[str, Tensor]:
+    """The fp32 weights of a ZeRO checkpoint, consolidated in this process from every rank's
+    partitions by DeepSpeed's own zero_to_fp32, which reads its files weights-only here."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if not (folder / tag).is_dir():
+        raise CheckpointError(f"checkpoint folder {folder / tag} is missing")
+    try:
+        with torch.serialization.safe_globals(deepspeed_records()), _weights_only_loads():
+            return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as error:
+        raise CheckpointError(f"cannot read the ZeRO checkpoint {folder / tag}: {error}") from error
+
+
+@contextmanager
+def _weights_only_loads() -> Iterator[None]:
+    """torch.load is weights-only inside, even where a library asks it not to be."""
+    name = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    before = os.environ.get(name)
+    os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before

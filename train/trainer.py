@@ -27,6 +27,7 @@ from data.pipeline import Batch
 from train.checkpoint import Checkpointer
 from train.config import Config
 from train.logger import RunLogger
+from train.objectives import Objective
 from train.parallel import ParallelDims
 from train.runtime import Runtime
 from train.signals import Preempted, StopSignals
@@ -59,7 +60,7 @@ class Trainer:
         runtime: Runtime,
         dims: ParallelDims,
         engine,
-        objective,
+        objective: Objective,
         batches: Iterator[Batch],
         checkpointer: Checkpointer,
         logger: RunLogger,
@@ -217,6 +218,11 @@ class Trainer:
         """Full EMA weights (raw ones without an EMA), gathered on every rank (collective)."""
         pieces = self.ema.shadow if self.ema is not None else self.engine.local_params()
         return self.engine.full_tensors(pieces)
+
+    @property
+    def weights_kind(self) -> str:
+        """What `consolidated_weights` gives: "ema" or "raw"."""
+        return "ema" if self.ema is not None else "raw"
 
     def evaluate(self, final: bool) -> None:
         progress = self.progress.state_dict()

@@ -1,5 +1,5 @@
-"""Pretrained Wan models in a run: building one from its folder (with LoRA adapters when asked),
-the dtype of its frozen weights, and its export in the diffusers layouts that other tools read."""
+"""Pretrained Wan models in a run: the dtype of their frozen weights, and their export in the
+diffusers layouts that other tools read (train/build.py builds them and loads trained weights)."""
 
 from __future__ import annotations
 
@@ -8,29 +8,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model.wan import WanVideoModel, add_lora, load_wan, merge_lora, save_lora, save_wan
+from model.wan import WanVideoModel, merge_lora, save_lora, save_wan
+from train.build import load_trained
 from train.config import Config, LoraConfig
-
-
-def build_wan_model(config: Config, latent_channels: int, text_dim: int) -> WanVideoModel:
-    """The run's pretrained Wan model, with the LoRA adapter of config.lora. The encoders must be
-    the ones it was trained on."""
-    wan = config.model.wan
-    model = load_wan(config.model, wan)
-    if model.in_channels != latent_channels:
-        raise ValueError(
-            f"model.wan.path={wan.path}: the transformer takes {model.in_channels} latent channels "
-            f"but the autoencoder makes {latent_channels} (autoencoder.pretrained_path)"
-        )
-    if model.text_dim != text_dim:
-        raise ValueError(
-            f"model.wan.path={wan.path}: the transformer reads {model.text_dim}-d captions but the "
-            f"text encoder makes {text_dim}-d ones (text_encoder.path)"
-        )
-    if config.lora.rank:
-        lora = config.lora
-        add_lora(model, lora.rank, lora.alpha or lora.rank, lora.target_modules)
-    return model
 
 
 def cast_frozen(model: nn.Module, cfg: LoraConfig, compute_dtype: torch.dtype | None) -> None:
@@ -45,19 +25,6 @@ def cast_frozen(model: nn.Module, cfg: LoraConfig, compute_dtype: torch.dtype | 
         for param in model.parameters():
             if not param.requires_grad:
                 param.data = param.data.to(torch.bfloat16)
-
-
-def load_trained(model: nn.Module, weights: dict[str, torch.Tensor], source) -> None:
-    """Trained weights into a model built like the run's: all of them, or with LoRA all the
-    adapters (the frozen base then comes from the pretrained folder)."""
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    params = dict(model.named_parameters())  # trained weights carry no buffers
-    adapted = any(".lora_" in name for name in params)
-    missing = [name for name in missing if name in params and (".lora_" in name or not adapted)]
-    if missing or unexpected:
-        raise ValueError(
-            f"{source} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
 
 
 def export_wan(config: Config, model: WanVideoModel, weights: dict, out: Path) -> list[Path]:

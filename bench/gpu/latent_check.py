@@ -1,4 +1,4 @@
-"""Latent shards on one GPU: `python -m data.encode` under torchrun on CUDA (the encoders in
+"""Latent shards on one GPU: `python -m train.encode` under torchrun on CUDA (the encoders in
 bf16 autocast, bf16 shards), then the DiT trained on them and, side by side, encoding online
 (data.augment=false, so both see the same clips and batches): step time, tokens/s, and the
 rank's peak GPU memory (the encoders are not built on latents). The losses are compared, not
@@ -62,7 +62,7 @@ def main() -> None:
     work = args.out / "latent_runs"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    torch.manual_seed(0)  # data.encode refuses an untrained autoencoder: any fixed weights do
+    torch.manual_seed(0)  # train.encode refuses an untrained autoencoder: any fixed weights do
     autoencoder = work / "autoencoder.safetensors"
     config = compose_config(["autoencoder.checkpoint=null"])
     save_file(build_autoencoder(config.autoencoder).state_dict(), autoencoder)
@@ -70,7 +70,7 @@ def main() -> None:
     latents = work / "latents"
     pixels = args.bundle / "demo" / "shards"
     _, encode_s = torchrun(
-        ["-m", "data.encode", "--out", str(latents), *shared, f"data.shards={pixels}"],
+        ["-m", "train.encode", "--out", str(latents), *shared, f"data.shards={pixels}"],
         args.out / "encode.log",
     )
     report = json.loads((latents / "report.json").read_text())

@@ -4,9 +4,9 @@
 #      peak memory, the SDPA kernel and the top 10 kernels of a profiled step;
 #   2. bench.gpu.trainer_check: the real trainer, parallel=fsdp on a world of one, bf16,
 #      checkpoint, resume and the bitwise comparison;
-#   3. bench.gpu.latent_check: python -m data.encode on the GPU, then DiT-base on the latent
+#   3. bench.gpu.latent_check: python -m train.encode on the GPU, then DiT-base on the latent
 #      shards against online encoding: step time, tokens/s, peak GPU memory, same batches.
-# Results (results.json, results.txt, trainer.json, logs) go to $OUT, else bench/gpu/results.
+# Results (results.json, results.txt, trainer_check.json, logs) go to $OUT, else bench/gpu/results.
 # First, here on the CPU machine: bash bench/gpu/prepare.sh (makes .whl/ and .gpu_bundle/).
 # Then the device call (about 7 to 8 minutes of its 9):
 #   run(command="bash bench/gpu/run.sh", carry=[".whl", ".gpu_bundle"], timeout_s=540)

@@ -1,7 +1,7 @@
 """The real trainer on one GPU: parallel=fsdp on a world of one, bf16, 6 steps with checkpoints
 every 3; then a second run resumes from step 3's checkpoint and must give the same losses for
 steps 4-6 and the same exported weights, bit for bit (as tests/test_fault_tolerance.py checks on
-CPU). Writes trainer.json to --out and exits 1 when a check fails.
+CPU). Writes trainer_check.json to --out and exits 1 when a check fails.
 
     python -m bench.gpu.trainer_check --bundle .gpu_bundle --out $OUT
 """
@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+
+from train.checkpoint import find_weights, read_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, RESUME_AT = 6, 3
@@ -84,7 +85,7 @@ def losses(run_dir: Path) -> list[float]:
 
 
 def same_exports(a: Path, b: Path) -> bool:
-    first, second = (load_file(run / "export" / "model.safetensors") for run in (a, b))
+    first, second = (read_weights(find_weights(run)) for run in (a, b))
     return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
@@ -118,7 +119,7 @@ def main() -> None:
         "exports_bitwise": same_exports(straight, resumed),
     }
     shutil.rmtree(work)  # checkpoints are large and nothing reads them after the comparison
-    (args.out / "trainer.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "trainer_check.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     checks = ("resumed_from_checkpoint", "losses_bitwise", "exports_bitwise")
     failed = [name for name in checks if not report[name]]

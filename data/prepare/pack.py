@@ -15,7 +15,8 @@ import tarfile
 from pathlib import Path
 
 from data.manifest import index_shards
-from data.shard_writer import add_member, merge_manifests, write_atomic, write_rows
+from data.shard_writer import add_member, merge_manifests, write_rows
+from data.storage import write_atomic
 
 WORK_DIR = ".prepare"
 REPORT_NAME = "report.json"

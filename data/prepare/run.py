@@ -19,7 +19,7 @@ from data.prepare.clips import cut_file
 from data.prepare.config import PrepareConfig, fingerprint
 from data.prepare.pack import WORK_DIR, chunk_record, finalize, pack_chunk
 from data.prepare.source import chunk_files, list_source, listing_digest
-from data.shard_writer import write_atomic
+from data.storage import write_atomic
 
 WORKER_MEMORY = 384 * 2**20  # a cutting worker's resident set before its chunk (measured ~280 MiB)
 CHUNK_MEMORY_FACTOR = 4

@@ -10,8 +10,9 @@
     engine.local_params()        this rank's piece of every trainable parameter, by name
     engine.full_tensors(pieces)  the full tensors of such pieces (collective)
     engine.load_full(pieces, full)  copy full tensors into such pieces
-    engine.checkpoint_stores()   the stores of the checkpoint components only it holds (model,
-                                 optimizer, LR schedule; see train/state.py)
+    engine.checkpoint_format     how a checkpoint holds what only it holds (model, optimizer, LR
+                                 schedule): "full", "sharded" or "deepspeed" (train/checkpoint.py
+                                 turns that into files)
     engine.check_resumable(layout)  refuse, clearly, a checkpoint layout it cannot read
 
 `LocalEngine` serves one process and DDP (full parameters everywhere), `FSDPEngine` FSDP2
@@ -22,23 +23,14 @@ the trainer scales each rank's loss so that this average is the global batch's m
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from train.checkpoint import CheckpointError, NotResumable
 from train.config import OptimConfig
-from train.state import DCPStore, FullTensorStore, JsonStore, Store, TorchStore
+from train.state import ModelState, NotResumable, OptimizerState
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):
@@ -74,53 +66,9 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.AdamW:
     )
 
 
-def has_frozen_params(module: nn.Module) -> bool:
-    """A partly frozen model (LoRA): its checkpoints hold only what trains; the frozen weights
-    come from the pretrained model it was built from."""
-    return any(not p.requires_grad for p in module.parameters())
-
-
-def _state_options(module: nn.Module) -> StateDictOptions:
-    frozen = has_frozen_params(module)
-    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
-
-
-class ModelState:
-    """The model component: its state by name (full tensors, or DTensor shards under FSDP),
-    without the frozen weights of a partly frozen model."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return get_model_state_dict(self.module, options=_state_options(self.module))
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        strayed = state.keys() ^ self.state_dict().keys()
-        if strayed:  # what trains, exactly: a LoRA checkpoint must not miss an adapter
-            raise CheckpointError(f"the checkpoint's model has mismatched keys {sorted(strayed)}")
-        set_model_state_dict(self.module, state, options=_state_options(self.module))
-
-
-class OptimizerState:
-    """The optimizer component, keyed by parameter name so it can be resharded."""
-
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer):
-        self.module, self.optimizer = module, optimizer
-
-    def state_dict(self) -> dict:
-        return get_optimizer_state_dict(
-            self.module, self.optimizer, options=_state_options(self.module)
-        )
-
-    def load_state_dict(self, state: dict) -> None:
-        set_optimizer_state_dict(
-            self.module, self.optimizer, state, options=_state_options(self.module)
-        )
-
-
 class TorchEngine:
-    """A torch optimizer and LR schedule over `module`, whose forward runs through `model`."""
+    """A torch optimizer and LR schedule over `module`, whose forward runs through `model`; its
+    checkpoint components are `scheduler`, `model_state` and `optimizer_state`."""
 
     def __init__(self, model: nn.Module, module: nn.Module, cfg: OptimConfig, total_steps: int):
         self.model, self.module, self.cfg = model, module, cfg
@@ -163,6 +111,8 @@ def _refuse(layout: dict, reason: str) -> None:
 class LocalEngine(TorchEngine):
     """Full parameters on every rank: one process, or DDP (whose wrapper is `model`)."""
 
+    checkpoint_format = "full"
+
     def check_resumable(self, layout: dict) -> None:
         if layout["backend"] not in ("none", "ddp"):
             _refuse(layout, "resume it with that backend (none and ddp share a format)")
@@ -175,17 +125,12 @@ class LocalEngine(TorchEngine):
             for name, piece in pieces.items():
                 piece.copy_(full[name])
 
-    def checkpoint_stores(self) -> list[Store]:
-        return [
-            JsonStore("lr_schedule.json", {"lr_schedule": self.scheduler}),
-            FullTensorStore("model.safetensors", self.model_state),
-            TorchStore("optimizer.pt", self.optimizer_state),
-        ]
-
 
 class FSDPEngine(TorchEngine):
     """FSDP2: parameters, gradients and optimizer state are DTensor shards; checkpoints are
     sharded through torch.distributed.checkpoint, which reshards on load."""
+
+    checkpoint_format = "sharded"
 
     def check_resumable(self, layout: dict) -> None:
         if layout["backend"] != "fsdp":
@@ -200,17 +145,14 @@ class FSDPEngine(TorchEngine):
                 value = full[name].to(piece.device, piece.dtype)
                 piece.copy_(distribute_tensor(value, piece.device_mesh, piece.placements))
 
-    def checkpoint_stores(self) -> list[Store]:
-        return [
-            JsonStore("lr_schedule.json", {"lr_schedule": self.scheduler}),
-            DCPStore("dcp", {"model": self.model_state, "optimizer": self.optimizer_state}),
-        ]
-
 
 class DeepSpeedEngine:
     """DeepSpeed ZeRO 1-3. DeepSpeed counts micro-batches itself: its step, called after every
     micro-batch's backward, reduces, clips and applies the update on the step's last one, so
-    `finish_step()` only reports the norm and clears the gradients."""
+    `finish_step()` only reports the norm and clears the gradients. Its checkpoint is DeepSpeed's
+    own files, written and read by the engine `ds`."""
+
+    checkpoint_format = "deepspeed"
 
     def __init__(self, ds_engine, stage: int):
         self.model = self.ds = ds_engine
@@ -270,33 +212,3 @@ class DeepSpeedEngine:
                 "ds_to_universal.py and load the universal checkpoint, or resume on "
                 f"{layout['dp_size']} ranks",
             )
-
-    def checkpoint_stores(self) -> list[Store]:
-        return [DeepSpeedStore(self.ds)]
-
-
-class DeepSpeedStore:
-    """The model, optimizer and LR schedule of a DeepSpeed engine, in the files DeepSpeed
-    writes itself (its ZeRO partitions can only be read back by the same number of ranks)."""
-
-    TAG = "deepspeed"
-
-    def __init__(self, ds_engine):
-        self.ds = ds_engine
-
-    def save(self, folder: Path) -> None:
-        self.ds.save_checkpoint(
-            str(folder),
-            tag=self.TAG,
-            save_latest=False,
-            exclude_frozen_parameters=has_frozen_params(self.ds.module),
-        )
-
-    def load(self, folder: Path) -> None:
-        if not (folder / self.TAG).is_dir():
-            raise CheckpointError(f"checkpoint folder {folder / self.TAG} is missing")
-        path, _ = self.ds.load_checkpoint(
-            str(folder), tag=self.TAG, load_module_strict=not has_frozen_params(self.ds.module)
-        )
-        if path is None:
-            raise CheckpointError(f"DeepSpeed could not load the checkpoint in {folder}")

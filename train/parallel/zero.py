@@ -17,6 +17,7 @@ from torch import nn
 from train.config import OptimConfig, ParallelConfig
 from train.parallel.dims import ParallelDims
 from train.parallel.engines import DeepSpeedEngine, lr_lambda, param_groups
+from train.state import deepspeed_records
 
 
 def deepspeed_config(
@@ -86,16 +87,17 @@ def build_deepspeed(
 
 def _weights_only_checkpoint_engine():
     """DeepSpeed's file engine, but loading with torch.load(weights_only=True): its checkpoints
-    hold tensors, plain containers and these three DeepSpeed records, and nothing else may be
-    unpickled from a file."""
+    hold tensors, plain containers and DeepSpeed's few record types, and nothing else may be
+    unpickled from a file. It saves in torch's zip format, as DeepSpeed's own engine does by
+    default, which zero_to_fp32 memory-maps to consolidate the weights."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
 
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def save(self, state_dict, path: str) -> None:
+            torch.save(state_dict, path)
+
         def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            with torch.serialization.safe_globals(deepspeed_records()):
                 return torch.load(path, map_location=map_location, weights_only=True)
 
     return WeightsOnlyCheckpointEngine()

@@ -1,8 +1,7 @@
-"""`python -m data.encode`: latent shards from pixel shards, so that training runs neither frozen
-encoder (the format is data/latents.py's; the loader reads both kinds).
-
-    python -m data.encode --out LATENTS [--dtype bfloat16] [--logvar] [--batch-size 8]
-        [--samples-per-shard 512] [overrides as for training: experiment=demo autoencoder=...]
+"""The latent-shard encoding job: latent shards from pixel shards, so that training runs neither
+frozen encoder (the format is data/latents.py's; the loader reads both kinds). The command that
+runs it with a training config's encoders is `python -m train.encode`; this job knows them only
+as the two calls of `Encoders`.
 
 What is encoded: every sample of `data.shards` that the plan puts in a bucket (the config's
 buckets and data.fps), at that bucket's size, cut as `data.augment=false` cuts it: the middle
@@ -11,9 +10,9 @@ the latent shards sees the same clips a run with data.augment=false would encode
 
 The samples are ordered bucket by bucket (each bucket's in manifest order), so that the plan
 over the latent shards makes the same batches as over the pixel shards, and cut into shards of
-`--samples-per-shard`. Under torchrun, rank r encodes shards r, r + world, ..., each in batches
-of consecutive samples of one bucket: the bytes depend neither on the number of ranks nor on
-which rank wrote them.
+`samples_per_shard`. Rank r of `world` encodes shards r, r + world, ..., each in batches of
+consecutive samples of one bucket: the bytes depend neither on the number of ranks nor on which
+rank wrote them.
 
 Resume: a shard is committed by its part `.encode/parts/shard-NNNNNN.parquet` (its manifest
 rows), written after its tar; a rerun skips committed shards and rewrites the others with the
@@ -21,15 +20,10 @@ same bytes. `.encode/job.json` records what decides the output, and a rerun with
 refuses. Once every rank is done, rank 0 merges the parts into `manifest.parquet`, writes
 `report.json` (samples, bytes, and every skipped sample with its reason) and the empty caption,
 and last `encoding.json`: a folder without it is no finished encoding.
-
-This command composes the training config and builds the frozen encoders as training does
-(train/config.py, train/encoders.py), so its latents are exactly what online encoding computes;
-the job itself, below, knows them only as the two calls of `Encoders`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import tarfile
@@ -48,17 +42,18 @@ from data.buckets import Bucket
 from data.decode import DecodeError
 from data.latents import (
     DTYPES,
+    LATENT_MEDIA,
     NULL_CAPTION_NAME,
     RECORD_NAME,
     null_caption_bytes,
     sample_bytes,
 )
-from data.manifest import LATENT_MEDIA, SCHEMA
+from data.manifest import SCHEMA
 from data.pipeline import DataConfig, decode_planned
 from data.plan import DataPlan
 from data.reader import SampleError, SampleReader
-from data.shard_writer import add_member, merge_manifests, write_atomic, write_rows
-from data.storage import ReadError
+from data.shard_writer import add_member, merge_manifests, write_rows
+from data.storage import ReadError, atomic_path, write_atomic
 
 WORK_DIR = ".encode"
 REPORT_NAME = "report.json"
@@ -131,7 +126,10 @@ class EncodeJob:
         return job
 
     def start(self, job: dict) -> None:
+        """On one rank, before any encodes."""
         (self.work / "parts").mkdir(parents=True, exist_ok=True)
+        for stale in self.options.out.glob("*.tmp"):  # what a killed run was writing
+            stale.unlink()
         path = self.work / "job.json"
         if not path.exists():
             write_atomic(path, json.dumps(job, indent=1).encode())
@@ -150,16 +148,13 @@ class EncodeJob:
         ids = self.order[shard * size : (shard + 1) * size].tolist()
         name = f"shard-{shard:06d}.tar"
         rows, skipped = [], []
-        with open(self.options.out / f"{name}.tmp", "wb") as sink:
-            with tarfile.open(fileobj=sink, mode="w") as tar:
-                for group in self._groups(
-                    _windowed(pool, self._load, ids, 2 * self.options.batch_size)
-                ):
-                    skipped += [{"key": s.key, "reason": s.error} for s in group if s.error]
-                    loaded = [s for s in group if s.error is None]
-                    if loaded:
-                        rows += self._write_group(tar, name, loaded, encoders)
-        (self.options.out / f"{name}.tmp").replace(self.options.out / name)
+        loads = _windowed(pool, self._load, ids, 2 * self.options.batch_size)
+        with atomic_path(self.options.out / name) as tmp, tarfile.open(tmp, mode="w") as tar:
+            for group in self._groups(loads):
+                skipped += [{"key": s.key, "reason": s.error} for s in group if s.error]
+                loaded = [s for s in group if s.error is None]
+                if loaded:
+                    rows += self._write_group(tar, name, loaded, encoders)
         report = {"samples": len(rows), "skipped": skipped}
         write_atomic(self.part(shard).with_suffix(".json"), json.dumps(report).encode())
         write_rows(pa.Table.from_pylist(rows, schema=SCHEMA), self.part(shard))  # the commit
@@ -281,52 +276,3 @@ def _windowed(
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()
-
-
-# --- the command -----------------------------------------------------------------------------
-
-
-def parse_args(argv: list[str] | None) -> tuple[EncodeOptions, list[str]]:
-    parser = argparse.ArgumentParser(
-        prog="python -m data.encode",
-        description="Encode pixel shards (data.shards of the config) into latent shards: the "
-        "autoencoder's latents at each sample's bucket size (middle frames, centre crop, as "
-        "data.augment=false) and the caption and recaption embeddings. Run it under torchrun "
-        "to encode on every GPU; rerun the same command to resume.",
-        epilog="example: python -m data.encode --out .cache/demo/latents experiment=demo "
-        "data.shards=.cache/demo/shards",
-    )
-    parser.add_argument(
-        "--out", required=True, type=Path, help="the latent shard folder (local or mounted)"
-    )
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    parser.add_argument(
-        "--logvar", action="store_true", help="also store the posterior's log-variance"
-    )
-    parser.add_argument("--batch-size", type=int, default=8, help="samples encoded together")
-    parser.add_argument("--samples-per-shard", type=int, default=512)
-    parser.add_argument(
-        "overrides", nargs="*", help="config overrides as for `python -m train` (key=value)"
-    )
-    args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.samples_per_shard < 1:
-        parser.error("--batch-size and --samples-per-shard must be at least 1")
-    bad = [o for o in args.overrides if "=" not in o]
-    if bad:
-        parser.error(f"overrides must be key=value, not {bad}")
-    options = EncodeOptions(
-        args.out, args.dtype, args.logvar, args.batch_size, args.samples_per_shard
-    )
-    return options, args.overrides
-
-
-def main(argv: list[str] | None = None) -> dict | None:
-    options, overrides = parse_args(argv)
-    from train.encode import run  # the trainer's config and encoders; see the docstring
-
-    return run(options, overrides)
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main()
