@@ -38,7 +38,9 @@ def importers(package: str, forbidden: tuple[str, ...]) -> dict[str, list[str]]:
 
 def test_the_scan_sees_imports_inside_functions(tmp_path):
     module = tmp_path / "lazy.py"
-    module.write_text("import os\n\ndef f():\n    from train.encode import run\n    import model.dit\n")
+    module.write_text(
+        "import os\n\ndef f():\n    from train.encode import run\n    import model.dit\n"
+    )
     assert imported(module) == {"os", "train.encode", "model.dit"}
 
 

@@ -115,7 +115,6 @@ class Evaluator:
         self.buckets = list(dict.fromkeys(b.bucket.shape for b in chosen))  # most tokens first
         keys = [plan.key(i) for batch in chosen for i in batch.sample_ids]
         self.sample_index = {key: i for i, key in enumerate(keys)}
-        self.geometry = source.geometry  # tokens of a latent batch, as training counts them
         # Split by data-parallel rank: the ranks of a sequence-parallel group share batches.
         mine = chosen[dims.dp_rank :: dims.dp_size]
         # Ranks with a batch fewer run one more, uncounted, so all run as many forwards.
@@ -123,6 +122,7 @@ class Evaluator:
         plan = [(b, True) for b in mine] + [(chosen[0], False)] * padding
         # The encoders are frozen, so the held-out latents and captions are encoded once.
         with source.encoders():
+            self.geometry = source.geometry  # tokens of a latent batch, as training counts them
             self.batches = [
                 self._encode(stream.load(planned, 0, index, state), source, counted)
                 for index, (planned, counted) in enumerate(plan)

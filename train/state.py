@@ -27,6 +27,7 @@ import logging
 import os
 import pickle
 import random
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -317,12 +318,14 @@ def read_sharded(path: Path, state: dict, one_process: bool) -> None:
     if not (path / ".metadata").exists():
         raise CheckpointError(f"checkpoint file {path / '.metadata'} is missing")
     try:
-        dcp.load(
-            state,
-            storage_reader=SafeFileSystemReader(path),
-            planner=WeightsOnlyLoadPlanner(),
-            no_dist=one_process,
-        )
+        with warnings.catch_warnings():  # one process reading: as asked, or a world of one
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.load(
+                state,
+                storage_reader=SafeFileSystemReader(path),
+                planner=WeightsOnlyLoadPlanner(),
+                no_dist=one_process,
+            )
     except (
         OSError,
         ValueError,

@@ -10,13 +10,13 @@ uninterrupted one end with identical files.
 from __future__ import annotations
 
 import json
-import os
 import tarfile
+from contextlib import ExitStack
 from pathlib import Path
 
 from data.manifest import index_shards
 from data.shard_writer import add_member, merge_manifests, write_rows
-from data.storage import write_atomic
+from data.storage import atomic_path, write_atomic
 
 WORK_DIR = ".prepare"
 REPORT_NAME = "report.json"
@@ -67,20 +67,19 @@ def has_caption(clip: dict) -> bool:
 
 
 def write_tars(clips: list[dict], out: Path, chunk: int, shard_bytes: int) -> list[str]:
-    """Shards of at most `shard_bytes` (or one sample), named by chunk and part."""
+    """Shards of at most `shard_bytes` (or one sample), named by chunk and part; each appears
+    under its name only once it is whole."""
     names: list[str] = []
-    sink = tar = None
-    for clip in clips:
-        if sink is None or (sink.tell() > 0 and sink.tell() + len(clip["media"]) > shard_bytes):
-            if tar is not None:
-                close_tar(tar, sink, out / names[-1])
-            names.append(f"shard-{chunk:06d}-{len(names):02d}.tar")
-            sink = open(out / f"{names[-1]}.tmp", "wb")
-            tar = tarfile.open(fileobj=sink, mode="w")
-        for ext, data in sample_members(clip):
-            add_member(tar, f"{clip['key']}.{ext}", data)
-    if tar is not None:
-        close_tar(tar, sink, out / names[-1])
+    tar = None
+    with ExitStack() as shard:
+        for clip in clips:
+            if tar is None or (tar.offset > 0 and tar.offset + len(clip["media"]) > shard_bytes):
+                shard.close()  # the previous shard: its tar closed, then renamed into place
+                names.append(f"shard-{chunk:06d}-{len(names):02d}.tar")
+                tmp = shard.enter_context(atomic_path(out / names[-1]))
+                tar = shard.enter_context(tarfile.open(tmp, mode="w"))
+            for ext, data in sample_members(clip):
+                add_member(tar, f"{clip['key']}.{ext}", data)
     return names
 
 
@@ -90,12 +89,6 @@ def sample_members(clip: dict) -> list[tuple[str, bytes]]:
     if not meta["caption"]:  # the loader needs one; a recaption is the only text there is
         meta["caption"] = meta["recaption"]
     return [(clip["ext"], clip["media"]), ("json", json.dumps(meta).encode())]
-
-
-def close_tar(tar: tarfile.TarFile, sink, path: Path) -> None:
-    tar.close()  # the end-of-archive blocks; tarfile leaves a file object it did not open
-    sink.close()
-    os.replace(f"{path}.tmp", path)
 
 
 def finalize(out: Path, chunks: int, source: str) -> dict:
