@@ -26,7 +26,6 @@ and saves most of the bytes (a T5-XXL caption padded to 226 tokens is 1.8 MB in 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -86,8 +85,9 @@ class LatentBatch:
         return self.mean.dtype
 
     def pin_memory(self) -> LatentBatch:
+        logvar = None if self.logvar is None else self.logvar.pin_memory()
         return LatentBatch(
-            *(None if t is None else t.pin_memory() for t in dataclasses.astuple(self))
+            self.mean.pin_memory(), logvar, self.text.pin_memory(), self.text_mask.pin_memory()
         )
 
 

@@ -334,8 +334,9 @@ def _warn_if_raw(folder: Path, weights: str, kind: str) -> None:
 
 
 def read_weights(saved: SavedWeights, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """The full weights `saved` names, read in this process. `model`, built like the run's,
-    gives the names and shapes a sharded checkpoint is read into (it is not changed)."""
+    """The full weights `saved` names, read in this process. A sharded checkpoint needs `model`,
+    built like the run's: its weights are read straight into the model's own tensors, so a large
+    model is never twice in memory."""
     if saved.format == "export":
         return load_tensors(saved.folder / MODEL)
     if saved.kind == "ema":
@@ -345,8 +346,7 @@ def read_weights(saved: SavedWeights, model: nn.Module | None = None) -> dict[st
     if saved.format == "sharded":
         if model is None:
             raise ValueError(f"{saved.folder} is sharded: reading it needs the model it holds")
-        shapes = ModelState(model).state_dict()
-        state = {"model": {name: torch.empty_like(t) for name, t in shapes.items()}}
+        state = {"model": ModelState(model).state_dict()}  # the model's tensors, by name
         read_sharded(saved.folder / SHARDED, state, one_process=True)
         return state["model"]
     if saved.format == "deepspeed":

@@ -77,22 +77,24 @@ class LatentSources:
 def open_latent_sources(config: Config, runtime: Runtime) -> LatentSources:
     """The sources of data.shards and eval.shards, sharing one set of frozen encoders: kept in
     memory when training encodes pixels, built only for a moment when it reads latents."""
-    train = stored_latents_record(config.data.shards)
-    encoders = FrozenEncoders(config, runtime.device, keep=train is None)
+    stored = stored_latents_record(config.data.shards)
+    encoders = FrozenEncoders(config, runtime.device, keep=stored is None)
     cache_bytes = config.train.encoding_cache_mb * 2**20
     cache = EncodingCache(cache_bytes) if cache_bytes else None
 
-    def source(found: tuple[str, dict] | None, key: str, shards: str) -> LatentSource:
-        if found is None:
-            patch = config.model.patch_size
-            return OnlineLatents(encoders, patch, cache, config.train.sample_posterior)
-        return StoredLatents.open(config, encoders, *found, f"{key}={shards!r}")
+    def source(key: str, shards: str, stored: tuple[str, dict] | None) -> LatentSource:
+        if stored is None:
+            return OnlineLatents(
+                encoders, config.model.patch_size, cache, config.train.sample_posterior
+            )
+        return StoredLatents.open(config, encoders, *stored, f"{key}={shards!r}")
 
+    train = source("data.shards", config.data.shards, stored)
     held_out = None
     if config.eval.shards:
-        found = stored_latents_record(config.eval.shards)
-        held_out = source(found, "eval.shards", config.eval.shards)
-    return LatentSources(source(train, "data.shards", config.data.shards), held_out, encoders)
+        eval_shards = config.eval.shards
+        held_out = source("eval.shards", eval_shards, stored_latents_record(eval_shards))
+    return LatentSources(train, held_out, encoders)
 
 
 def stored_latents_record(shards: str) -> tuple[str, dict] | None:
