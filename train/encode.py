@@ -26,8 +26,8 @@ from data.latents import DTYPES
 from data.pipeline import open_plan
 from model.autoencoder import weight_files
 from train.config import Config, register_configs, to_config
-from train.encoders import FrozenEncoders, encoding_record
-from train.latent_source import OnlineLatents, stored_latents_record
+from train.encoders import FrozenEncoders
+from train.latent_source import OnlineLatents, encoding_record, stored_latents_record
 from train.runtime import init_runtime, shutdown
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -53,14 +53,7 @@ def run(options: EncodeOptions, overrides: list[str]) -> dict | None:
     encoders = FrozenEncoders(config, runtime.device)
     source = OnlineLatents(encoders, config.model.patch_size, autocast=runtime.autocast)
     plan = open_plan(config.data, BucketTable(config.buckets, source.geometry))
-    record = encoding_record(
-        config,
-        source.geometry,
-        source.latent_channels,
-        source.text_dim,
-        options.dtype,
-        options.logvar,
-    )
+    record = encoding_record(config, source, options.dtype, options.logvar)
     job = EncodeJob(plan, config.data, options, record)
     spec = job.check_job()  # on every rank, so that all refuse together
     if runtime.is_main:

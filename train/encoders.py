@@ -1,10 +1,11 @@
-"""The frozen encoders of a DiT run (the video autoencoder and the text encoder), what they are,
-and the record latent shards keep of them.
+"""The frozen encoders of a DiT run (the video autoencoder and the text encoder), and what they
+are.
 
 `FrozenEncoders` builds each on first use and, unless training encodes with them every step,
 frees them at the end of the block that needed them (train/latent_source.py decides which).
 `encoder_identity` is what the encoders compute (their output-deciding config and a digest of
-their weight files): latent shards record it, and a run on them must configure the same.
+their weight files): latent shards record it (train/latent_source.py), and a run on them must
+configure the same.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from data.latents import RECORD_FORMAT, files_digest
+from data.latents import files_digest
 from model import autoencoder as autoencoders
 from model import text as text_encoders
-from model.geometry import LatentGeometry
 from train.build import frozen
 from train.config import Config
 
@@ -116,29 +116,3 @@ def describe_encoders(config: Config) -> dict[str, str]:
     where = ae.pretrained_path if ae.kind == "diffusers" else ae.checkpoint
     text = config.text_encoder.path or text_encoders.default_text_encoder_path()
     return {"autoencoder": f"{ae.kind} {where or '(random init)'}", "text_encoder": text}
-
-
-def encoding_record(
-    config: Config, geometry: LatentGeometry, channels: int, text_dim: int, dtype: str, logvar: bool
-) -> dict:
-    """The `encoding.json` of latent shards made with the run's encoders (data/latents.py)."""
-    identity, where = encoder_identity(config, config.data.cache_dir), describe_encoders(config)
-    return {
-        "format": RECORD_FORMAT,
-        "encoders": {name: {"identity": identity[name], "where": where[name]} for name in identity},
-        "latents": {
-            "channels": channels,
-            "temporal_compression": geometry.temporal_compression,
-            "spatial_compression": geometry.spatial_compression,
-            "dtype": dtype,
-            "logvar": logvar,
-        },
-        "text": {"dim": text_dim, "max_length": config.text_encoder.max_length, "dtype": dtype},
-        "clips": {
-            "buckets": sorted(config.buckets.buckets),
-            "max_aspect_change": config.buckets.max_aspect_change,
-            "fps": config.data.fps,
-            "cut": "the middle frames and the centre crop (data.augment=false)",
-        },
-        "source": config.data.shards,
-    }

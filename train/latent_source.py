@@ -27,7 +27,7 @@ from typing import Protocol
 
 import torch
 
-from data.latents import latent_folder, read_null_caption
+from data.latents import RECORD_FORMAT, latent_folder, read_null_caption
 from data.lru import ByteLRU
 from data.manifest import resolve_sources
 from data.pipeline import Batch
@@ -236,12 +236,7 @@ class StoredLatents:
     def __init__(
         self, encoders: FrozenEncoders, folder: str, record: dict, patch, posterior: bool = False
     ):
-        self._encoders, self.folder, self.record, self.posterior = (
-            encoders,
-            folder,
-            record,
-            posterior,
-        )
+        self._encoders, self.posterior = encoders, posterior
         latents = record["latents"]
         self.latent_channels, self.text_dim = latents["channels"], record["text"]["dim"]
         self.geometry = LatentGeometry(
@@ -307,16 +302,46 @@ def _check_encoders(config: Config, record: dict, shards: str) -> None:
 
 def _check_clips(config: Config, record: dict, shards: str) -> None:
     """The plan must cut the latent shards into the buckets their clips were encoded for."""
-    clips = record["clips"]
-    ours = {
+    for key, value in _clips(config).items():
+        if record["clips"][key] != value:
+            raise ValueError(
+                f"{shards} were encoded with {key}={record['clips'][key]}, but this run has "
+                f"{value}: the plan would put their latents in other buckets; keep the "
+                "encoding's buckets and data.fps (buckets.token_budget may change), or encode "
+                "again"
+            )
+
+
+def _clips(config: Config) -> dict:
+    """What decides which bucket, at which size, each sample's latents are encoded for."""
+    return {
         "buckets": sorted(config.buckets.buckets),
         "max_aspect_change": config.buckets.max_aspect_change,
         "fps": config.data.fps,
     }
-    for key, value in ours.items():
-        if clips[key] != value:
-            raise ValueError(
-                f"{shards} were encoded with {key}={clips[key]}, but this run has {value}: "
-                "the plan would put their latents in other buckets; keep the encoding's "
-                "buckets and data.fps (buckets.token_budget may change), or encode again"
-            )
+
+
+def encoding_record(config: Config, source: OnlineLatents, dtype: str, logvar: bool) -> dict:
+    """The `encoding.json` of latent shards that `source` encodes (data/latents.py): what a run
+    on them is checked against above."""
+    identity, where = encoder_identity(config, config.data.cache_dir), describe_encoders(config)
+    geometry = source.geometry
+    return {
+        "format": RECORD_FORMAT,
+        "encoders": {name: {"identity": identity[name], "where": where[name]} for name in identity},
+        "latents": {
+            "channels": source.latent_channels,
+            "temporal_compression": geometry.temporal_compression,
+            "spatial_compression": geometry.spatial_compression,
+            "dtype": dtype,
+            "logvar": logvar,
+        },
+        "text": {
+            "dim": source.text_dim,
+            "max_length": config.text_encoder.max_length,
+            "dtype": dtype,
+        },
+        "clips": _clips(config)
+        | {"cut": "the middle frames and the centre crop (data.augment=false)"},
+        "source": config.data.shards,
+    }
