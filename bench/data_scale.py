@@ -1,6 +1,6 @@
 """The data plan at cluster scale: start-up time and memory of one rank for N samples.
 
-    python -m bench.data_scale --samples 10000000 [--ranks 64] [--workers 2]
+    python -m bench.data_scale --samples 10000000 [--ranks 64] [--workers 2] [--packing]
 
 Builds (once, cached under `.cache/bench/scale-<N>/`) a synthetic web-like manifest of N samples
 (360p-1080p in 16:9, 9:16, 4:3 and 1:1, 2-20 s at 24/25/30 fps, a fifth JPEG images, 1000-2000
@@ -28,6 +28,10 @@ each phase in a fresh subprocess so imports and allocator state are honest:
   page cache holds them once per node. Pages of those files that only this worker happened to
   touch are Private_Clean (`worker_mapped_pages_mib`): page cache, clean and reclaimable, not a
   copy. `worker_uss_mib` is the sum of both, `worker_rss_total_mib` the worker's RSS.
+
+Every phase plans with the `sora_like` buckets (conf/buckets/sora_like.yaml at data.fps=24), or
+with `--packing` with the packing table that matches them (`sora_like_packing`): the phases are
+the same, the plan packs native-size samples instead (its epoch arrays hold packs).
 
 Prints one JSON line. The machine is shared: the load average before and after is in the line.
 """
@@ -181,11 +185,36 @@ def sora_like():
     return BucketTable(OmegaConf.to_object(values), LatentGeometry(4, 8, (1, 2, 2)))
 
 
+def sora_like_packing(**overrides: int | None):
+    """The packing table that matches `sora_like` (PackingConfig keys in `overrides` replace
+    its settings unless None): a sample keeps at most the largest bucket's tokens and the
+    longest bucket's frames, and a sequence holds the token budget, or the largest bucket when
+    that is above the budget (sora_like's 121x720x1280 bucket has 111600 tokens, over its 98304
+    budget: its batches are within +-15% of it), since packing refuses a sample larger than a
+    sequence."""
+    from data.packing import PackingConfig, PackingTable
+
+    buckets = sora_like()
+    largest = buckets.buckets[0].tokens_per_sample  # most tokens first
+    settings = {
+        "sequence_tokens": max(buckets.cfg.token_budget, largest),
+        "max_tokens_per_sample": largest,
+        "max_frames": max(b.frames for b in buckets.buckets),
+    }
+    settings |= {key: value for key, value in overrides.items() if value is not None}
+    return PackingTable(PackingConfig(enabled=True, **settings), buckets.geometry)
+
+
+def bench_table(packing: bool):
+    """The table the phases plan with."""
+    return sora_like_packing() if packing else sora_like()
+
+
 def plan_files(folder: Path) -> list[Path]:
     return [p for p in (folder / ".tessera-plans").rglob("*") if p.is_file()]
 
 
-def phase_start(folder: Path, evict: bool) -> dict:
+def phase_start(folder: Path, evict: bool, packing: bool) -> dict:
     """DataPlan.open + epoch 0's plan (+ epoch 1's, timed apart)."""
     if evict:  # drop only the plan cache's pages
         for path in plan_files(folder):
@@ -197,7 +226,7 @@ def phase_start(folder: Path, evict: bool) -> dict:
     started = time.perf_counter()
     from data.plan import DataPlan, DataState
 
-    table = sora_like()
+    table = bench_table(packing)
     imported = time.perf_counter()
     plan = DataPlan.open(str(folder), table, FPS)
     opened = time.perf_counter()
@@ -268,7 +297,7 @@ class PlanWalk:
         }
 
 
-def phase_rank(folder: Path, ranks: int, workers: int, rows: int) -> dict:
+def phase_rank(folder: Path, ranks: int, workers: int, rows: int, packing: bool) -> dict:
     """One rank's RSS after set-up, and what each loader worker adds."""
     started = time.perf_counter()
     from torch.utils.data import DataLoader, IterableDataset
@@ -279,7 +308,7 @@ def phase_rank(folder: Path, ranks: int, workers: int, rows: int) -> dict:
     imported = time.perf_counter()
     base = memory_mib()
     cfg = DataConfig(shards=str(folder), fps=FPS, num_workers=workers)
-    plan = open_plan(cfg, sora_like())
+    plan = open_plan(cfg, bench_table(packing))
     stream = BatchStream(cfg, plan, 0, ranks, DataState(SEED, 0, 0))
     first_rows = stream.rows()
     for _ in range(8):  # the first rows the trainer's process asks for
@@ -320,11 +349,11 @@ def rss_of(pid: int) -> int:
     return 0
 
 
-def run_phase(args: list[str], max_rss: int) -> dict:
-    """A phase in a fresh process, killed (this one, by its id) if its RSS passes `max_rss`, so
-    a build that would not fit cannot push a shared machine into the OOM killer."""
+def run_phase(args: list[str], max_rss: int, module: str = "bench.data_scale") -> dict:
+    """A phase of `module` in a fresh process, killed (this one, by its id) if its RSS passes
+    `max_rss`, so a build that would not fit cannot push a shared machine into the OOM killer."""
     child = subprocess.Popen(
-        [sys.executable, "-m", "bench.data_scale", *args],
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
@@ -350,6 +379,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rows", type=int, default=2000, help="rows each loader worker walks")
     parser.add_argument(
+        "--packing", action="store_true", help="plan with packing instead of sora_like buckets"
+    )
+    parser.add_argument(
         "--phase", choices=["cold", "warm", "warm-evicted", "rank"], help="internal"
     )
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -360,9 +392,9 @@ def main() -> None:
     if args.phase:
         folder = Path(args.folder)
         if args.phase == "rank":
-            result = phase_rank(folder, args.ranks, args.workers, args.rows)
+            result = phase_rank(folder, args.ranks, args.workers, args.rows, args.packing)
         else:
-            result = phase_start(folder, evict=args.phase == "warm-evicted")
+            result = phase_start(folder, args.phase == "warm-evicted", args.packing)
         print(json.dumps(result))
         return
 
@@ -370,7 +402,7 @@ def main() -> None:
     build_manifest(args.samples, folder)
     load_before = os.getloadavg()[0]
     shutil.rmtree(folder / ".tessera-plans", ignore_errors=True)
-    common = ["--folder", str(folder)]
+    common = ["--folder", str(folder), *(["--packing"] if args.packing else [])]
     limit = int(args.max_rss_gib * 2**30)
     try:
         cold = run_phase(["--phase", "cold", *common], limit)
@@ -396,6 +428,7 @@ def main() -> None:
     workers = rank["workers"]
     result = {
         "samples": args.samples,
+        "packing": args.packing,
         "ranks": args.ranks,
         "workers": args.workers,
         "cold_start_s": round(cold["start_s"], 2),

@@ -78,6 +78,13 @@ class BucketTable:
         batch_size = max(1, round(self.cfg.token_budget / tokens))
         return Bucket(*spec, tokens, batch_size)
 
+    def cache_facts(self) -> dict:
+        """What decides the plan's buckets (part of its cache key)."""
+        return {
+            "buckets": [[*b.shape, b.batch_size] for b in self.buckets],
+            "max_aspect_change": self.cfg.max_aspect_change,
+        }
+
     def assign(self, width: int, height: int, frames: int) -> Bucket | None:
         """The largest bucket a sample of this size fits without upscaling, or None.
 

@@ -174,7 +174,7 @@ class EncodeJob:
             yield group
 
     def _bucket(self, sample_id: int) -> Bucket:
-        return self.plan.table.buckets[int(self.plan.columns["bucket"][sample_id])]
+        return self.plan.buckets[int(self.plan.columns["bucket"][sample_id])]
 
     def _load(self, sample_id: int) -> Loaded:
         """Read and decode one sample as data.augment=false does: middle frames, centre crop."""

@@ -18,6 +18,10 @@ in its manifest; with `data.augment=false` a clip is always its middle frames an
 Latent shards (`python -m train.encode`, data/latents.py) are read the same way, by the same
 plan: a batch of them carries the stored latents and caption embeddings (one `LatentBatch`)
 instead of pixels, the caption or recaption chosen by the same draw.
+
+With packing (data/packing.py) a planned batch is a rank's packs: each sample is cut to its own
+target shape, and the loader yields a `PackedBatch` whose samples come in groups of one shape
+(each an ordinary `Batch`, so that the encoders take a group at once).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from data.buckets import Bucket, BucketTable
 from data.decode import DecodeError, decode_clip
 from data.latents import LATENT_MEDIA, LatentBatch, LatentSample, read_sample
 from data.lru import ByteLRU
+from data.packing import PackingTable
 from data.plan import DataPlan, DataState, PlannedBatch
 from data.reader import RawSample, SampleError, SampleReader
 from data.storage import ReadError
@@ -99,6 +104,27 @@ class Batch:
         return replace(self, **pinned)
 
 
+@dataclass
+class PackedBatch:
+    """One rank's packs for a micro-step: its samples grouped by shape, in the order of their
+    first appearance in the packs. `sequence_length` is the tokens the packs hold together
+    (packs x packing.sequence_tokens): the DiT pads the samples' tokens to it."""
+
+    groups: list[Batch]
+    sequence_length: int
+    state_after: dict
+    skipped: int = 0
+    epoch: int = 0
+    plan_index: int = 0
+
+    @property
+    def keys(self) -> list[str]:
+        return [key for group in self.groups for key in group.keys]
+
+    def pin_memory(self) -> PackedBatch:
+        return replace(self, groups=[group.pin_memory() for group in self.groups])
+
+
 def decode_planned(
     plan: DataPlan,
     sample_id: int,
@@ -127,7 +153,7 @@ def sample_seed(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
 
 
-def open_plan(cfg: DataConfig, table: BucketTable) -> DataPlan:
+def open_plan(cfg: DataConfig, table: BucketTable | PackingTable) -> DataPlan:
     """The plan of `data.shards`, built once per run and shared."""
     return DataPlan.open(cfg.shards, table, cfg.fps, cfg.image_share, cfg.cache_dir)
 
@@ -174,8 +200,10 @@ class BatchStream(IterableDataset):
             for epoch, index, after in rows:
                 planned = self.plan.batch(self.state.seed, epoch, index)
                 reads = [
-                    None if self._cached(i, planned.bucket) else pool.submit(self.reader.read, i)
-                    for i in planned.sample_ids
+                    None
+                    if self._cached(i, planned.shape_of(position))
+                    else pool.submit(self.reader.read, i)
+                    for position, i in enumerate(planned.sample_ids)
                 ]
                 if pending:
                     ahead += sum(read is not None for read in reads)
@@ -240,52 +268,90 @@ class BatchStream(IterableDataset):
         plan_index: int,
         after: DataState,
         reads: list[Future | None] | None = None,
-    ) -> Batch:
+    ) -> Batch | PackedBatch:
         """Read and decode a planned batch; samples that fail are dropped and counted (the batch
         may come out empty: the loader skips it, and keeps the count)."""
-        bucket, columns = planned.bucket, self.plan.columns
         reads = reads or [None] * len(planned.sample_ids)
-        videos, latents, captions, keys, fps, native_sizes = [], [], [], [], [], []
-        for sample_id, read in zip(planned.sample_ids, reads, strict=True):
-            key = self.plan.key(sample_id)
-            rng = np.random.default_rng([self.state.seed, epoch, sample_seed(key)])
-            try:
-                item, meta = self._sample(sample_id, read, bucket, rng)
-                use_recaption = meta.get("recaption") and rng.random() < self.cfg.recaption_prob
-                field = "recaption" if use_recaption else "caption"
-                if isinstance(item, LatentSample):
-                    latents.append((item, _stored_field(item, field, key)))
-                else:
-                    videos.append(item)
-            except (DecodeError, SampleError, ReadError) as error:
-                log.warning("skipping sample %s of %s: %s", key, self.plan.shard(sample_id), error)
-                continue
-            captions.append(meta[field])
-            keys.append(key)
-            frames, source_fps = int(columns["frames"][sample_id]), float(columns["fps"][sample_id])
-            fps.append(min(source_fps, self.cfg.fps) if frames > 1 else self.cfg.fps)
-            native_sizes.append(
-                (int(columns["height"][sample_id]), int(columns["width"][sample_id]))
+        loaded = [
+            self._load_sample(sample_id, read, planned.shape_of(position), epoch)
+            for position, (sample_id, read) in enumerate(
+                zip(planned.sample_ids, reads, strict=True)
             )
-        if latents:
-            video = None
-        elif videos:
-            video = torch.from_numpy(np.stack(videos))
-        else:  # every sample failed: the loader skips the batch and keeps the count
-            video = torch.empty(0, *bucket.shape, 3, dtype=torch.uint8)
-        return Batch(
-            video,
-            captions,
-            keys,
-            torch.tensor(fps, dtype=torch.float32),
-            torch.tensor(native_sizes, dtype=torch.float32).reshape(-1, 2),
-            bucket.shape,
-            after.to_dict(),
-            skipped=len(planned.sample_ids) - len(keys),
-            epoch=epoch,
-            plan_index=plan_index,
-            latents=LatentBatch.stack(latents) if latents else None,
+        ]
+        skipped = loaded.count(None)
+        if planned.bucket is not None:
+            samples = [sample for sample in loaded if sample is not None]
+            return _batch(samples, planned.bucket, after.to_dict(), skipped, epoch, plan_index)
+        by_shape: dict[Bucket, list[_Loaded]] = {}
+        for position, sample in enumerate(loaded):
+            if sample is not None:
+                by_shape.setdefault(planned.shapes[position], []).append(sample)
+        groups = [
+            _batch(samples, shape, {}, 0, epoch, plan_index) for shape, samples in by_shape.items()
+        ]
+        sequence = len(planned.pack_sizes) * self.plan.packing.cfg.sequence_tokens
+        return PackedBatch(groups, sequence, after.to_dict(), skipped, epoch, plan_index)
+
+    def _load_sample(
+        self, sample_id: int, read: Future | None, bucket: Bucket, epoch: int
+    ) -> _Loaded | None:
+        """One sample cut to `bucket`'s shape, its caption drawn; None (and a warning) when it
+        cannot be read or decoded."""
+        columns = self.plan.columns
+        key = self.plan.key(sample_id)
+        rng = np.random.default_rng([self.state.seed, epoch, sample_seed(key)])
+        try:
+            item, meta = self._sample(sample_id, read, bucket, rng)
+            use_recaption = meta.get("recaption") and rng.random() < self.cfg.recaption_prob
+            field = "recaption" if use_recaption else "caption"
+            if isinstance(item, LatentSample):
+                item = (item, _stored_field(item, field, key))
+        except (DecodeError, SampleError, ReadError) as error:
+            log.warning("skipping sample %s of %s: %s", key, self.plan.shard(sample_id), error)
+            return None
+        frames, source_fps = int(columns["frames"][sample_id]), float(columns["fps"][sample_id])
+        return _Loaded(
+            item,
+            meta[field],
+            key,
+            min(source_fps, self.cfg.fps) if frames > 1 else self.cfg.fps,
+            (int(columns["height"][sample_id]), int(columns["width"][sample_id])),
         )
+
+
+@dataclass
+class _Loaded:
+    item: np.ndarray | tuple[LatentSample, str]  # frames, or stored latents and caption field
+    caption: str
+    key: str
+    fps: float
+    native_size: tuple[int, int]
+
+
+def _batch(
+    samples: list[_Loaded], bucket: Bucket, after: dict, skipped: int, epoch: int, plan_index: int
+) -> Batch:
+    """Samples of one shape as a Batch."""
+    latents = [s.item for s in samples if isinstance(s.item, tuple)]
+    if latents:
+        video = None
+    elif samples:
+        video = torch.from_numpy(np.stack([s.item for s in samples]))
+    else:  # every sample failed: the loader skips the batch and keeps the count
+        video = torch.empty(0, *bucket.shape, 3, dtype=torch.uint8)
+    return Batch(
+        video,
+        [s.caption for s in samples],
+        [s.key for s in samples],
+        torch.tensor([s.fps for s in samples], dtype=torch.float32),
+        torch.tensor([s.native_size for s in samples], dtype=torch.float32).reshape(-1, 2),
+        bucket.shape,
+        after,
+        skipped=skipped,
+        epoch=epoch,
+        plan_index=plan_index,
+        latents=LatentBatch.stack(latents) if latents else None,
+    )
 
 
 def _stored_field(sample: LatentSample, field: str, key: str) -> str:
@@ -326,11 +392,13 @@ def build_loader(
     if dp_rank == 0:  # one rank checks, so a store is not asked once per rank
         stream.reader.check_shards()
     log.info(
-        "%d samples, %d of them in no bucket; %d batches an epoch in %d buckets",
+        "%d samples, %d of them in no %s; %d batches an epoch of %d %s",
         plan.num_samples,
         plan.unassigned,
+        "bucket" if plan.packing is None else "target shape",
         plan.batches_per_epoch,
         int((plan.bucket_counts > 0).sum()),
+        "buckets" if plan.packing is None else "target shapes, packed",
     )
     loader = DataLoader(
         stream,

@@ -6,7 +6,10 @@ consumed_samples)`. For each epoch a seeded global plan of batches is built that
 depend on the number of ranks: each bucket's samples are shuffled and cut into batches of
 that bucket's size, then the batches are shuffled (with `image_share` set, a seeded choice of
 image or video batches is left out first, so that images make that share of the batches:
-joint image and video training at a chosen mix). From the current position the plan is read in
+joint image and video training at a chosen mix). With packing (data/packing.py) every sample
+has a target shape of its own instead of a bucket, the epoch's samples are packed into
+sequences, and a batch is `packing.packs_per_rank` consecutive packs. From the current position
+the plan is read in
 rows of `world` batches, rank r taking the r-th of each row (batch j goes to rank j % world in
 a fresh epoch), and `consumed_samples` counts the samples of every plan batch before the
 position, so a run resumes exactly where it stopped, on any number of ranks. An epoch ends when
@@ -42,9 +45,10 @@ import pyarrow.compute as pc
 
 from data.buckets import Bucket, BucketTable
 from data.manifest import ManifestSource, manifest_batches, resolve_sources
+from data.packing import PackingTable, pack_count, pack_epoch
 from data.storage import identity, is_remote, local_path, parent
 
-PLAN_FORMAT = 3  # bump when the cached files change meaning
+PLAN_FORMAT = 4  # bump when the cached files change meaning
 # The per-sample columns the reader needs, as raw little-endian arrays; `shard` and `media`
 # index the plan's lists of shard URLs and media extensions.
 COLUMN_TYPES = {
@@ -56,7 +60,7 @@ COLUMN_TYPES = {
     "height": "<i4",
     "frames": "<i4",
     "fps": "<f8",
-    "bucket": "<i2",
+    "bucket": "<i2",  # an index into the plan's buckets (with packing: its target shapes)
 }
 ID_TYPE = np.dtype("<i4")  # sample ids: a plan holds fewer than 2**31 samples
 log = logging.getLogger(__name__)
@@ -81,8 +85,14 @@ class DataState:
 
 @dataclass(frozen=True)
 class PlannedBatch:
-    bucket: Bucket
+    bucket: Bucket | None  # None: a batch of packs, whose samples each have a shape of their own
     sample_ids: tuple[int, ...]
+    shapes: tuple[Bucket, ...] = ()  # packed: each sample's target shape
+    pack_sizes: tuple[int, ...] = ()  # packed: samples per pack, in order
+
+    def shape_of(self, position: int) -> Bucket:
+        """The shape the `position`-th sample is cut to."""
+        return self.bucket if self.bucket is not None else self.shapes[position]
 
 
 def frames_at_fps(frames: np.ndarray, fps: np.ndarray, target_fps: float) -> np.ndarray:
@@ -95,24 +105,39 @@ def assign_buckets(
     width: np.ndarray,
     height: np.ndarray,
     frames: np.ndarray,
-    table: BucketTable,
+    table: BucketTable | PackingTable,
     known: dict[int, int] | None = None,
+    shapes: dict[tuple[int, int, int], int] | None = None,
 ) -> np.ndarray:
-    """Each sample's bucket index in `table.buckets` (-1: none fits). The table's own rule runs
-    once per distinct (width, height, frames), where frames beyond the longest bucket's are all
-    alike; `known` carries those answers from one call to the next."""
+    """Each sample's bucket index in `table.buckets` (-1: none fits), or with a packing table its
+    target shape's index in `shapes` (grown as shapes appear). The table's own rule runs once
+    per distinct (width, height, frames), where frames beyond the longest a sample may keep are
+    all alike; `known` carries those answers from one call to the next."""
     known = {} if known is None else known
-    capped = np.minimum(frames, max(b.frames for b in table.buckets)).astype(np.int64)
+    if isinstance(table, PackingTable):
+        shapes = {} if shapes is None else shapes
+        longest = table.max_frames
+
+        def rule(width: int, height: int, frames: int) -> int:
+            target = table.target(width, height, frames)
+            return -1 if target is None else shapes.setdefault(target, len(shapes))
+    else:
+        longest = max(b.frames for b in table.buckets)
+        index = {bucket: i for i, bucket in enumerate(table.buckets)}
+
+        def rule(width: int, height: int, frames: int) -> int:
+            bucket = table.assign(width, height, frames)
+            return -1 if bucket is None else index[bucket]
+
+    capped = np.minimum(frames, longest).astype(np.int64)
     valid = (width > 0) & (height > 0) & (width < 2**21) & (height < 2**21)
     packed = (width.astype(np.int64) << 42) | (height.astype(np.int64) << 21) | capped
     encoded = pc.dictionary_encode(pa.array(np.where(valid, packed, -1)))
-    index = {bucket: i for i, bucket in enumerate(table.buckets)}
 
     def bucket_of(value: int) -> int:
         if value < 0:
             return -1
-        bucket = table.assign(value >> 42, (value >> 21) & (2**21 - 1), value & (2**21 - 1))
-        return -1 if bucket is None else index[bucket]
+        return rule(value >> 42, (value >> 21) & (2**21 - 1), value & (2**21 - 1))
 
     choice = np.array(
         [
@@ -127,12 +152,14 @@ def assign_buckets(
 @dataclass
 class EpochPlan:
     """One epoch's batches as arrays: batch i is `order[start[i] : start[i] + size]` of bucket
-    `bucket[i]`, and `cumulative[i]` samples come before it (`cumulative` has one more entry)."""
+    `bucket[i]` (-1 for packs), and `cumulative[i]` samples come before it (`cumulative` has one
+    more entry). Packed, pack p is `order[pack_start[p] : pack_start[p + 1]]`."""
 
     order: np.ndarray
     bucket: np.ndarray
     start: np.ndarray
     cumulative: np.ndarray
+    pack_start: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.bucket)
@@ -152,11 +179,18 @@ class EpochPlan:
 
 
 class DataPlan:
-    """The samples of `data.shards` (columns, memory-mapped), their buckets, and every epoch's
-    seeded plan; see the module docstring. Build it with `DataPlan.open`."""
+    """The samples of `data.shards` (columns, memory-mapped), their buckets (or, packed, their
+    target shapes), and every epoch's seeded plan; see the module docstring. Build it with
+    `DataPlan.open`."""
 
-    def __init__(self, folder: Path, table: BucketTable, image_share: float | None):
+    def __init__(self, folder: Path, table: BucketTable | PackingTable, image_share: float | None):
         self.folder, self.table, self.image_share = folder, table, image_share
+        self.packing = table if isinstance(table, PackingTable) else None
+        if self.packing is not None and image_share is not None:
+            raise ValueError(
+                f"data.image_share={image_share} mixes batches of buckets; with packing, images "
+                "and videos share packs in the data's own mix: leave it null"
+            )
         meta = json.loads((folder / "plan.json").read_text())
         self.shards: list[str] = meta["shards"]
         self.medias: list[str] = meta["medias"]
@@ -168,11 +202,19 @@ class DataPlan:
             for name, dtype in COLUMN_TYPES.items()
         }
         self.bucket_counts = np.asarray(meta["bucket_counts"], dtype=np.int64)
+        self.bucket_ends = np.cumsum(self.bucket_counts)
         self.by_bucket_ids = np.memmap(
             folder / "by_bucket.bin", ID_TYPE, "r", shape=(int(self.bucket_counts.sum()),)
         )
-        self.batch_sizes = np.array([b.batch_size for b in table.buckets], dtype=np.int64)
-        self.batches_per_epoch = int(sum(self.bucket_counts // self.batch_sizes))
+        if self.packing is None:
+            self.buckets: list[Bucket] = table.buckets
+            self.batch_sizes = np.array([b.batch_size for b in table.buckets], dtype=np.int64)
+            self.batches_per_epoch = int(sum(self.bucket_counts // self.batch_sizes))
+        else:
+            self.buckets = [self.packing.bucket(*shape) for shape in meta["shapes"]]
+            tokens, counts = self._token_counts()
+            packs = pack_count(tokens, counts, self.packing.cfg.sequence_tokens)
+            self.batches_per_epoch = packs // self.packing.cfg.packs_per_rank
         self._epoch: tuple[str, EpochPlan] | None = None
 
     # Loader workers started by `spawn` re-open the files rather than copying arrays.
@@ -183,7 +225,7 @@ class DataPlan:
     def open(
         cls,
         shards: str,
-        table: BucketTable,
+        table: BucketTable | PackingTable,
         fps: float,
         image_share: float | None = None,
         cache_dir: str | Path = ".cache/data",
@@ -201,9 +243,16 @@ class DataPlan:
     # --- samples ---
 
     def bucket_ids(self, bucket: int) -> np.ndarray:
-        """The ids of bucket `bucket` (an index into `table.buckets`) in manifest order."""
-        end = int(self.bucket_counts[: bucket + 1].sum())
+        """The ids of bucket `bucket` (an index into `buckets`) in manifest order."""
+        end = int(self.bucket_ends[bucket])
         return self.by_bucket_ids[end - int(self.bucket_counts[bucket]) : end]
+
+    def _token_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """The distinct token counts of the shapes (most first) and the samples of each."""
+        tokens = np.array([b.tokens_per_sample for b in self.buckets], dtype=np.int64)
+        distinct = np.unique(tokens)[::-1]
+        counts = np.array([self.bucket_counts[tokens == t].sum() for t in distinct])
+        return distinct, counts.astype(np.int64)
 
     def key(self, sample_id: int) -> str:
         return self.keys[sample_id].as_py()
@@ -216,9 +265,16 @@ class DataPlan:
 
     # --- epochs ---
 
+    @property
+    def _epoch_kind(self) -> str:
+        """What besides seed and epoch decides an epoch's batches (part of its folder's name)."""
+        if self.packing is not None:
+            return f"p{self.packing.cfg.packs_per_rank}"
+        return f"i{self.image_share}"
+
     def epoch(self, seed: int, epoch: int) -> EpochPlan:
         """Epoch `epoch`'s plan; the latest one asked for is kept."""
-        name = f"epoch-s{seed}-e{epoch}-i{self.image_share}"
+        name = f"epoch-s{seed}-e{epoch}-{self._epoch_kind}"
         if self._epoch is None or self._epoch[0] != name:
             self._epoch = (name, self._load_epoch(name, seed, epoch))
         return self._epoch[1]
@@ -226,7 +282,24 @@ class DataPlan:
     def batch(self, seed: int, epoch: int, index: int) -> PlannedBatch:
         plan = self.epoch(seed, epoch)
         ids = plan.sample_ids(index)
-        return PlannedBatch(self.table.buckets[int(plan.bucket[index])], tuple(ids.tolist()))
+        if plan.pack_start is None:
+            return PlannedBatch(self.buckets[int(plan.bucket[index])], tuple(ids.tolist()))
+        packs = self.packing.cfg.packs_per_rank
+        ends = plan.pack_start[index * packs : (index + 1) * packs + 1]
+        return PlannedBatch(
+            None,
+            tuple(ids.tolist()),
+            tuple(self.buckets[b] for b in self.columns["bucket"][ids].tolist()),
+            tuple(np.diff(ends).tolist()),
+        )
+
+    def sample_buckets(self, seed: int, epoch: int, index: int) -> np.ndarray:
+        """The bucket (or target shape) index of every sample of a plan batch."""
+        plan = self.epoch(seed, epoch)
+        if plan.pack_start is None:
+            size = int(plan.cumulative[index + 1] - plan.cumulative[index])
+            return np.full(size, int(plan.bucket[index]))
+        return self.columns["bucket"][plan.sample_ids(index)]
 
     def first_batch(self, state: DataState) -> int:
         """The plan index of `state`; a state that is no batch boundary fails."""
@@ -264,20 +337,24 @@ class DataPlan:
         folder = self.folder / name
         with _locked(self.folder / "epochs.lock"):  # so no process removes it mid-load
             if not folder.exists():
+                arrays = (
+                    self._shuffle(seed, epoch) if self.packing is None else self._pack(seed, epoch)
+                )
                 with _staged(folder) as tmp:
-                    for name, array in self._shuffle(seed, epoch).items():
+                    for name, array in arrays.items():
                         np.save(tmp / f"{name}.npy", array)
                 self._forget_old_epochs(seed, epoch)
             arrays = {
                 field.name: np.load(folder / f"{field.name}.npy", mmap_mode="r")
                 for field in fields(EpochPlan)
+                if (folder / f"{field.name}.npy").exists()
             }
         return EpochPlan(**arrays)
 
     def _forget_old_epochs(self, seed: int, epoch: int) -> None:
         """Keep the newest two epochs of each (seed, image share); a process still reading an
         older one keeps its mapping."""
-        for old in self.folder.glob(f"epoch-s{seed}-e*-i{self.image_share}"):
+        for old in self.folder.glob(f"epoch-s{seed}-e*-{self._epoch_kind}"):
             if int(old.name.split("-e")[1].split("-")[0]) < epoch - 1:
                 shutil.rmtree(old, ignore_errors=True)
 
@@ -306,6 +383,35 @@ class DataPlan:
             "bucket": bucket,
             "start": start,
             "cumulative": cumulative,
+        }
+
+    def _pack(self, seed: int, epoch: int) -> dict[str, np.ndarray]:
+        """The samples of each token count shuffled, packed (data/packing.py), and the packs cut
+        into batches of `packs_per_rank` (dropping a last, partial batch); seeded by (seed,
+        epoch)."""
+        rng = np.random.default_rng([seed, epoch])
+        tokens = np.array([b.tokens_per_sample for b in self.buckets], dtype=np.int64)
+        distinct, _ = self._token_counts()
+        ids = [
+            rng.permutation(
+                np.concatenate(
+                    [self.bucket_ids(i) for i in np.flatnonzero(tokens == t)]
+                    or [np.array([], ID_TYPE)]
+                )
+            )
+            for t in distinct.tolist()
+        ]
+        order, pack_start = pack_epoch(distinct, ids, self.packing.cfg.sequence_tokens, rng)
+        per_batch = self.packing.cfg.packs_per_rank
+        batches = (len(pack_start) - 1) // per_batch
+        pack_start = pack_start[: batches * per_batch + 1]
+        cumulative = pack_start[::per_batch]
+        return {
+            "order": order[: pack_start[-1]],
+            "bucket": np.full(batches, -1, dtype=np.int16),
+            "start": cumulative[:-1],
+            "cumulative": cumulative,
+            "pack_start": pack_start,
         }
 
     def _mix_images(self, bucket: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -337,13 +443,12 @@ class DataPlan:
 # --- the cache ---------------------------------------------------------------------------
 
 
-def _cache_key(sources: list[ManifestSource], table: BucketTable, fps: float) -> str:
+def _cache_key(sources: list[ManifestSource], table: BucketTable | PackingTable, fps: float) -> str:
     facts = {
         "format": PLAN_FORMAT,
         "manifests": [[identity(s.url), s.shards] for s in sources],
-        "buckets": [[*b.shape, b.batch_size] for b in table.buckets],
-        "max_aspect_change": table.cfg.max_aspect_change,
         "fps": fps,
+        **table.cache_facts(),
     }
     return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
 
@@ -388,12 +493,17 @@ def _staged(folder: Path):
 
 
 def _build(
-    folder: Path, sources: list[ManifestSource], table: BucketTable, fps: float, spec: str
+    folder: Path,
+    sources: list[ManifestSource],
+    table: BucketTable | PackingTable,
+    fps: float,
+    spec: str,
 ) -> None:
     """Stream the manifests a batch of rows at a time (memory stays flat in the dataset's size):
-    assign buckets, append each column to its file, and group sample ids by bucket."""
+    assign buckets (or target shapes), append each column to its file, and group sample ids by
+    bucket."""
     with _staged(folder) as tmp:
-        shards, medias, count, by_bucket = _write_columns(tmp, sources, table, fps, spec)
+        shards, medias, count, by_bucket, shapes = _write_columns(tmp, sources, table, fps, spec)
         counts = [sum(len(ids) for ids in parts) for parts in by_bucket]
         with open(tmp / "by_bucket.bin", "wb") as file:
             for parts in by_bucket:
@@ -405,20 +515,29 @@ def _build(
             "bucket_counts": counts,
             "shards": shards,
             "medias": medias,
+            "shapes": shapes,
         }
         (tmp / "plan.json").write_text(json.dumps(meta))
     log.info("data plan of %d samples cached at %s", count, folder)
 
 
 def _write_columns(
-    tmp: Path, sources: list[ManifestSource], table: BucketTable, fps: float, spec: str
-) -> tuple[list[str], list[str], int, list[list[np.ndarray]]]:
+    tmp: Path,
+    sources: list[ManifestSource],
+    table: BucketTable | PackingTable,
+    fps: float,
+    spec: str,
+) -> tuple[list[str], list[str], int, list[list[np.ndarray]], list[list[int]]]:
     """The per-sample column files and keys of every manifest row: (shard URLs, media kinds,
-    sample count, each bucket's sample ids in pieces)."""
+    sample count, each bucket's sample ids in pieces, the buckets' or target shapes' [frames,
+    height, width])."""
     shards: dict[str, int] = {}
     medias: dict[str, int] = {}
     known: dict[int, int] = {}
-    by_bucket: list[list[np.ndarray]] = [[] for _ in table.buckets]
+    shapes: dict[tuple[int, int, int], int] = (
+        {} if isinstance(table, PackingTable) else {b.shape: i for i, b in enumerate(table.buckets)}
+    )
+    by_bucket: list[list[np.ndarray]] = []
     count = 0
     with ExitStack() as stack:
         files = {
@@ -438,8 +557,14 @@ def _write_columns(
                 numbers["media"] = _indices(column["media"], medias, COLUMN_TYPES["media"])
                 available = frames_at_fps(numbers["frames"], numbers["fps"], fps)
                 numbers["bucket"] = assign_buckets(
-                    numbers["width"], numbers["height"], available, table, known
+                    numbers["width"], numbers["height"], available, table, known, shapes
                 )
+                if len(shapes) > np.iinfo(COLUMN_TYPES["bucket"]).max:
+                    raise ValueError(
+                        f"data.shards={spec!r}: over {len(shapes) - 1} distinct target shapes; "
+                        "lower packing.max_frames or packing.max_tokens_per_sample"
+                    )
+                by_bucket += [[] for _ in range(len(shapes) - len(by_bucket))]
                 for name, file in files.items():
                     file.write(numbers[name].astype(COLUMN_TYPES[name]).tobytes())
                 keys.write_batch(
@@ -451,7 +576,7 @@ def _write_columns(
                     raise ValueError(f"data.shards={spec!r}: over 2**31 samples in one plan")
     if count == 0:
         raise FileNotFoundError(f"data.shards={spec!r}: the shards hold no samples")
-    return list(shards), list(medias), count, by_bucket
+    return list(shards), list(medias), count, by_bucket, [list(shape) for shape in shapes]
 
 
 def _indices(values: pa.DictionaryArray, index: dict[str, int], dtype: str) -> np.ndarray:

@@ -3,26 +3,61 @@
 `attention` is a pure function so that sequence parallelism can wrap it from outside. It picks
 flash-attn when it can (CUDA, fp16/bf16, no mask) and PyTorch's scaled_dot_product_attention,
 which has its own fused kernels, everywhere else.
+
+Packed sequences (several samples in one token sequence, B = 1) attend block-diagonally: each
+token only within its own `Segments` entry. flash-attn's varlen kernel does that directly; the
+PyTorch path runs one SDPA per segment, so a pack costs the sum of its segments' squares, as the
+samples would alone, never the square of the whole sequence that an N×N mask would.
 """
 
 from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 try:
-    from flash_attn import flash_attn_func
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
 except ImportError:  # CPU machines and GPUs without the optional flash-attn wheel
-    flash_attn_func = None
+    flash_attn_func = flash_attn_varlen_func = None
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
+@dataclass(frozen=True)
+class Segments:
+    """Contiguous segments along dim 1 of a packed sequence, in the form flash-attn's varlen
+    kernels take; `lengths` keeps them on the host, so the PyTorch path never syncs a GPU."""
+
+    lengths: tuple[int, ...]
+    cu_seqlens: Tensor  # (S + 1,) int32: segment i is tokens cu_seqlens[i]:cu_seqlens[i + 1]
+    max_seqlen: int
+
+    @classmethod
+    def from_lengths(cls, lengths: Sequence[int], device: torch.device | None = None) -> Segments:
+        bounds = [0, *itertools.accumulate(lengths)]
+        cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=device)
+        return cls(tuple(lengths), cu_seqlens, max(lengths))
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_mask: Tensor | None = None,
+    segments: Segments | None = None,
+) -> Tensor:
     """Softmax attention of q over k/v, all shaped (B, L, H, D); returns (B, Lq, H, D).
 
     key_mask: optional (B, Lk) bool, True where a key may be attended to. A sample with no valid
     key gets a zero output instead of the NaN a fully masked softmax would give.
+    segments: for a packed self-attention sequence (B = 1, Lq = Lk), the segments its tokens are
+    cut into; each token attends only to the keys of its own segment. Takes no key_mask.
     """
+    if segments is not None:
+        return _segment_attention(q, k, v, key_mask, segments)
     if key_mask is None and _flash_attn_applies(q):
         return flash_attn_func(q, k, v)
 
@@ -38,12 +73,37 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -
         has_key = key_mask.any(dim=1)
         attn_mask = (key_mask | ~has_key[:, None])[:, None, None, :]
 
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask
-    ).transpose(1, 2)
+    out = _sdpa(q, k, v, attn_mask)
     if has_key is not None:
         out = out * has_key[:, None, None, None].to(out.dtype)
     return out
+
+
+def _segment_attention(
+    q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, segments: Segments
+) -> Tensor:
+    if key_mask is not None:
+        raise ValueError("segments take no key_mask: tokens attend to their whole segment")
+    tokens = sum(segments.lengths)
+    if not q.shape[:2] == k.shape[:2] == v.shape[:2] == (1, tokens):
+        raise ValueError(
+            f"segments of {tokens} tokens need one packed sequence (1, {tokens}, H, D) of "
+            f"queries, keys and values, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if _flash_attn_applies(q):
+        cu_seqlens, max_seqlen = segments.cu_seqlens, segments.max_seqlen
+        return flash_attn_varlen_func(
+            q[0], k[0], v[0], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen
+        )[None]
+    pieces = zip(*(x.split(segments.lengths, dim=1) for x in (q, k, v)), strict=True)
+    return torch.cat([_sdpa(*piece) for piece in pieces], dim=1)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    """PyTorch's fused attention, on and back to the (B, L, H, D) layout."""
+    return F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask
+    ).transpose(1, 2)
 
 
 def _flash_attn_applies(q: Tensor) -> bool:

@@ -8,6 +8,14 @@ that clean conditioning frames (t = 0) and noisy frames can share one sequence. 
 to that condition: a learned vector on the frames that are given (see model/conditioning.py), and
 the micro-conditions frame rate and native resolution of the source.
 
+Packed sequences, as in NaViT: `forward` also takes a list of samples of different shapes, each
+with its own caption, time(s), given frames and micro-conditions, and runs them as one token
+sequence, their tokens in order and then padding up to a fixed `sequence_length`. Each sample
+gets exactly what it would alone: self-attention stays within it (block-diagonal, the padding
+apart), it cross-attends to its own caption, its rotary positions are those of its own grid, and
+its adaLN rows (one per sample and token frame) are gathered to its tokens. A `TokenLayout` tells
+the blocks where each sample lies.
+
 Cross-attention is ungated, as in PixArt-alpha: the caption matters at every noise level, so a
 time-dependent gate buys little and would cost width² parameters per block; its zero-initialised
 output projection keeps every block the identity at initialisation, like the adaLN-Zero gates.
@@ -27,14 +35,16 @@ pico to mini are CPU sizes for tests and the scaling-law demo sweep.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from model.attention import attention
+from model.attention import Segments, attention
 from model.geometry import token_grid
 
 TIME_FREQUENCY_DIM = 256  # sinusoidal features fed to the timestep MLP, as in DiT
@@ -134,6 +144,68 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
+@dataclass(frozen=True)
+class TokenLayout:
+    """What the blocks and the final layer know about a token sequence besides its tokens.
+
+    A dense batch (B, N) has only the rotary table its samples share; its adaLN rows, one per
+    sample or per token frame, reach their tokens through `modulate`'s runs. A packed sequence
+    (1, N) also has each token's adaLN row, the self-attention segments (each sample, then the
+    padding) and each sample's token count, for cross-attention to its own caption.
+    """
+
+    rope: tuple[Tensor, Tensor]  # cos, sin: (N, head_dim/2) each
+    rows: Tensor | None = None  # (N,) int64: the adaLN row of each token
+    segments: Segments | None = None
+    sample_tokens: tuple[int, ...] | None = None  # the padding follows them
+
+    @classmethod
+    def packed(
+        cls,
+        grids: list[tuple[int, int, int]],
+        head_dim: int,
+        theta: float,
+        sequence_length: int | None,
+        device: torch.device,
+    ) -> TokenLayout:
+        """Samples with these token grids, in order, then padding up to sequence_length tokens
+        (None: none). adaLN rows: one per (sample, token frame), then one for the padding."""
+        sample_tokens = [math.prod(grid) for grid in grids]
+        padding = 0 if sequence_length is None else sequence_length - sum(sample_tokens)
+        if padding < 0:
+            raise ValueError(
+                f"sequence_length={sequence_length} is less than the {sum(sample_tokens)} tokens "
+                "of the packed samples"
+            )
+        frame_tokens = [height * width for frames, height, width in grids for _ in range(frames)]
+        row_tokens = torch.tensor([*frame_tokens, padding], device=device)
+        rows = torch.arange(len(row_tokens), device=device).repeat_interleave(
+            row_tokens, output_size=sum(sample_tokens) + padding
+        )
+        # The padding takes the positions of a (padding, 1, 1) grid: any do, it sees only itself.
+        grids = [*grids, (padding, 1, 1)]
+        tables = [rope_cos_sin(grid, head_dim, theta, device) for grid in grids]
+        rope = tuple(torch.cat(column) for column in zip(*tables, strict=True))
+        segments = Segments.from_lengths([n for n in [*sample_tokens, padding] if n], device)
+        return cls(rope, rows, segments, tuple(sample_tokens))
+
+    def per_token(self, rows: Tensor) -> Tensor:
+        """adaLN rows as `modulate` and `gate` take them: a packed sequence's (1, R, W) gathered
+        to one per token (1, N, W); a dense batch's (B, G, W) as they are."""
+        return rows if self.rows is None else rows.index_select(1, self.rows)
+
+    def tokens(self, start: int, stop: int) -> TokenLayout:
+        """The layout of tokens start:stop, as one rank of a sequence-parallel group holds them.
+        Self-attention keeps the whole sequence's segments: it sees all tokens again after the
+        all-to-all."""
+        rope = (self.rope[0][start:stop], self.rope[1][start:stop])
+        if self.rows is None:
+            return TokenLayout(rope)
+        bounds = itertools.pairwise([0, *itertools.accumulate(self.sample_tokens)])
+        local = tuple(max(0, min(end, stop) - max(begin, start)) for begin, end in bounds)
+        return TokenLayout(rope, self.rows[start:stop], self.segments, local)
+
+
 # --------------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------------
@@ -205,12 +277,14 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(width, width)
         self.attend = attention  # sequence parallelism swaps in a distributed attention
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], segments: Segments | None = None
+    ) -> Tensor:
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(dim=2)
         # Autocast may run the norms in fp32; attention kernels need one dtype.
         q = apply_rope(self.q_norm(q), *rope).type_as(v)
         k = apply_rope(self.k_norm(k), *rope).type_as(v)
-        return self.proj(self.attend(q, k, v).flatten(2))
+        return self.proj(self.attend(q, k, v, segments=segments).flatten(2))
 
 
 class CrossAttention(nn.Module):
@@ -224,12 +298,36 @@ class CrossAttention(nn.Module):
         self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor,
+        context_mask: Tensor,
+        sample_tokens: tuple[int, ...] | None = None,
+    ) -> Tensor:
+        """sample_tokens: for a packed sequence, each sample's token count (row i of context is
+        sample i's caption)."""
         q = self.q(x).unflatten(-1, (self.num_heads, -1))
         k, v = self.kv(context).unflatten(-1, (2, self.num_heads, -1)).unbind(dim=2)
         q, k = self.q_norm(q).type_as(v), self.k_norm(k).type_as(v)
-        out = attention(q, k, v, key_mask=context_mask)
+        if sample_tokens is None:
+            out = attention(q, k, v, key_mask=context_mask)
+        else:
+            out = _attend_own_captions(q, k, v, context_mask, sample_tokens)
         return self.proj(out.flatten(2))
+
+
+def _attend_own_captions(
+    q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, sample_tokens: tuple[int, ...]
+) -> Tensor:
+    """Packed queries (1, N, H, D): sample i's tokens attend to caption i (k[i], v[i] with
+    key_mask[i]); the padding after the samples gets zero."""
+    *queries, padding = q.split([*sample_tokens, q.shape[1] - sum(sample_tokens)], dim=1)
+    outs = [
+        attention(query, k[i : i + 1], v[i : i + 1], key_mask[i : i + 1])
+        for i, query in enumerate(queries)
+    ]
+    return torch.cat([*outs, torch.zeros_like(padding)], dim=1)
 
 
 class DiTBlock(nn.Module):
@@ -252,13 +350,13 @@ class DiTBlock(nn.Module):
         cond: Tensor,
         context: Tensor,
         context_mask: Tensor,
-        rope: tuple[Tensor, Tensor],
+        layout: TokenLayout,
     ) -> Tensor:
-        shift_sa, scale_sa, gate_sa, shift_mlp, scale_mlp, gate_mlp = self.modulation(cond).chunk(
-            6, dim=-1
-        )
-        x = x + gate(self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa), rope), gate_sa)
-        x = x + self.cross_attn(self.norm_cross(x), context, context_mask)
+        modulation = layout.per_token(self.modulation(cond))
+        shift_sa, scale_sa, gate_sa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)
+        normed = modulate(self.norm1(x), shift_sa, scale_sa)
+        x = x + gate(self.self_attn(normed, layout.rope, layout.segments), gate_sa)
+        x = x + self.cross_attn(self.norm_cross(x), context, context_mask, layout.sample_tokens)
         x = x + gate(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)), gate_mlp)
         return x
 
@@ -270,8 +368,8 @@ class FinalLayer(nn.Module):
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.linear = nn.Linear(width, patch_dim)
 
-    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
-        shift, scale = self.modulation(cond).chunk(2, dim=-1)
+    def forward(self, x: Tensor, cond: Tensor, layout: TokenLayout) -> Tensor:
+        shift, scale = layout.per_token(self.modulation(cond)).chunk(2, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
@@ -287,6 +385,7 @@ class DiT(nn.Module):
         self.cfg = cfg
         self.in_channels = in_channels
         self.text_dim = text_dim
+        self.head_dim = cfg.width // cfg.num_heads
         patch_dim = in_channels * math.prod(cfg.patch_size)
 
         # A Linear on flattened patches: same maths as a strided Conv3d, ~2x faster on CPU.
@@ -327,14 +426,16 @@ class DiT(nn.Module):
 
     def forward(
         self,
-        x: Tensor,
-        t: Tensor,
+        x: Tensor | list[Tensor],
+        t: Tensor | list[Tensor],
         text: Tensor,
         text_mask: Tensor,
-        given: Tensor | None = None,
+        given: Tensor | list[Tensor] | None = None,
         fps: Tensor | None = None,
         native_size: Tensor | None = None,
-    ) -> Tensor:
+        *,
+        sequence_length: int | None = None,
+    ) -> Tensor | list[Tensor]:
         """Velocity (B, C, T, H, W) for latents x at flow time t.
 
         t: (B,) for one time per sample, or (B, T) for one per latent frame (frames that share a
@@ -342,30 +443,114 @@ class DiT(nn.Module):
         text_mask (B, L) bool, True for real tokens. given: (B, T) bool, the clean conditioning
         frames. fps (B,) and native_size (B, 2) (source height, width in pixels): micro-conditions,
         both or neither.
-        """
-        self._check_inputs(x, t, text, text_mask, given, fps, native_size)
-        pt, ph, pw = self.cfg.patch_size
-        grid = token_grid(x.shape[2:], self.cfg.patch_size)
 
-        patches = rearrange(
+        Packed: x a list of S latents (C, T_i, H_i, W_i), t a list of S times () or (T_i,), given
+        None or a list of S bool (T_i,); text, text_mask, fps and native_size as above with one
+        row per sample. The samples run as one sequence, padded to sequence_length tokens (None:
+        no padding), and the list of their S velocities is what each would get alone.
+        """
+        if isinstance(x, list):
+            return self._forward_packed(
+                x, t, text, text_mask, given, fps, native_size, sequence_length
+            )
+        if sequence_length is not None:
+            raise ValueError("sequence_length pads a packed batch: pass x as a list of latents")
+        self._check_inputs(x, t, text, text_mask, given, fps, native_size)
+        grid = token_grid(x.shape[2:], self.cfg.patch_size)
+        cond = self._condition(  # (B, 1 or frames, width)
+            self._per_token_frame(t, grid[0]),
+            None if given is None else self._per_token_frame(given.float(), grid[0]),
+            None if fps is None else self.micro_embed(fps, native_size)[:, None],
+        )
+        layout = TokenLayout(rope_cos_sin(grid, self.head_dim, self.cfg.rope_theta, x.device))
+        patches = self._transform(self._patchify(x), cond, text, text_mask, layout)
+        return self._unpatchify(patches, grid)
+
+    def _forward_packed(
+        self,
+        x: list[Tensor],
+        t: list[Tensor],
+        text: Tensor,
+        text_mask: Tensor,
+        given: list[Tensor] | None,
+        fps: Tensor | None,
+        native_size: Tensor | None,
+        sequence_length: int | None,
+    ) -> list[Tensor]:
+        self._check_packed_inputs(x, t, text, text_mask, given, fps, native_size)
+        grids = [token_grid(sample.shape[1:], self.cfg.patch_size) for sample in x]
+        layout = TokenLayout.packed(
+            grids, self.head_dim, self.cfg.rope_theta, sequence_length, x[0].device
+        )
+        patches = torch.cat([self._patchify(sample[None]) for sample in x], dim=1)
+        padding = len(layout.rows) - patches.shape[1]
+        cond = self._packed_condition(x, t, given, fps, native_size)
+        patches = self._transform(F.pad(patches, (0, 0, 0, padding)), cond, text, text_mask, layout)
+        per_sample = patches[:, : sum(layout.sample_tokens)].split(layout.sample_tokens, dim=1)
+        return [self._unpatchify(p, grid)[0] for p, grid in zip(per_sample, grids, strict=True)]
+
+    def _transform(
+        self, patches: Tensor, cond: Tensor, text: Tensor, text_mask: Tensor, layout: TokenLayout
+    ) -> Tensor:
+        """Patches (B, N, patch_dim) through the embedding, every block and the final layer."""
+        tokens = self.patch_embed(patches)
+        context = self.caption_proj(text)
+        for block in self.blocks:
+            tokens = block(tokens, cond, context, text_mask, layout)
+        return self.final_layer(tokens, cond, layout)
+
+    def _condition(self, times: Tensor, given_share: Tensor | None, micro: Tensor | None) -> Tensor:
+        """adaLN condition rows (..., width) from their times, their shares of given frames and
+        their micro-condition embeddings."""
+        cond = self.time_embed(times)
+        if given_share is not None:
+            cond = cond + given_share.to(cond.dtype)[..., None] * self.given_embed.to(cond.dtype)
+        if micro is not None:
+            cond = cond + micro
+        return cond
+
+    def _packed_condition(
+        self,
+        x: list[Tensor],
+        t: list[Tensor],
+        given: list[Tensor] | None,
+        fps: Tensor | None,
+        native_size: Tensor | None,
+    ) -> Tensor:
+        """adaLN condition rows (1, R + 1, width) of a pack: one per (sample, token frame), in
+        token order, then a zero row for the padding."""
+        micro = None
+        if fps is not None:
+            token_frames = [sample.shape[1] // self.cfg.patch_size[0] for sample in x]
+            micro = self.micro_embed(fps, native_size).repeat_interleave(
+                torch.tensor(token_frames, device=fps.device), dim=0, output_size=sum(token_frames)
+            )
+        cond = self._condition(
+            self._token_frame_rows(t, x),
+            None if given is None else self._token_frame_rows([g.float() for g in given], x),
+            micro,
+        )
+        return F.pad(cond, (0, 0, 0, 1))[None]
+
+    def _token_frame_rows(self, values: list[Tensor], x: list[Tensor]) -> Tensor:
+        """Per-sample values, () or one per latent frame (T_i,), as one per token frame of every
+        sample, concatenated."""
+        rows = []
+        for value, sample in zip(values, x, strict=True):
+            frames = sample.shape[1]
+            per_frame = value.expand(frames)[None]
+            rows.append(self._per_token_frame(per_frame, frames // self.cfg.patch_size[0])[0])
+        return torch.cat(rows)
+
+    def _patchify(self, x: Tensor) -> Tensor:
+        """Latents (B, C, T, H, W) -> patches (B, tokens, patch_dim), frame-major."""
+        pt, ph, pw = self.cfg.patch_size
+        return rearrange(
             x, "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw c)", pt=pt, ph=ph, pw=pw
         )
-        tokens = self.patch_embed(patches)
-        cond = self.time_embed(self._per_token_frame(t, grid[0]))  # (B, 1 or frames, width)
-        if given is not None:
-            cond = cond + self._per_token_frame(given.to(cond.dtype), grid[0])[..., None] * (
-                self.given_embed.to(cond.dtype)
-            )
-        if fps is not None:
-            cond = cond + self.micro_embed(fps, native_size)[:, None]
-        context = self.caption_proj(text)
-        head_dim = self.cfg.width // self.cfg.num_heads
-        rope = rope_cos_sin(grid, head_dim, self.cfg.rope_theta, device=x.device)
 
-        for block in self.blocks:
-            tokens = block(tokens, cond, context, text_mask, rope)
-
-        patches = self.final_layer(tokens, cond)
+    def _unpatchify(self, patches: Tensor, grid: tuple[int, int, int]) -> Tensor:
+        pt, ph, pw = self.cfg.patch_size
         return rearrange(
             patches,
             "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)",
@@ -398,6 +583,59 @@ class DiT(nn.Module):
             raise ValueError(
                 f"t must be (B,) = ({batch},) or (B, T) = ({batch}, {frames}), got {tuple(t.shape)}"
             )
+        if given is not None and (given.shape != (batch, frames) or given.dtype != torch.bool):
+            raise ValueError(
+                f"given must be bool of shape (B, T) = ({batch}, {frames}), "
+                f"got {given.dtype} {tuple(given.shape)}"
+            )
+        self._check_sample_conditions(batch, text, text_mask, fps, native_size)
+
+    def _check_packed_inputs(
+        self,
+        x: list[Tensor],
+        t: list[Tensor],
+        text: Tensor,
+        text_mask: Tensor,
+        given: list[Tensor] | None,
+        fps: Tensor | None,
+        native_size: Tensor | None,
+    ) -> None:
+        count = len(x)
+        if not count or len(t) != count or (given is not None and len(given) != count):
+            raise ValueError(
+                f"a packed batch needs latents x and one t (and given, if any) per sample, got "
+                f"{count} x, {len(t)} t and {'no' if given is None else len(given)} given"
+            )
+        for i, (latents, time) in enumerate(zip(x, t, strict=True)):
+            if latents.ndim != 4 or latents.shape[0] != self.in_channels:
+                raise ValueError(
+                    f"x[{i}] must be latents (C={self.in_channels}, T, H, W), "
+                    f"got {tuple(latents.shape)}"
+                )
+            if latents.dtype != x[0].dtype:
+                raise ValueError(f"x[{i}] is {latents.dtype}, x[0] {x[0].dtype}: one dtype for all")
+            token_grid(latents.shape[1:], self.cfg.patch_size)  # raises unless whole patches
+            frames = latents.shape[1]
+            if time.shape not in ((), (frames,)):
+                raise ValueError(
+                    f"t[{i}] must be () or (T,) = ({frames},), got {tuple(time.shape)}"
+                )
+            if given is not None and (given[i].shape != (frames,) or given[i].dtype != torch.bool):
+                raise ValueError(
+                    f"given[{i}] must be bool of shape (T,) = ({frames},), "
+                    f"got {given[i].dtype} {tuple(given[i].shape)}"
+                )
+        self._check_sample_conditions(count, text, text_mask, fps, native_size)
+
+    def _check_sample_conditions(
+        self,
+        batch: int,
+        text: Tensor,
+        text_mask: Tensor,
+        fps: Tensor | None,
+        native_size: Tensor | None,
+    ) -> None:
+        """The caption and micro-conditions: one row per sample of a dense or packed batch."""
         if text.ndim != 3 or text.shape[0] != batch or text.shape[2] != self.text_dim:
             raise ValueError(
                 f"text must be (B={batch}, L, text_dim={self.text_dim}), got {tuple(text.shape)}"
@@ -406,11 +644,6 @@ class DiT(nn.Module):
             raise ValueError(
                 f"text_mask must be bool of shape {tuple(text.shape[:2])}, "
                 f"got {text_mask.dtype} {tuple(text_mask.shape)}"
-            )
-        if given is not None and (given.shape != (batch, frames) or given.dtype != torch.bool):
-            raise ValueError(
-                f"given must be bool of shape (B, T) = ({batch}, {frames}), "
-                f"got {given.dtype} {tuple(given.shape)}"
             )
         if (fps is None) != (native_size is None):
             raise ValueError("fps and native_size are micro-conditions: pass both or neither")

@@ -9,6 +9,9 @@ Frame conditioning (`given`, (B, T) bool over latent frames): given frames sit a
 are the clean latents; the model is told which they are; the loss leaves them out; and the sampler
 puts the clean frames back before every step, so they come out exactly as they went in.
 
+`training_loss` also takes a packed batch: lists of samples of different shapes that the DiT runs
+as one token sequence; each sample is noised and scored as a batch of one, as it would be alone.
+
 `num_tokens` is the number of spacetime tokens the DiT sees (latent T·H·W / patch volume);
 training and sampling must count it the same way. Everything random takes an explicit generator so
 results are reproducible.
@@ -64,13 +67,13 @@ def interpolate(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
 
 def training_loss(
     model: nn.Module,
-    x0: Tensor,
+    x0: Tensor | list[Tensor],
     text: Tensor,
     text_mask: Tensor,
     t: Tensor,
-    noise: Tensor,
-    frame_weight: Tensor | None = None,
-    given: Tensor | None = None,
+    noise: Tensor | list[Tensor],
+    frame_weight: Tensor | list[Tensor] | None = None,
+    given: Tensor | list[Tensor] | None = None,
     model_kwargs: dict | None = None,
 ) -> Tensor:
     """Per-sample (B,) mean squared error of the predicted velocity against noise - x0.
@@ -80,13 +83,75 @@ def training_loss(
     frames: their time becomes 0 (t turns per frame), their weight 0, and the model gets
     `given=given`. model_kwargs (e.g. micro-conditions) go to the model. The caller reduces over
     the batch.
+
+    Packed: x0 and noise lists of S latents (C, T_i, H_i, W_i), t (S,), frame_weight and given
+    None or lists of S (T_i,); model_kwargs may hold `sequence_length`. Returns the (S,) losses.
     """
     model_kwargs = dict(model_kwargs or {})
     if given is not None:
-        t, frame_weight = _condition_on_given(t, frame_weight, given, x0)
         model_kwargs["given"] = given
-    velocity = model(interpolate(x0, noise, t), t, text, text_mask, **model_kwargs)
-    per_frame = (velocity.float() - (noise - x0).float()).square().mean(dim=(1, 3, 4))  # (B, T)
+    if isinstance(x0, list):
+        return _packed_training_loss(
+            model, x0, text, text_mask, t, noise, frame_weight, given, model_kwargs
+        )
+    x_t, t, frame_weight = _noised(x0, noise, t, frame_weight, given)
+    velocity = model(x_t, t, text, text_mask, **model_kwargs)
+    return _frame_mean_error(velocity, noise - x0, frame_weight)
+
+
+def _packed_training_loss(
+    model: nn.Module,
+    x0: list[Tensor],
+    text: Tensor,
+    text_mask: Tensor,
+    t: Tensor,
+    noise: list[Tensor],
+    frame_weight: list[Tensor] | None,
+    given: list[Tensor] | None,
+    model_kwargs: dict,
+) -> Tensor:
+    """training_loss of a packed batch: every sample is noised and scored as a batch of one."""
+    count = len(x0)
+    if t.shape != (count,):
+        raise ValueError(
+            f"t must be (S,) = ({count},) for {count} packed latents, got {tuple(t.shape)}"
+        )
+    for name, values in (("noise", noise), ("frame_weight", frame_weight), ("given", given)):
+        if values is not None and len(values) != count:
+            raise ValueError(
+                f"{name} must hold one tensor per latent of x0 ({count}), got {len(values)}"
+            )
+    noised = [
+        _noised(x[None], n[None], t[i : i + 1], _one(frame_weight, i), _one(given, i))
+        for i, (x, n) in enumerate(zip(x0, noise, strict=True))
+    ]
+    x_t, t, frame_weight = zip(*noised, strict=True)
+    velocity = model([x[0] for x in x_t], [t_i[0] for t_i in t], text, text_mask, **model_kwargs)
+    losses = [
+        _frame_mean_error(v[None], (n - x)[None], weight)
+        for v, n, x, weight in zip(velocity, noise, x0, frame_weight, strict=True)
+    ]
+    return torch.cat(losses)
+
+
+def _one(values: list[Tensor] | None, i: int) -> Tensor | None:
+    """values[i] as a batch of one, or None."""
+    return None if values is None else values[i][None]
+
+
+def _noised(
+    x0: Tensor, noise: Tensor, t: Tensor, frame_weight: Tensor | None, given: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """x_t, the times the model gets and the loss's frame weights (given frames: 0 and 0)."""
+    if given is not None:
+        t, frame_weight = _condition_on_given(t, frame_weight, given, x0)
+    return interpolate(x0, noise, t), t, frame_weight
+
+
+def _frame_mean_error(velocity: Tensor, target: Tensor, frame_weight: Tensor | None) -> Tensor:
+    """Per-sample (B,) squared error, averaged over each latent frame and then over the frames
+    (weighted by frame_weight (B, T) when given)."""
+    per_frame = (velocity.float() - target.float()).square().mean(dim=(1, 3, 4))  # (B, T)
     if frame_weight is None:
         return per_frame.mean(dim=1)
     if frame_weight.shape != per_frame.shape:

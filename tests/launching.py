@@ -16,6 +16,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Native-size packing on the demo data (conf/experiment/demo_packed.yaml's settings), with
+# every frame-conditioning mode, so that packs hold given frames too.
+PACKED = (
+    "packing.enabled=true",
+    "packing.sequence_tokens=480",
+    "packing.max_tokens_per_sample=240",
+    "packing.max_frames=17",
+    "conditioning=mixed",
+)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

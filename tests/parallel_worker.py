@@ -9,7 +9,8 @@ the trainer's normalisation, and writes both gradients' differences to OUT/rank{
 CHECK is `buckets` (the ranks hold batches of different buckets and sizes) or `sequence` (both
 ranks split one sample's tokens with sp=2); `sequence_wan_t2v` and `sequence_wan_ti2v` are
 `sequence` for a tiny Wan 2.1 T2V (one time per sample) and Wan 2.2 TI2V (a given first frame,
-one time per token) model.
+one time per token) model; `sequence_packed` splits a padded pack of three samples of different
+shapes (one with a given frame), where a sample straddles the ranks' chunks.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ from train.runtime import init_runtime
 from train.trainer import Trainer
 
 TEXT_DIM = 8
+# (T, H, W) crops of a 4x8x8 batch of three: a pack of 32 + 16 + 16 tokens, padded to 70, so
+# that rank 0 holds tokens 0-34 and sample 1 (tokens 32-47) straddles the ranks.
+PACK_SHAPES = [(4, 8, 4), (1, 8, 8), (2, 4, 8)]
+PACK_SEQUENCE_LENGTH = 70
 
 
 def make_batch(frames: int, height: int, width: int, size: int, plan_index: int) -> Batch:
@@ -55,8 +60,9 @@ def make_batch(frames: int, height: int, width: int, size: int, plan_index: int)
 class LatentObjective:
     """Flow matching straight on the batch tensor, with per-frame times and seeded noise."""
 
-    def __init__(self, per_frame_times: bool):
+    def __init__(self, per_frame_times: bool, packed: bool = False):
         self.per_frame_times = per_frame_times
+        self.packed = packed
 
     def __call__(self, model, batch: Batch, device) -> Loss:
         latents = batch.video.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
@@ -69,12 +75,21 @@ class LatentObjective:
         t = sample_timesteps(shape, 64, FlowConfig(), generator).view(size, -1).squeeze(1)
         noise = torch.randn(latents.shape, generator=generator)
         given = torch.zeros(size, frames, dtype=torch.bool)
-        given[0, 0] = self.per_frame_times  # an image-to-video sample: frame 0 given
+        given[0, 0] = self.per_frame_times or self.packed  # image-to-video: frame 0 given
         micro = {"fps": batch.fps, "native_size": batch.native_size}
+        if self.packed:  # the samples cut to PACK_SHAPES, in one sequence
+            latents, noise = cut_to_pack(latents), cut_to_pack(noise)
+            given = [g[:f] for g, (f, _, _) in zip(given, PACK_SHAPES, strict=True)]
+            micro["sequence_length"] = PACK_SEQUENCE_LENGTH
         per_sample = training_loss(
             model, latents, text, mask, t, noise, given=given, model_kwargs=micro
         )
         return Loss(per_sample.sum(), size, 0)
+
+
+def cut_to_pack(x: torch.Tensor) -> list[torch.Tensor]:
+    """Sample i of x (B, C, T, H, W) cut to PACK_SHAPES[i]."""
+    return [sample[:, :f, :h, :w] for sample, (f, h, w) in zip(x, PACK_SHAPES, strict=True)]
 
 
 def reference_gradients(model: DiT, objective, batches: list[Batch]) -> tuple[float, dict]:
@@ -115,9 +130,13 @@ def main(check: str, backend: str, out: Path) -> None:
     if check == "buckets":  # rank 0: three 2x8x8 samples; rank 1: one 4x4x12 sample
         batches = [make_batch(2, 8, 8, 3, plan_index=0), make_batch(4, 4, 12, 1, plan_index=1)]
         mine = [batches[dims.dp_rank]]
-    else:  # one 4x8x8 sample (2 token frames per rank), the same on both ranks
-        batches = mine = [make_batch(4, 8, 8, 1, plan_index=0)]
-    objective = LatentObjective(per_frame_times=check in ("sequence", "sequence_wan_ti2v"))
+    else:  # one 4x8x8 sample (2 token frames per rank), or three to pack; the same on both ranks
+        size = 3 if check == "sequence_packed" else 1
+        batches = mine = [make_batch(4, 8, 8, size, plan_index=0)]
+    objective = LatentObjective(
+        per_frame_times=check in ("sequence", "sequence_wan_ti2v"),
+        packed=check == "sequence_packed",
+    )
     ref_loss, ref_grads = reference_gradients(model, objective, batches)
     naive_grads = per_rank_mean_gradients(model, objective, mine[0], dims.world_size)
 

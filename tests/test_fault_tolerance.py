@@ -28,6 +28,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from launching import (
+    PACKED,
     ROOT,
     launch_training,
     metrics,
@@ -186,24 +187,25 @@ def consumed(run_dir: Path, up_to: int, after: int = 0) -> list[str]:
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
+@pytest.mark.parametrize(
+    ("before", "after", "packing"), [(2, 1, ()), (1, 2, ()), (2, 1, PACKED), (1, 2, PACKED)]
+)
 def test_fsdp_resumes_on_another_world_size_without_repeating_samples(
-    before, after, demo_shards, tmp_path
+    before, after, packing, demo_shards, tmp_path
 ):
-    # Reference: one rank, one batch per step, 9 batches of the global plan.
+    # Reference: one rank, one batch (bucketed, or one pack) per step, 9 of the global plan.
     reference_dir = tmp_path / "reference"
-    extra = ("parallel=fsdp", "train.record_samples=true", "train.steps=9")
+    extra = ("parallel=fsdp", "train.record_samples=true", "train.steps=9", *packing)
     launch_training(*overrides(demo_shards, reference_dir, *extra), nproc=1)
     reference = consumed(reference_dir, 9)
 
     first, second = tmp_path / "first", tmp_path / "second"
-    launch_training(*overrides(demo_shards, first, *extra[:2], "train.steps=3"), nproc=before)
+    common = (*extra[:2], *packing)
+    launch_training(*overrides(demo_shards, first, *common, "train.steps=3"), nproc=before)
     copy_checkpoint(first, 3, second)
     steps_left = (9 - 3 * before) // after
     total = 3 + steps_left
-    launch_training(
-        *overrides(demo_shards, second, *extra[:2], f"train.steps={total}"), nproc=after
-    )
+    launch_training(*overrides(demo_shards, second, *common, f"train.steps={total}"), nproc=after)
     keys_before, keys_after = consumed(first, 3), consumed(second, total, after=3)
     print(
         f"\n{before} rank(s), steps 1-3: {keys_before}\n{after} rank(s), steps 4-{total}: {keys_after}"

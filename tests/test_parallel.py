@@ -3,7 +3,8 @@
 - ddp, fsdp (full and hybrid sharding), zero2 and zero3 train the tiny DiT for 20 steps from the same weights and data and
   match a single-process run with the same global batch, step by step;
 - ranks holding batches of different buckets and sizes get the gradient of the global batch mean;
-- Ulysses sequence parallelism (sp=2) gives the loss and gradients of sp=1;
+- Ulysses sequence parallelism (sp=2) gives the loss and gradients of sp=1, for one sample and
+  for a packed sequence of samples of different shapes;
 - activation checkpointing and per-block compile change no numbers;
 - the DeepSpeed JSON is generated from the run's config, and a user JSON overrides it;
 - impossible settings fail, naming the key, before training starts.
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from launching import ROOT, launch_training, step_losses, torchrun
+from launching import PACKED, ROOT, launch_training, step_losses, torchrun
 from models import perturbed_tiny_dit
 
 from model.dit import DiT
@@ -75,6 +76,24 @@ def test_every_backend_matches_a_single_process_run_step_by_step(demo_shards, tm
         assert relative.max() < 1e-4, f"{name}: worst relative loss difference {relative.max()}"
 
 
+@pytest.mark.multiprocess
+def test_packed_training_on_two_ranks_matches_one_process_step_by_step(demo_shards, tmp_path):
+    """Native-size packs (per-sample shapes, times and given frames) under FSDP2 and ZeRO-2 on
+    two ranks match one process drawing both ranks' packs of every step."""
+    steps = ("train.steps=6", "train.checkpoint_every=6", *PACKED)
+    single = tmp_path / "none"
+    launch_training(*train_overrides(demo_shards, single), *steps, "train.grad_accum=2", nproc=1)
+    reference = torch.tensor(step_losses(single), dtype=torch.float64)
+    assert len(reference) == 6
+    for backend in ("fsdp", "zero2"):
+        run_dir = tmp_path / backend
+        launch_training(*train_overrides(demo_shards, run_dir), *steps, f"parallel={backend}")
+        losses = torch.tensor(step_losses(run_dir), dtype=torch.float64)
+        print(f"\n{backend} x2: {losses.tolist()}\nnone x1:  {reference.tolist()}")
+        relative = (losses - reference).abs() / reference
+        assert relative.max() < 1e-4, f"{backend}: worst relative loss difference {relative.max()}"
+
+
 def gradient_check(check: str, backend: str, tmp_path: Path) -> list[dict]:
     torchrun(str(ROOT / "tests" / "parallel_worker.py"), check, backend, str(tmp_path))
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -93,9 +112,10 @@ def test_ranks_with_different_buckets_get_the_global_batch_gradient(backend, tmp
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("backend", ["ddp", "fsdp"])
-def test_sequence_parallel_matches_one_rank_in_loss_and_gradients(backend, tmp_path):
-    for result in gradient_check("sequence", backend, tmp_path):
-        print(backend, "sp=2", result)
+@pytest.mark.parametrize("check", ["sequence", "sequence_packed"])
+def test_sequence_parallel_matches_one_rank_in_loss_and_gradients(check, backend, tmp_path):
+    for result in gradient_check(check, backend, tmp_path):
+        print(check, backend, "sp=2", result)
         assert result["loss"] == pytest.approx(result["reference_loss"], rel=1e-6)
         assert result["engine_vs_reference"] <= 1e-5 * result["max_grad"]
 
@@ -200,4 +220,46 @@ def test_impossible_settings_fail_before_any_work(demo_shards, tmp_path):
     )
     with pytest.raises(ValueError, match="parallel.zero_offload=params needs parameter partition"):
         run(bad)
+    assert not run_dir.exists() and not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            ["packing.sequence_tokens=256", "packing.max_tokens_per_sample=512"],
+            "packing.max_tokens_per_sample=512 is above packing.sequence_tokens=256",
+        ),
+        (["packing.max_frames=0"], "packing.max_frames=0 rounds to zero tokens"),
+        (
+            ["packing.max_frames=65", "packing.max_tokens_per_sample=8"],
+            r"packing.max_tokens_per_sample=8 rounds a clip of packing.max_frames=65",
+        ),
+        (
+            [
+                "parallel.sp=2",
+                "packing.sequence_tokens=481",
+                "packing.max_tokens_per_sample=240",
+            ],
+            "packing.sequence_tokens=481 must be divisible by parallel.sp=2",
+        ),
+        (["model=wan2.1_t2v_1.3b"], "cannot be combined with a pretrained Wan model"),
+    ],
+)
+def test_bad_packing_settings_fail_before_any_process_group(
+    settings, message, demo_shards, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun would start it, without a peer
+    run_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        run(
+            config(
+                f"data.shards={demo_shards}",
+                f"train.run_dir={run_dir}",
+                "packing.enabled=true",
+                "parallel=fsdp",
+                "logger=none",
+                *settings,
+            )
+        )
     assert not run_dir.exists() and not torch.distributed.is_initialized()

@@ -1,7 +1,8 @@
 """Training steps from a compute budget: the step count whose training FLOPs equal C.
 
 A step's FLOPs depend on the buckets its batches come from: at an equal token budget a batch
-of long clips pays more for attention than a batch of images, and batch sizes are rounded.
+of long clips pays more for attention than a batch of images, and batch sizes are rounded (with
+packing, on the shapes of the samples in its packs).
 The data plan is seeded and the same on any number of ranks, so the FLOPs of the first n
 steps are known before training: this module walks the loader's own plan (rows of `dp_world`
 batches, `grad_accum` rows a step, epoch after epoch) without reading anything, and picks the
@@ -30,12 +31,12 @@ def step_flops(
     walks the rows every rank reads, and a row is its `dp_world` batches from rank 0's on."""
 
     plan, seed = stream.plan, stream.state.seed
-    batch_flops = np.array([b.batch_size * sample_flops(b) for b in plan.table.buckets])
+    flops = np.array([sample_flops(b) for b in plan.buckets])
 
     def row_flops() -> Iterator[float]:
         for epoch, first, _ in stream.rows():
-            row = plan.epoch(seed, epoch).bucket[first : first + stream.dp_world]
-            yield float(batch_flops[row].sum())
+            row = range(first, first + stream.dp_world)
+            yield float(sum(flops[plan.sample_buckets(seed, epoch, i)].sum() for i in row))
 
     rows = row_flops()
     while True:

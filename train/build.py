@@ -1,5 +1,6 @@
 """Builds a run's models from its Config, and loads trained weights into them: Tessera's DiT or a
-pretrained Wan model (with LoRA adapters when asked), and the bucket table their latents make."""
+pretrained Wan model (with LoRA adapters when asked), and the bucket or packing table their
+latents make."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from data.buckets import BucketTable
+from data.packing import PackingTable, check_packing
 from model.dit import DiT
 from model.geometry import LatentGeometry
 from model.wan import WanVideoModel, add_lora, load_wan
@@ -75,6 +77,33 @@ def latent_geometry(config: Config, autoencoder: nn.Module) -> LatentGeometry:
 
 def build_bucket_table(config: Config, autoencoder: nn.Module) -> BucketTable:
     return BucketTable(config.buckets, latent_geometry(config, autoencoder))
+
+
+def sample_table(config: Config, geometry: LatentGeometry) -> BucketTable | PackingTable:
+    """What shapes the plan cuts samples to: the packing's per-sample targets, or buckets."""
+    if config.packing.enabled:
+        return PackingTable(config.packing, geometry)
+    return BucketTable(config.buckets, geometry)
+
+
+def check_packing_layout(config: Config, sp: int) -> None:
+    """Packing settings that cannot work with the configured autoencoder's compressions or the
+    sequence-parallel degree, refused before any process group exists."""
+    if not config.packing.enabled:
+        return
+    autoencoder = config.autoencoder
+    geometry = LatentGeometry(
+        autoencoder.temporal_compression,
+        autoencoder.spatial_compression,
+        tuple(config.model.patch_size),
+    )
+    check_packing(config.packing, geometry)
+    if config.packing.sequence_tokens % sp:
+        raise ValueError(
+            f"config key packing.sequence_tokens={config.packing.sequence_tokens} must be "
+            f"divisible by parallel.sp={sp}: sequence parallelism splits a packed sequence into "
+            "equal parts"
+        )
 
 
 def config_from_dict(values: dict) -> Config:

@@ -15,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from data.buckets import BucketConfig
+from data.packing import PackingConfig
 from data.pipeline import DataConfig
 from model.autoencoder import AutoencoderConfig
 from model.conditioning import ConditioningConfig, mode_probabilities
@@ -154,6 +155,7 @@ class Config:
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     data: DataConfig = field(default_factory=DataConfig)
     buckets: BucketConfig = field(default_factory=BucketConfig)
+    packing: PackingConfig = field(default_factory=PackingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -202,6 +204,7 @@ def to_config(cfg: DictConfig) -> Config:
         _choice("train.sample_modes[]", mode, SAMPLE_MODES)
     mode_probabilities(config.conditioning)
     _check_wan(config)
+    _check_packing(config)
     if config.train.steps < 1 or config.train.grad_accum < 1:
         raise ValueError("config keys train.steps and train.grad_accum must be at least 1")
     if config.train.budget_flops < 0:
@@ -250,6 +253,27 @@ def _check_reads(data: DataConfig) -> None:
     for key, (value, minimum) in least.items():
         if value < minimum:
             raise ValueError(f"config key {key}={value} must be at least {minimum}")
+
+
+def _check_packing(config: Config) -> None:
+    """What packing cannot train with, refused before any work (the settings that need the
+    latent geometry are checked by data/packing.py when the stage checks its layout)."""
+    packing = config.packing
+    if not packing.enabled:
+        return
+    refused = {
+        "train.stage=autoencoder": config.train.stage != "dit",
+        "a pretrained Wan model (model.wan): its attention processors attend over one sample "
+        "with one rotary table, not over packed samples": config.model.wan is not None,
+        "data.image_share: images and videos share packs in the data's own mix": (
+            config.data.image_share is not None
+        ),
+        "parallel.compile: every step's packs have other sample boundaries, so a compiled "
+        "block would compile again and again": config.parallel.compile,
+    }
+    for what, present in refused.items():
+        if present:
+            raise ValueError(f"config key packing.enabled=true cannot be combined with {what}")
 
 
 def _check_wan(config: Config) -> None:

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch.distributed as dist
 from hydra import compose, initialize_config_dir
 
-from data.buckets import BucketTable
 from data.encode_job import EncodeJob, EncodeOptions
 from data.latents import DTYPES
 from data.pipeline import open_plan
 from model.autoencoder import weight_files
+from train.build import sample_table
 from train.config import Config, register_configs, to_config
 from train.encoders import FrozenEncoders
 from train.latent_source import OnlineLatents, encoding_record, stored_latents_record
@@ -52,7 +52,7 @@ def run(options: EncodeOptions, overrides: list[str]) -> dict | None:
     runtime = init_runtime(config.train.device, config.train.precision)
     encoders = FrozenEncoders(config, runtime.device)
     source = OnlineLatents(encoders, config.model.patch_size, autocast=runtime.autocast)
-    plan = open_plan(config.data, BucketTable(config.buckets, source.geometry))
+    plan = open_plan(config.data, sample_table(config, source.geometry))
     record = encoding_record(config, source, options.dtype, options.logvar)
     job = EncodeJob(plan, config.data, options, record)
     spec = job.check_job()  # on every rank, so that all refuse together

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from data.buckets import BucketTable
+from data.packing import PackingTable
 from data.pipeline import Batch, BatchStream, DataConfig, open_plan
 from data.plan import DataPlan, DataState, PlannedBatch
 from data.storage import write_atomic
@@ -67,10 +68,10 @@ def sample_noise(key: str, seed: int, timesteps: int, shape: tuple[int, ...]) ->
 
 
 def eval_batches(plan: DataPlan, cfg: EvalConfig) -> list[PlannedBatch]:
-    """eval.samples held-out samples (a seeded choice) in batches of one bucket each."""
-    table = plan.table
+    """eval.samples held-out samples (a seeded choice) in batches of one bucket each (with
+    packing: of one target shape, as many as one packed sequence holds)."""
     bucket_of = {
-        int(i): bucket for index, bucket in enumerate(table.buckets) for i in plan.bucket_ids(index)
+        int(i): bucket for index, bucket in enumerate(plan.buckets) for i in plan.bucket_ids(index)
     }
     if len(bucket_of) < cfg.samples:
         raise ValueError(
@@ -79,7 +80,7 @@ def eval_batches(plan: DataPlan, cfg: EvalConfig) -> list[PlannedBatch]:
         )
     chosen = np.random.default_rng(cfg.seed).choice(sorted(bucket_of), cfg.samples, replace=False)
     batches = []
-    for bucket in table.buckets:
+    for bucket in plan.buckets:
         ids = sorted(int(i) for i in chosen if bucket_of[i] == bucket)
         for start in range(0, len(ids), bucket.batch_size):
             batches.append(PlannedBatch(bucket, tuple(ids[start : start + bucket.batch_size])))
@@ -93,7 +94,7 @@ class Evaluator:
         self,
         cfg: EvalConfig,
         data: DataConfig,
-        table: BucketTable,
+        table: BucketTable | PackingTable,
         source: LatentSource,
         flow: FlowConfig,
         runtime: Runtime,

@@ -301,19 +301,25 @@ def _check_encoders(config: Config, record: dict, shards: str) -> None:
 
 
 def _check_clips(config: Config, record: dict, shards: str) -> None:
-    """The plan must cut the latent shards into the buckets their clips were encoded for."""
+    """The plan must cut the latent shards to the shapes their clips were encoded for."""
     for key, value in _clips(config).items():
-        if record["clips"][key] != value:
+        theirs = record["clips"].get(key)
+        if theirs != value:
             raise ValueError(
-                f"{shards} were encoded with {key}={record['clips'][key]}, but this run has "
-                f"{value}: the plan would put their latents in other buckets; keep the "
-                "encoding's buckets and data.fps (buckets.token_budget may change), or encode "
-                "again"
+                f"{shards} were encoded with {key}={theirs}, but this run has {value}: the plan "
+                "would cut their latents to other shapes; keep the encoding's buckets (or "
+                "packing targets) and data.fps (buckets.token_budget, packing.sequence_tokens "
+                "and packing.packs_per_rank may change), or encode again"
             )
 
 
 def _clips(config: Config) -> dict:
-    """What decides which bucket, at which size, each sample's latents are encoded for."""
+    """What decides the shape each sample's latents are encoded at: its bucket, or with packing
+    its own target shape."""
+    if config.packing.enabled:
+        packing = config.packing
+        targets = [packing.max_tokens_per_sample, packing.max_frames, packing.max_aspect_change]
+        return {"packing": targets, "fps": config.data.fps}
     return {
         "buckets": sorted(config.buckets.buckets),
         "max_aspect_change": config.buckets.max_aspect_change,

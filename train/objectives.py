@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from data.pipeline import Batch
+from data.pipeline import Batch, PackedBatch
 from model.conditioning import ConditioningConfig, draw_given_frames
 from model.flow import FlowConfig, drop_captions, sample_timesteps, training_loss
 from train.encoders import video_to_float
-from train.latent_source import LatentSource
+from train.latent_source import Encoded, LatentSource
 
 
 @dataclass
@@ -68,13 +68,16 @@ class FlowMatchingObjective:
         seed = np.random.SeedSequence([self.seed, batch.epoch, batch.plan_index, stream])
         return torch.Generator(device).manual_seed(int(seed.generate_state(1, np.uint64)[0]))
 
+    def latents(self, encoded: Encoded, draws: torch.Generator) -> torch.Tensor:
+        """The posterior's mean, or with its log-variance a draw from it."""
+        if encoded.logvar is None:
+            return encoded.latents
+        noise = torch.randn(encoded.latents.shape, generator=draws, device=draws.device)
+        return encoded.latents + torch.exp(0.5 * encoded.logvar) * noise
+
     def __call__(self, model: nn.Module, batch: Batch, device: torch.device) -> Loss:
         encoded = self.source.encode(batch, device)
-        latents = encoded.latents
-        if encoded.logvar is not None:
-            draws = self.generator(batch, device, stream=2)
-            noise = torch.randn(latents.shape, generator=draws, device=device)
-            latents = latents + torch.exp(0.5 * encoded.logvar) * noise
+        latents = self.latents(encoded, self.generator(batch, device, stream=2))
         generator = self.generator(batch, device)
         text, mask = drop_captions(
             encoded.text,
@@ -99,6 +102,61 @@ class FlowMatchingObjective:
             batch_size * num_tokens,
             batch_size * self.train_flops(num_tokens),
         )
+
+
+class PackedFlowMatchingObjective(FlowMatchingObjective):
+    """Flow matching on a rank's packs (data/packing.py): the samples of every shape group are
+    encoded together, then each sample gets its own flow time (shifted for its own number of
+    tokens), noise, caption dropout and given frames, all drawn in sample order from the batch's
+    place in the plan, and the DiT runs them as one packed sequence. The loss is the same sum
+    of per-sample means as unpacked, so every sample weighs the same whatever its size."""
+
+    def __call__(self, model: nn.Module, batch: PackedBatch, device: torch.device) -> Loss:
+        draws = self.generator(batch, device, stream=2)
+        latents, text, mask = [], [], []
+        for group in batch.groups:
+            encoded = self.source.encode(group, device)
+            latents += list(self.latents(encoded, draws))
+            text.append(encoded.text)
+            mask.append(encoded.mask)
+        text, mask = _padded(text, mask)
+        generator = self.generator(batch, device)
+        text, mask = drop_captions(
+            text, mask, *self.source.null_caption, self.flow.caption_dropout, generator
+        )
+        tokens = [self.source.geometry.latent_tokens(x.shape[1:]) for x in latents]
+        t = torch.cat([sample_timesteps(1, n, self.flow, generator, device) for n in tokens])
+        noise = [torch.randn(x.shape, generator=generator, device=device) for x in latents]
+        masks = self.generator(batch, torch.device("cpu"), stream=1)  # drawn on the CPU
+        given = [
+            draw_given_frames(1, x.shape[1], self.conditioning, masks)[0].to(device)
+            for x in latents
+        ]
+        micro = {
+            "fps": torch.cat([group.fps for group in batch.groups]).to(device),
+            "native_size": torch.cat([group.native_size for group in batch.groups]).to(device),
+            "sequence_length": batch.sequence_length,
+        }
+        per_sample = training_loss(
+            model, latents, text, mask, t, noise, given=given, model_kwargs=micro
+        )
+        return Loss(
+            per_sample.sum(),
+            len(latents),
+            sum(tokens),
+            sum(self.train_flops(n) for n in tokens),
+        )
+
+
+def _padded(
+    text: list[torch.Tensor], mask: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Caption embeddings of several groups as one (S, L, D) batch, padded (and masked) to the
+    longest."""
+    length = max(t.shape[1] for t in text)
+    text = [torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[1])) for t in text]
+    mask = [torch.nn.functional.pad(m, (0, length - m.shape[1])) for m in mask]
+    return torch.cat(text), torch.cat(mask)
 
 
 class AutoencoderObjective:

@@ -24,18 +24,32 @@ from torch import nn
 
 from data.buckets import BucketTable
 from data.mp4 import write_mp4
+from data.packing import PackingTable
 from data.pipeline import Batch, build_loader
 from data.plan import DataPlan, DataState
 from model.autoencoder import build_autoencoder
 from model.flops import dit_param_count, dit_train_flops
 from train.budget import budget_steps
-from train.build import build_dit, frozen, latent_geometry, load_trained, model_name
+from train.build import (
+    build_dit,
+    check_packing_layout,
+    frozen,
+    latent_geometry,
+    load_trained,
+    model_name,
+    sample_table,
+)
 from train.checkpoint import export
 from train.config import Config, config_to_dict
 from train.encoders import video_to_float
 from train.evaluate import Evaluator
 from train.latent_source import open_latent_sources, stored_latents_record
-from train.objectives import AutoencoderObjective, FlowMatchingObjective, Objective
+from train.objectives import (
+    AutoencoderObjective,
+    FlowMatchingObjective,
+    Objective,
+    PackedFlowMatchingObjective,
+)
 from train.parallel import ParallelDims
 from train.runtime import Runtime
 from train.sample import VideoGenerator, training_samples
@@ -50,7 +64,7 @@ class Stage(Protocol):
 
     model: nn.Module  # what trains
     objective: Objective
-    table: BucketTable
+    table: BucketTable | PackingTable
 
     @staticmethod
     def check_layout(config: Config, dims: ParallelDims) -> None:
@@ -92,8 +106,9 @@ class DiTStage:
         )
         channels, text_dim = self.source.latent_channels, self.source.text_dim
         self.model = build_dit(config, channels, text_dim).to(runtime.device)
-        self.table = BucketTable(config.buckets, self.source.geometry)
-        self.objective = FlowMatchingObjective(
+        self.table = sample_table(config, self.source.geometry)
+        objective = PackedFlowMatchingObjective if config.packing.enabled else FlowMatchingObjective
+        self.objective = objective(
             self.source,
             config.flow,
             config.conditioning,
@@ -104,6 +119,7 @@ class DiTStage:
     @staticmethod
     def check_layout(config: Config, dims: ParallelDims) -> None:
         dims.check_model(config.model.num_heads)
+        check_packing_layout(config, dims.sp)
 
     def train_flops(self, config: Config, num_tokens: int) -> float:
         """Analytic training FLOPs of one sample of `num_tokens` latent tokens."""

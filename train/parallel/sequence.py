@@ -1,12 +1,17 @@
-"""Ulysses sequence parallelism: one sample's spacetime tokens split over the ranks of an sp group.
+"""Ulysses sequence parallelism: a sample's or a pack's tokens split over the ranks of an sp group.
 
 Applied from outside to an unmodified DiT with hooks: the patch embedding's output is cut into
 equal, contiguous token chunks (whole latent frames, so per-frame conditioning stays aligned),
-every block and the final layer get the matching slice of the rotary table and per-frame
-conditioning, and the final layer's output chunks are gathered back. Inside self-attention an
-all-to-all trades the token split for a head split, so each rank attends over the whole sequence
-with 1/sp of the heads, then trades back. Cross-attention and the MLP work on local tokens
-alone.
+every block and the final layer get the matching slice of the token layout (the rotary table)
+and of the per-frame conditioning, and the final layer's output chunks are gathered back. Inside
+self-attention an all-to-all trades the token split for a head split, so each rank attends over
+the whole sequence with 1/sp of the heads, then trades back. Cross-attention and the MLP work on
+local tokens alone.
+
+A packed sequence (several samples, model/dit.py) splits the same way, anywhere: a sample may
+straddle chunks. Each rank keeps its chunk of the layout (each token's adaLN row, rotary table,
+its samples' local token counts for cross-attention) and all the adaLN rows; self-attention keeps
+the whole sequence's segments, since it sees the whole sequence.
 
 Every rank of the group computes the same loss on the gathered output; the gather's backward hands
 each rank the gradient of its own chunk, so a rank's parameter gradients are its tokens' share and
@@ -19,7 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from model.attention import attention
+from model.attention import Segments, attention
+from model.dit import TokenLayout
 
 
 class _AllToAll(torch.autograd.Function):
@@ -65,12 +71,19 @@ class UlyssesAttention:
     def __init__(self, group):
         self.group = group
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
+    def __call__(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        key_mask: Tensor | None = None,
+        segments: Segments | None = None,
+    ) -> Tensor:
         if key_mask is not None:
             raise ValueError("sequence-parallel self-attention takes no key mask")
         # (B, N/sp, H, D) -> (B, N, H/sp, D): scatter heads, gather tokens.
         q, k, v = (_AllToAll.apply(x, self.group, 2, 1) for x in (q, k, v))
-        out = attention(q, k, v)
+        out = attention(q, k, v, segments=segments)
         return _AllToAll.apply(out, self.group, 1, 2)
 
 
@@ -82,26 +95,31 @@ def apply_sequence_parallel(model: nn.Module, group) -> None:
         if x.shape[dim] % size:
             raise ValueError(
                 f"sequence parallelism over {size} ranks needs the {what} ({x.shape[dim]}) to be "
-                f"divisible by {size}; choose latent shapes (buckets) that split evenly"
+                f"divisible by {size}; choose latent shapes (buckets) that split evenly, and for "
+                f"packed sequences a sequence_length (packing.sequence_tokens) divisible by {size}"
             )
         return x.chunk(size, dim)[rank]
 
     def shard_tokens(module, args, output: Tensor) -> Tensor:
         return local_chunk(output, "number of spacetime tokens")
 
-    def local_cond(cond: Tensor) -> Tensor:
-        if cond.shape[1] == 1:
+    def local_cond(cond: Tensor, layout: TokenLayout) -> Tensor:
+        # A packed sequence's rows are gathered by its local tokens' row index: keep them all.
+        if layout.rows is not None or cond.shape[1] == 1:
             return cond
         return local_chunk(cond, "number of token frames")  # per-frame: whole local frames
 
+    def local_layout(layout: TokenLayout) -> TokenLayout:
+        chunk = len(layout.rope[0]) // size  # the tokens were checked to split evenly
+        return layout.tokens(rank * chunk, (rank + 1) * chunk)
+
     def shard_block_inputs(module, args):
-        x, cond, context, context_mask, (cos, sin) = args
-        rope = (local_chunk(cos, "rope table", 0), local_chunk(sin, "rope table", 0))
-        return x, local_cond(cond), context, context_mask, rope
+        x, cond, context, context_mask, layout = args
+        return x, local_cond(cond, layout), context, context_mask, local_layout(layout)
 
     def shard_final_inputs(module, args):
-        x, cond = args
-        return x, local_cond(cond)
+        x, cond, layout = args
+        return x, local_cond(cond, layout), local_layout(layout)
 
     def gather_tokens(module, args, output: Tensor) -> Tensor:
         return _GatherTokens.apply(output, group)
