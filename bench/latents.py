@@ -87,9 +87,10 @@ CASES = {
 }
 
 
-def build_inputs(tmp: Path) -> tuple[Path, Path]:
-    """(the demo's pixel shards, a seeded random-init demo autoencoder checkpoint)."""
-    pixels = build_demo(tmp / "demo", clips_per_source=10, images_per_source=10)
+def build_inputs(tmp: Path, clips: int = 10, images: int = 10) -> tuple[Path, Path]:
+    """(the demo's pixel shards, `clips` and `images` per source, and a seeded random-init demo
+    autoencoder checkpoint)."""
+    pixels = build_demo(tmp / "demo", clips_per_source=clips, images_per_source=images)
     config = compose_config(["experiment=demo", "autoencoder.checkpoint=null"])
     torch.manual_seed(0)
     checkpoint = tmp / "autoencoder.safetensors"

@@ -129,9 +129,9 @@ def phase_keep(folder: Path, settings: dict) -> dict:
     return result
 
 
-def video_sizes(folder: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The manifest's distinct video sizes (width, height, frames at data.fps) and how many
-    samples have each."""
+def video_sizes(folder: Path, fps: float = FPS) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The manifest's distinct video sizes (width, height, frames at `fps`, data.fps) and how
+    many samples have each."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -145,7 +145,7 @@ def video_sizes(folder: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
         {
             "width": columns["width"].to_numpy()[video],
             "height": columns["height"].to_numpy()[video],
-            "frames": frames_at_fps(frames[video], columns["fps"].to_numpy()[video], FPS),
+            "frames": frames_at_fps(frames[video], columns["fps"].to_numpy()[video], fps),
         }
     )
     distinct = sizes.group_by(["width", "height", "frames"]).aggregate([("width", "count")])

@@ -4,9 +4,10 @@ runs it with a training config's encoders is `python -m train.encode`; this job 
 as the two calls of `Encoders`.
 
 What is encoded: every sample of `data.shards` that the plan puts in a bucket (the config's
-buckets and data.fps), at that bucket's size, cut as `data.augment=false` cuts it: the middle
-frames at data.fps and the centre crop. Native-size training uses exactly that cut, and a run on
-the latent shards sees the same clips a run with data.augment=false would encode.
+buckets and data.fps), at that bucket's size, or with packing at its own target shape
+(data/packing.py), cut as `data.augment=false` cuts it: the middle frames at data.fps and the
+centre crop. A run on the latent shards sees the same clips a run with data.augment=false
+would encode.
 
 The samples are ordered bucket by bucket (each bucket's in manifest order), so that the plan
 over the latent shards makes the same batches as over the pixel shards, and cut into shards of

@@ -22,7 +22,7 @@ import pytest
 import safetensors.torch
 import torch
 from hydra import compose, initialize_config_dir
-from launching import process_env, run_checked, torchrun_command
+from launching import PACKED, process_env, run_checked, torchrun_command
 
 from data.latents import RECORD_NAME
 from data.manifest import index_shards, write_manifest
@@ -162,6 +162,34 @@ def perturbed_copy(weights: Path, out: Path) -> Path:
     tensors[name] = tensors[name] + 1e-3
     safetensors.torch.save_file(tensors, str(out))
     return out
+
+
+@pytest.fixture(scope="module")
+def packed_latents(demo_shards, autoencoder, tmp_path_factory) -> Path:
+    """The demo shards encoded at their packing target shapes, in float32."""
+    out = tmp_path_factory.mktemp("packed-latents")
+    report = encode(
+        ["--out", str(out), "--dtype", "float32", *demo(autoencoder, demo_shards, *PACKED)]
+    )
+    assert report["samples"] > 100 and not report["skipped"]
+    return out
+
+
+def test_packed_latent_shards_give_the_losses_of_packed_online_encoding(
+    demo_shards, autoencoder, latents, packed_latents, tmp_path
+):
+    """Each sample stored at its own target shape: the plan packs the latent shards as it packs
+    the pixels, and the losses agree to float32 rounding (see the test above)."""
+    online = train(autoencoder, demo_shards, tmp_path / "online", 20, *PACKED)
+    stored = train(autoencoder, packed_latents, tmp_path / "latents", 20, *PACKED)
+    assert len(online) == len(stored) == 20
+    np.testing.assert_allclose(stored, online, rtol=1e-5, atol=0)
+    assert consumed_keys(tmp_path / "latents") == consumed_keys(tmp_path / "online")
+    # Latents cut for buckets cannot serve native sizes, nor these targets other ones.
+    with pytest.raises(ValueError, match=r"encoded with packing=None"):
+        train(autoencoder, latents, tmp_path / "buckets", 2, *PACKED)
+    with pytest.raises(ValueError, match=r"encoded with packing=\[240, 17, 0.1\]"):
+        train(autoencoder, packed_latents, tmp_path / "other", 2, *PACKED, "packing.max_frames=9")
 
 
 def test_training_with_other_encoders_or_buckets_fails_before_the_first_step(

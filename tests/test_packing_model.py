@@ -8,6 +8,7 @@ from models import perturbed_tiny_dit
 
 from model.attention import Segments, attention
 from model.flow import training_loss
+from train.parallel.parallelize import apply_activation_checkpointing
 
 IN_CHANNELS, TEXT_DIM = 4, 8
 # (T, H, W) latents, patch (1, 2, 2): an image, then videos with H != W and H = W; 64 tokens.
@@ -142,6 +143,31 @@ def test_packed_training_loss_is_each_samples_own():
     assert_relatively_close(packed, alone, "per-sample losses")
     for name, expected in alone_grads.items():
         assert_relatively_close(packed_grads[name], expected, f"gradient of {name}")
+
+
+def test_activation_checkpointing_recomputes_a_pack_to_the_same_gradients():
+    """The blocks' layout (rows, segments, rotary tables) passes through the recomputation."""
+    inputs = pack(with_given=True)
+    grads = []
+    for checkpointed in (False, True):
+        model = perturbed_tiny_dit(IN_CHANNELS, TEXT_DIM)
+        if checkpointed:
+            apply_activation_checkpointing(model, every=1)
+        loss = training_loss(
+            model,
+            inputs["x0"],
+            inputs["text"],
+            inputs["mask"],
+            inputs["t"],
+            inputs["noise"],
+            given=inputs["given"],
+            model_kwargs=inputs["micro"] | {"sequence_length": SEQUENCE_LENGTH},
+        )
+        grads.append(gradients(model, loss.sum()))
+    plain, recomputed = grads
+    assert plain.keys() == recomputed.keys()
+    for name, expected in plain.items():
+        assert_relatively_close(recomputed[name], expected, f"gradient of {name}")
 
 
 def test_segment_attention_is_a_block_diagonal_mask():

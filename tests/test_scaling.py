@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
+from launching import PACKED
 from models import online_source
 
 from data.demo import build_demo
@@ -27,7 +28,7 @@ from launch.scaling import Run, fit_scaling, fit_sweep
 from model.autoencoder import build_autoencoder
 from model.flops import dit_train_flops
 from train.budget import budget_steps, step_flops
-from train.build import build_bucket_table, build_dit
+from train.build import build_bucket_table, build_dit, latent_geometry, sample_table
 from train.config import EvalConfig, ParallelConfig, register_configs, to_config
 from train.encoders import FrozenEncoders
 from train.evaluate import Evaluator
@@ -68,20 +69,23 @@ def held_out(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize(
-    "size, grad_accum, world, budget_steps_wanted, image_share",
+    "size, grad_accum, world, budget_steps_wanted, settings",
     [
-        ("micro", 1, 1, 60, "null"),
-        ("tiny", 2, 1, 40, "null"),
-        ("mini", 1, 3, 30, "null"),
-        ("tiny", 1, 1, 400, "null"),
-        ("tiny", 1, 1, 100, "0.5"),  # the plan the loader reads: images made half the batches
+        ("micro", 1, 1, 60, ()),
+        ("tiny", 2, 1, 40, ()),
+        ("mini", 1, 3, 30, ()),
+        ("tiny", 1, 1, 400, ()),
+        # the plan the loader reads: images made half the batches
+        ("tiny", 1, 1, 100, ("data.image_share=0.5",)),
+        ("tiny", 1, 1, 100, PACKED),  # native-size packs: every sample's own FLOPs
+        ("tiny", 2, 2, 40, PACKED),
     ],
 )
 def test_derived_steps_spend_the_budget_within_2_percent(
-    demo_shards, size, grad_accum, world, budget_steps_wanted, image_share
+    demo_shards, size, grad_accum, world, budget_steps_wanted, settings
 ):
-    cfg = config(f"model={size}", f"data.shards={demo_shards}", f"data.image_share={image_share}")
-    table = build_bucket_table(cfg, build_autoencoder(cfg.autoencoder))
+    cfg = config(f"model={size}", f"data.shards={demo_shards}", *settings)
+    table = sample_table(cfg, latent_geometry(cfg, build_autoencoder(cfg.autoencoder)))
     flops = sample_flops(cfg)
     plan = open_plan(cfg.data, table)
     stream = BatchStream(cfg.data, plan, 0, world, DataState(cfg.data.seed, 0, 0))
@@ -99,7 +103,9 @@ def test_derived_steps_spend_the_budget_within_2_percent(
             for index in range(len(plan.epoch(0, epoch)))
         )
         expected = sum(
-            len(b.sample_ids) * flops(b.bucket) for b in itertools.islice(batches, steps)
+            flops(b.shape_of(i))
+            for b in itertools.islice(batches, steps)
+            for i in range(len(b.sample_ids))
         )
         assert planned == pytest.approx(expected, rel=1e-12)
 

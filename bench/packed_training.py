@@ -1,0 +1,166 @@
+"""Native-size packing against buckets on the demo data: the same DiT, side by side.
+
+    python -m bench.packed_training [--steps 150] [--rounds 2] [--warmup 10] [--threads 2]
+
+Builds its inputs once in a temporary folder: the demo shards (`data.demo.build_demo`, 30
+clips and 15 stills per source), their held-out set (12 clips and 6 stills per source, seed 1,
+as `make scaling` builds it) and a seeded random-init demo autoencoder (bench/latents.py's
+`build_inputs`). Then per round it trains the tiny demo DiT twice with `python -m train` on the
+CPU, in an order that alternates between rounds:
+
+- `bucketed`: `experiment=demo` (conf/buckets/demo.yaml: 480 latent tokens a batch, +-15%),
+  `--steps` steps;
+- `packed`: `experiment=demo_packed` (packs of 480 tokens of native-size samples, up to 240
+  tokens and 17 frames each), for the number of steps whose planned tokens come closest to the
+  bucketed run's (train/budget.py's walk of the plan, counting tokens), so both see the same
+  number of tokens.
+
+Reports, per case, the trainer's tokens/s over the steps after `--warmup` (bench/latents.py's
+`timed_steps`: the step time the trainer measures, data wait included) and the held-out loss of
+its exported (EMA) weights at that equal number of tokens, scored for both on the same held-out
+batches (the bucketed config's `Evaluator`: fixed times and noise), so that both are measured on
+one yardstick; and, from the demo manifest, the share of each clip's native tokens and frames
+the buckets and the packing keep (bench/packing.py's measure, at data.fps 8). The figures are
+medians over rounds, the tokens/s ratio the median of the rounds' own ratios. Goal: packed
+tokens/s >= 0.95x bucketed on CPU, with more of each clip kept.
+
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from safetensors.torch import load_file
+
+from bench.latents import build_inputs, threads_env, train_run
+from bench.packing import kept, reference_tokens, video_sizes, weighted_mean
+from data.demo import build_demo
+from data.pipeline import open_plan, training_stream
+from data.plan import DataState
+from train.budget import step_flops, steps_for_budget
+from train.build import load_trained, sample_table
+from train.encode import compose_config
+from train.parallel import ParallelDims
+from train.runtime import init_runtime
+from train.stages import DiTStage
+
+CASES = {"bucketed": "experiment=demo", "packed": "experiment=demo_packed"}
+
+
+def overrides(case: str, shards: Path, held_out: Path, checkpoint: Path, tmp: Path) -> list[str]:
+    return [
+        CASES[case],
+        f"autoencoder.checkpoint={checkpoint}",
+        f"data.shards={shards}",
+        f"data.cache_dir={tmp / 'cache'}",
+        f"eval.shards={held_out}",
+        "eval.samples=48",
+        "train.device=cpu",
+        "train.sample_prompts=[]",
+        "train.log_every=1",
+        "logger=none",
+    ]
+
+
+def planned_tokens(config_overrides: list[str]) -> Iterator[float]:
+    """The tokens of every step of a one-process run, from its plan (train/budget.py's walk,
+    counting tokens instead of FLOPs)."""
+    config = compose_config(config_overrides)
+    stage = DiTStage(config, init_runtime("cpu", "fp32"))
+    plan = open_plan(config.data, stage.table)
+    stream = training_stream(config.data, plan, 0, 1, DataState(config.data.seed, 0, 0))
+    return step_flops(stream, lambda shape: shape.tokens_per_sample, config.train.grad_accum)
+
+
+def equal_token_steps(config: dict[str, list[str]], steps: int) -> dict[str, int]:
+    """`steps` bucketed steps, and the packed steps whose tokens come closest to theirs."""
+    tokens = sum(itertools.islice(planned_tokens(config["bucketed"]), steps))
+    return {
+        "bucketed": steps,
+        "packed": steps_for_budget(planned_tokens(config["packed"]), tokens)[0],
+    }
+
+
+def held_out_losses(config_overrides: list[str], runs: dict[str, Path], tmp: Path) -> dict:
+    """Each run's exported weights scored on the same held-out batches (the bucketed config's)."""
+    config = compose_config(config_overrides)
+    stage = DiTStage(config, init_runtime("cpu", "fp32"))
+    evaluator = stage.evaluator(config, ParallelDims.resolve(config.parallel, 1, 0), tmp)
+    losses = {}
+    for case, run_dir in runs.items():
+        weights = load_file(run_dir / "export" / "model.safetensors")
+        load_trained(stage.model, weights, f"{run_dir}'s export")
+        losses[case] = evaluator(stage.model, {"step": 0}, final=False)["eval/loss"]
+    return losses
+
+
+def kept_shares(shards: Path, config_overrides: dict[str, list[str]]) -> dict:
+    """The share of each demo clip's native tokens and frames each case keeps."""
+    packed = compose_config(config_overrides["packed"])
+    geometry = DiTStage(packed, init_runtime("cpu", "fp32")).source.geometry
+    packing = sample_table(packed, geometry)
+    buckets = sample_table(compose_config(config_overrides["bucketed"]), geometry)
+    sizes, counts = video_sizes(shards, packed.data.fps)
+    reference = reference_tokens(sizes, packing)
+    frames = np.minimum(sizes["frames"], packing.max_frames)
+    shares = {}
+    for case, table in (("bucketed", buckets), ("packed", packing)):
+        tokens, kept_frames = kept(sizes, table)
+        shares[f"{case}_kept_tokens"] = weighted_mean(tokens / reference, counts)
+        shares[f"{case}_kept_frames"] = weighted_mean(kept_frames / frames, counts)
+    return shares
+
+
+def main() -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=150, help="steps of the bucketed run")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=10, help="first steps left out of timings")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of each run")
+    args = parser.parse_args()
+    env = threads_env(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="tessera-packed-bench-"))
+    shards, checkpoint = build_inputs(tmp, clips=30, images=15)
+    held_out = build_demo(tmp / "eval", clips_per_source=12, images_per_source=6, seed=1)
+    config = {case: overrides(case, shards, held_out, checkpoint, tmp) for case in CASES}
+    steps = equal_token_steps(config, args.steps)
+    rounds = []
+    for index in range(args.rounds):
+        runs, figures = {}, {}
+        for case in list(CASES) if index % 2 == 0 else list(CASES)[::-1]:
+            runs[case] = tmp / f"round{index}-{case}"
+            timed = [*config[case], f"train.steps={steps[case]}"]
+            run = train_run(runs[case], timed, args.warmup, env)
+            metrics = [json.loads(line) for line in (runs[case] / "metrics.jsonl").open()]
+            figures |= {
+                f"{case}_tokens_per_s": run["tokens_per_s"],
+                f"{case}_steps": steps[case],
+                f"{case}_tokens": metrics[-1]["progress/tokens_seen"],
+            }
+        figures |= {
+            f"{case}_held_out_loss": loss
+            for case, loss in held_out_losses(config["bucketed"], runs, tmp).items()
+        }
+        figures["tokens_per_s_ratio"] = (
+            figures["packed_tokens_per_s"] / figures["bucketed_tokens_per_s"]
+        )
+        rounds.append(figures)
+    result = (
+        {name: statistics.median(r[name] for r in rounds) for name in rounds[0]}
+        | kept_shares(shards, config)
+        | {"rounds": rounds, "threads": args.threads}
+    )
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
