@@ -4,25 +4,29 @@
 
 Builds its inputs once in a temporary folder: the demo shards (`data.demo.build_demo`, 30
 clips and 15 stills per source), their held-out set (12 clips and 6 stills per source, seed 1,
-as `make scaling` builds it) and a seeded random-init demo autoencoder (bench/latents.py's
-`build_inputs`). Then per round it trains the tiny demo DiT twice with `python -m train` on the
-CPU, in an order that alternates between rounds:
+as `make scaling` builds it), a seeded random-init demo autoencoder (bench/latents.py's
+`build_inputs`), and for each case the latent shards of the demo (`python -m train.encode` at
+the case's bucket or packing shapes, float32). The cases, both `python -m train` on the CPU
+with data.augment=false (the cut that latent shards store):
 
 - `bucketed`: `experiment=demo` (conf/buckets/demo.yaml: 480 latent tokens a batch, +-15%),
   `--steps` steps;
 - `packed`: `experiment=demo_packed` (packs of 480 tokens of native-size samples, up to 240
   tokens and 17 frames each), for the number of steps whose planned tokens come closest to the
-  bucketed run's (train/budget.py's walk of the plan, counting tokens), so both see the same
+  bucketed run's (train/budget.py's walk of the plan, counting tokens): both see the same
   number of tokens.
 
-Reports, per case, the trainer's tokens/s over the steps after `--warmup` (bench/latents.py's
-`timed_steps`: the step time the trainer measures, data wait included) and the held-out loss of
-its exported (EMA) weights at that equal number of tokens, scored for both on the same held-out
-batches (the bucketed config's `Evaluator`: fixed times and noise), so that both are measured on
-one yardstick; and, from the demo manifest, the share of each clip's native tokens and frames
-the buckets and the packing keep (bench/packing.py's measure, at data.fps 8). The figures are
-medians over rounds, the tokens/s ratio the median of the rounds' own ratios. Goal: packed
-tokens/s >= 0.95x bucketed on CPU, with more of each clip kept.
+Each round trains both cases in two modes, in an order that reverses from round to round:
+`latents` (on their latent shards: the DiT, the loader and the optimizer, no encoder) and
+`online` (on the pixel shards: the frozen autoencoder and text encoder run every step).
+Reports, per mode and case, the trainer's tokens/s over the steps after `--warmup`
+(bench/latents.py's `train_run`: the step time the trainer measures, data wait included) and
+the held-out loss of its exported (EMA) weights at that equal number of tokens, all scored on
+the same held-out batches (the bucketed config's `Evaluator`: fixed times and noise, one
+yardstick); and, from the demo manifest, the share of each clip's native tokens and frames the
+buckets and the packing keep (bench/packing.py's measure, at data.fps 8). Figures are medians
+over rounds, each tokens/s ratio the median of the rounds' own ratios. Goal: packed tokens/s
+>= 0.95x bucketed on CPU, with more of each clip kept.
 
 Prints one JSON line.
 """
@@ -40,7 +44,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.torch import load_file
 
-from bench.latents import build_inputs, threads_env, train_run
+from bench.latents import build_inputs, encode, threads_env, train_run
 from bench.packing import kept, reference_tokens, video_sizes, weighted_mean
 from data.demo import build_demo
 from data.pipeline import open_plan, training_stream
@@ -53,16 +57,16 @@ from train.runtime import init_runtime
 from train.stages import DiTStage
 
 CASES = {"bucketed": "experiment=demo", "packed": "experiment=demo_packed"}
+MODES = ("latents", "online")
 
 
-def overrides(case: str, shards: Path, held_out: Path, checkpoint: Path, tmp: Path) -> list[str]:
+def overrides(case: str, checkpoint: Path, tmp: Path) -> list[str]:
+    """A case's settings, but its shards."""
     return [
         CASES[case],
         f"autoencoder.checkpoint={checkpoint}",
-        f"data.shards={shards}",
         f"data.cache_dir={tmp / 'cache'}",
-        f"eval.shards={held_out}",
-        "eval.samples=48",
+        "data.augment=false",
         "train.device=cpu",
         "train.sample_prompts=[]",
         "train.log_every=1",
@@ -89,9 +93,11 @@ def equal_token_steps(config: dict[str, list[str]], steps: int) -> dict[str, int
     }
 
 
-def held_out_losses(config_overrides: list[str], runs: dict[str, Path], tmp: Path) -> dict:
+def held_out_losses(
+    config_overrides: list[str], held_out: Path, runs: dict[str, Path], tmp: Path
+) -> dict:
     """Each run's exported weights scored on the same held-out batches (the bucketed config's)."""
-    config = compose_config(config_overrides)
+    config = compose_config([*config_overrides, f"eval.shards={held_out}", "eval.samples=48"])
     stage = DiTStage(config, init_runtime("cpu", "fp32"))
     evaluator = stage.evaluator(config, ParallelDims.resolve(config.parallel, 1, 0), tmp)
     losses = {}
@@ -119,6 +125,40 @@ def kept_shares(shards: Path, config_overrides: dict[str, list[str]]) -> dict:
     return shares
 
 
+def one_round(
+    index: int,
+    config: dict[str, list[str]],
+    shards: dict[tuple[str, str], Path],
+    steps: dict[str, int],
+    held_out: Path,
+    tmp: Path,
+    warmup: int,
+    env: dict[str, str],
+) -> dict:
+    """Every mode and case trained once: their tokens/s, tokens and held-out losses."""
+    runs, figures = {}, {}
+    order = [(mode, case) for mode in MODES for case in CASES]
+    for mode, case in order if index % 2 == 0 else order[::-1]:
+        name = f"{mode}_{case}"
+        runs[name] = tmp / f"round{index}-{name}"
+        timed = [*config[case], f"data.shards={shards[mode, case]}", f"train.steps={steps[case]}"]
+        run = train_run(runs[name], timed, warmup, env)
+        metrics = [json.loads(line) for line in (runs[name] / "metrics.jsonl").open()]
+        figures |= {
+            f"{name}_tokens_per_s": run["tokens_per_s"],
+            f"{name}_tokens": metrics[-1]["progress/tokens_seen"],
+        }
+    scoring = [*config["bucketed"], f"data.shards={shards['online', 'bucketed']}"]
+    losses = held_out_losses(scoring, held_out, runs, tmp)
+    figures |= {f"{name}_held_out_loss": loss for name, loss in losses.items()}
+    for mode in MODES:
+        packed, bucketed = (
+            figures[f"{mode}_{case}_tokens_per_s"] for case in ("packed", "bucketed")
+        )
+        figures[f"{mode}_tokens_per_s_ratio"] = packed / bucketed
+    return figures
+
+
 def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=150, help="steps of the bucketed run")
@@ -128,36 +168,22 @@ def main() -> dict:
     args = parser.parse_args()
     env = threads_env(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="tessera-packed-bench-"))
-    shards, checkpoint = build_inputs(tmp, clips=30, images=15)
+    pixels, checkpoint = build_inputs(tmp, clips=30, images=15)
     held_out = build_demo(tmp / "eval", clips_per_source=12, images_per_source=6, seed=1)
-    config = {case: overrides(case, shards, held_out, checkpoint, tmp) for case in CASES}
-    steps = equal_token_steps(config, args.steps)
-    rounds = []
-    for index in range(args.rounds):
-        runs, figures = {}, {}
-        for case in list(CASES) if index % 2 == 0 else list(CASES)[::-1]:
-            runs[case] = tmp / f"round{index}-{case}"
-            timed = [*config[case], f"train.steps={steps[case]}"]
-            run = train_run(runs[case], timed, args.warmup, env)
-            metrics = [json.loads(line) for line in (runs[case] / "metrics.jsonl").open()]
-            figures |= {
-                f"{case}_tokens_per_s": run["tokens_per_s"],
-                f"{case}_steps": steps[case],
-                f"{case}_tokens": metrics[-1]["progress/tokens_seen"],
-            }
-        figures |= {
-            f"{case}_held_out_loss": loss
-            for case, loss in held_out_losses(config["bucketed"], runs, tmp).items()
-        }
-        figures["tokens_per_s_ratio"] = (
-            figures["packed_tokens_per_s"] / figures["bucketed_tokens_per_s"]
-        )
-        rounds.append(figures)
-    result = (
-        {name: statistics.median(r[name] for r in rounds) for name in rounds[0]}
-        | kept_shares(shards, config)
-        | {"rounds": rounds, "threads": args.threads}
-    )
+    config = {case: overrides(case, checkpoint, tmp) for case in CASES}
+    on_pixels = {case: [*values, f"data.shards={pixels}"] for case, values in config.items()}
+    shards = {("online", case): pixels for case in CASES}
+    for case in CASES:
+        shards["latents", case] = tmp / f"latents-{case}"
+        encode(pixels, shards["latents", case], ["--dtype", "float32", *config[case]], env)
+    steps = equal_token_steps(on_pixels, args.steps)
+    rounds = [
+        one_round(index, config, shards, steps, held_out, tmp, args.warmup, env)
+        for index in range(args.rounds)
+    ]
+    result = {name: statistics.median(r[name] for r in rounds) for name in rounds[0]}
+    result |= {f"{case}_steps": count for case, count in steps.items()}
+    result |= kept_shares(pixels, on_pixels) | {"rounds": rounds, "threads": args.threads}
     print(json.dumps(result))
     return result
 

@@ -121,6 +121,18 @@ class PackedBatch:
     def keys(self) -> list[str]:
         return [key for group in self.groups for key in group.keys]
 
+    @property
+    def captions(self) -> list[str]:
+        return [caption for group in self.groups for caption in group.captions]
+
+    @property
+    def fps(self) -> torch.Tensor:
+        return torch.cat([group.fps for group in self.groups])
+
+    @property
+    def native_size(self) -> torch.Tensor:
+        return torch.cat([group.native_size for group in self.groups])
+
     def pin_memory(self) -> PackedBatch:
         return replace(self, groups=[group.pin_memory() for group in self.groups])
 

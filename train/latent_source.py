@@ -30,7 +30,7 @@ import torch
 from data.latents import RECORD_FORMAT, latent_folder, read_null_caption
 from data.lru import ByteLRU
 from data.manifest import resolve_sources
-from data.pipeline import Batch
+from data.pipeline import Batch, PackedBatch
 from model.geometry import LatentGeometry
 from train.config import Config
 from train.encoders import FrozenEncoders, describe_encoders, encoder_identity, video_to_float
@@ -42,12 +42,14 @@ log = logging.getLogger(__name__)
 @dataclass
 class Encoded:
     """A batch as the DiT takes it: latents (the posterior's mean) and caption embeddings, on
-    the device in float32; with train.sample_posterior also the posterior's log-variance."""
+    the device in float32; with train.sample_posterior also the posterior's log-variance. Of a
+    packed batch, latents (and logvar) are lists of every sample's (C, T, H, W) in the batch's
+    order, and text and mask have a row per sample."""
 
-    latents: torch.Tensor
+    latents: torch.Tensor | list[torch.Tensor]
     text: torch.Tensor
     mask: torch.Tensor
-    logvar: torch.Tensor | None = None
+    logvar: torch.Tensor | list[torch.Tensor] | None = None
 
 
 class LatentSource(Protocol):
@@ -56,7 +58,7 @@ class LatentSource(Protocol):
     geometry: LatentGeometry  # the autoencoder's compressions and the DiT's patch
     null_caption: tuple[torch.Tensor, torch.Tensor]  # the empty caption, for caption dropout
 
-    def encode(self, batch: Batch, device: torch.device) -> Encoded:
+    def encode(self, batch: Batch | PackedBatch, device: torch.device) -> Encoded:
         """The batch's latents and caption embeddings."""
 
     def metrics(self) -> dict[str, float]:
@@ -178,26 +180,42 @@ class OnlineLatents:
         return self._encoders.borrowed()
 
     @torch.no_grad()
-    def encode(self, batch: Batch, device: torch.device) -> Encoded:
-        autoencoder, text_encoder = self._encoders.autoencoder, self._encoders.text_encoder
+    def encode(self, batch: Batch | PackedBatch, device: torch.device) -> Encoded:
+        """A packed batch's clips are encoded a shape group at a time, its captions at once."""
+        text = self._text(batch.captions, device)
+        if isinstance(batch, PackedBatch):
+            groups = [self._latents(group.video, device) for group in batch.groups]
+            latents = [sample for mean, _ in groups for sample in mean]
+            logvar = [sample for _, lv in groups for sample in lv] if self.posterior else None
+            return Encoded(latents, *text, logvar)
+        latents, logvar = self._latents(batch.video, device)
+        return Encoded(latents, *text, logvar)
+
+    def _latents(
+        self, video: torch.Tensor, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The posterior's mean of uint8 clips, and with `posterior` its log-variance."""
+        autoencoder = self._encoders.autoencoder
         if self.posterior:
-            latents, logvar = autoencoder.posterior(video_to_float(batch.video, device))
-            return Encoded(latents, *text_encoder.encode(batch.captions), logvar)
+            return autoencoder.posterior(video_to_float(video, device))
         if self.cache is None:
-            latents = autoencoder.encode(video_to_float(batch.video, device))
-            return Encoded(latents, *text_encoder.encode(batch.captions))
-        video, captions = batch.video, batch.captions
+            return autoencoder.encode(video_to_float(video, device)), None
         (latents,) = self.cache.lookup(
             [pixel_key(clip) for clip in video],
             lambda rows: (autoencoder.encode(video_to_float(video[rows], device)),),
             device,
         )
-        text, mask = self.cache.lookup(
+        return latents, None
+
+    def _text(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        text_encoder = self._encoders.text_encoder
+        if self.cache is None:
+            return text_encoder.encode(captions)
+        return self.cache.lookup(
             [("caption", caption) for caption in captions],
             lambda rows: text_encoder.encode([captions[i] for i in rows]),
             device,
         )
-        return Encoded(latents, text, mask)
 
     def metrics(self) -> dict[str, float]:
         """The encoding cache's hit share and size."""
@@ -268,8 +286,14 @@ class StoredLatents:
     def encoders(self) -> AbstractContextManager[FrozenEncoders]:
         return self._encoders.borrowed()
 
-    def encode(self, batch: Batch, device: torch.device) -> Encoded:
+    def encode(self, batch: Batch | PackedBatch, device: torch.device) -> Encoded:
         """The stored tensors on the device, in float32 like the encoders' outputs."""
+        if isinstance(batch, PackedBatch):
+            groups = [self.encode(group, device) for group in batch.groups]
+            text, mask = padded_captions([g.text for g in groups], [g.mask for g in groups])
+            latents = [sample for group in groups for sample in group.latents]
+            logvar = [sample for group in groups for sample in group.logvar or []]
+            return Encoded(latents, text, mask, logvar if self.posterior else None)
         stored = batch.latents
         if stored is None:
             raise ValueError(f"a batch of pixels ({batch.keys[:3]}...) from latent shards")
@@ -283,6 +307,17 @@ class StoredLatents:
 
     def metrics(self) -> dict[str, float]:
         return {}
+
+
+def padded_captions(
+    text: list[torch.Tensor], mask: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Caption embeddings of several batches as one (B, L, D), padded (masked out) to the
+    longest."""
+    length = max(t.shape[1] for t in text)
+    text = [torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[1])) for t in text]
+    mask = [torch.nn.functional.pad(m, (0, length - m.shape[1])) for m in mask]
+    return torch.cat(text), torch.cat(mask)
 
 
 def _check_encoders(config: Config, record: dict, shards: str) -> None:

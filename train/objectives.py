@@ -17,7 +17,7 @@ from data.pipeline import Batch, PackedBatch
 from model.conditioning import ConditioningConfig, draw_given_frames
 from model.flow import FlowConfig, drop_captions, sample_timesteps, training_loss
 from train.encoders import video_to_float
-from train.latent_source import Encoded, LatentSource
+from train.latent_source import LatentSource
 
 
 @dataclass
@@ -68,16 +68,10 @@ class FlowMatchingObjective:
         seed = np.random.SeedSequence([self.seed, batch.epoch, batch.plan_index, stream])
         return torch.Generator(device).manual_seed(int(seed.generate_state(1, np.uint64)[0]))
 
-    def latents(self, encoded: Encoded, draws: torch.Generator) -> torch.Tensor:
-        """The posterior's mean, or with its log-variance a draw from it."""
-        if encoded.logvar is None:
-            return encoded.latents
-        noise = torch.randn(encoded.latents.shape, generator=draws, device=draws.device)
-        return encoded.latents + torch.exp(0.5 * encoded.logvar) * noise
-
     def __call__(self, model: nn.Module, batch: Batch, device: torch.device) -> Loss:
         encoded = self.source.encode(batch, device)
-        latents = self.latents(encoded, self.generator(batch, device, stream=2))
+        draws = self.generator(batch, device, stream=2)
+        latents = posterior_sample(encoded.latents, encoded.logvar, draws)
         generator = self.generator(batch, device)
         text, mask = drop_captions(
             encoded.text,
@@ -105,24 +99,27 @@ class FlowMatchingObjective:
 
 
 class PackedFlowMatchingObjective(FlowMatchingObjective):
-    """Flow matching on a rank's packs (data/packing.py): the samples of every shape group are
-    encoded together, then each sample gets its own flow time (shifted for its own number of
-    tokens), noise, caption dropout and given frames, all drawn in sample order from the batch's
-    place in the plan, and the DiT runs them as one packed sequence. The loss is the same sum
-    of per-sample means as unpacked, so every sample weighs the same whatever its size."""
+    """Flow matching on a rank's packs (data/packing.py): each sample gets its own flow time
+    (shifted for its own number of tokens), noise, caption dropout and given frames, all drawn
+    in sample order from the batch's place in the plan, and the DiT runs the samples as one
+    packed sequence. The loss is the same sum of per-sample means as unpacked, so every sample
+    weighs the same whatever its size."""
 
     def __call__(self, model: nn.Module, batch: PackedBatch, device: torch.device) -> Loss:
+        encoded = self.source.encode(batch, device)
         draws = self.generator(batch, device, stream=2)
-        latents, text, mask = [], [], []
-        for group in batch.groups:
-            encoded = self.source.encode(group, device)
-            latents += list(self.latents(encoded, draws))
-            text.append(encoded.text)
-            mask.append(encoded.mask)
-        text, mask = _padded(text, mask)
+        logvar = encoded.logvar or [None] * len(encoded.latents)
+        latents = [
+            posterior_sample(mean, lv, draws)
+            for mean, lv in zip(encoded.latents, logvar, strict=True)
+        ]
         generator = self.generator(batch, device)
         text, mask = drop_captions(
-            text, mask, *self.source.null_caption, self.flow.caption_dropout, generator
+            encoded.text,
+            encoded.mask,
+            *self.source.null_caption,
+            self.flow.caption_dropout,
+            generator,
         )
         tokens = [self.source.geometry.latent_tokens(x.shape[1:]) for x in latents]
         t = torch.cat([sample_timesteps(1, n, self.flow, generator, device) for n in tokens])
@@ -133,8 +130,8 @@ class PackedFlowMatchingObjective(FlowMatchingObjective):
             for x in latents
         ]
         micro = {
-            "fps": torch.cat([group.fps for group in batch.groups]).to(device),
-            "native_size": torch.cat([group.native_size for group in batch.groups]).to(device),
+            "fps": batch.fps.to(device),
+            "native_size": batch.native_size.to(device),
             "sequence_length": batch.sequence_length,
         }
         per_sample = training_loss(
@@ -148,15 +145,14 @@ class PackedFlowMatchingObjective(FlowMatchingObjective):
         )
 
 
-def _padded(
-    text: list[torch.Tensor], mask: list[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Caption embeddings of several groups as one (S, L, D) batch, padded (and masked) to the
-    longest."""
-    length = max(t.shape[1] for t in text)
-    text = [torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[1])) for t in text]
-    mask = [torch.nn.functional.pad(m, (0, length - m.shape[1])) for m in mask]
-    return torch.cat(text), torch.cat(mask)
+def posterior_sample(
+    mean: torch.Tensor, logvar: torch.Tensor | None, draws: torch.Generator
+) -> torch.Tensor:
+    """The posterior's mean, or with its log-variance a draw from it."""
+    if logvar is None:
+        return mean
+    noise = torch.randn(mean.shape, generator=draws, device=draws.device)
+    return mean + torch.exp(0.5 * logvar) * noise
 
 
 class AutoencoderObjective:
