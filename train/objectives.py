@@ -17,7 +17,7 @@ from data.pipeline import Batch, PackedBatch
 from model.conditioning import ConditioningConfig, draw_given_frames
 from model.flow import FlowConfig, drop_captions, sample_timesteps, training_loss
 from train.encoders import video_to_float
-from train.latent_source import LatentSource
+from train.latent_source import Encoded, LatentSource
 
 
 @dataclass
@@ -68,18 +68,24 @@ class FlowMatchingObjective:
         seed = np.random.SeedSequence([self.seed, batch.epoch, batch.plan_index, stream])
         return torch.Generator(device).manual_seed(int(seed.generate_state(1, np.uint64)[0]))
 
-    def __call__(self, model: nn.Module, batch: Batch, device: torch.device) -> Loss:
-        encoded = self.source.encode(batch, device)
-        draws = self.generator(batch, device, stream=2)
-        latents = posterior_sample(encoded.latents, encoded.logvar, draws)
-        generator = self.generator(batch, device)
-        text, mask = drop_captions(
+    def dropped_captions(
+        self, encoded: Encoded, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The captions, each replaced by the empty one with probability flow.caption_dropout."""
+        return drop_captions(
             encoded.text,
             encoded.mask,
             *self.source.null_caption,
             self.flow.caption_dropout,
             generator,
         )
+
+    def __call__(self, model: nn.Module, batch: Batch, device: torch.device) -> Loss:
+        encoded = self.source.encode(batch, device)
+        draws = self.generator(batch, device, stream=2)
+        latents = posterior_sample(encoded.latents, encoded.logvar, draws)
+        generator = self.generator(batch, device)
+        text, mask = self.dropped_captions(encoded, generator)
         batch_size = latents.shape[0]
         num_tokens = self.source.geometry.latent_tokens(latents.shape[2:])
         t = sample_timesteps(batch_size, num_tokens, self.flow, generator, device)
@@ -114,13 +120,7 @@ class PackedFlowMatchingObjective(FlowMatchingObjective):
             for mean, lv in zip(encoded.latents, logvar, strict=True)
         ]
         generator = self.generator(batch, device)
-        text, mask = drop_captions(
-            encoded.text,
-            encoded.mask,
-            *self.source.null_caption,
-            self.flow.caption_dropout,
-            generator,
-        )
+        text, mask = self.dropped_captions(encoded, generator)
         tokens = [self.source.geometry.latent_tokens(x.shape[1:]) for x in latents]
         t = torch.cat([sample_timesteps(1, n, self.flow, generator, device) for n in tokens])
         noise = [torch.randn(x.shape, generator=generator, device=device) for x in latents]
