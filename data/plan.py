@@ -394,10 +394,7 @@ class DataPlan:
         distinct, _ = self._token_counts()
         ids = [
             rng.permutation(
-                np.concatenate(
-                    [self.bucket_ids(i) for i in np.flatnonzero(tokens == t)]
-                    or [np.array([], ID_TYPE)]
-                )
+                np.concatenate([self.bucket_ids(i) for i in np.flatnonzero(tokens == t)])
             )
             for t in distinct.tolist()
         ]

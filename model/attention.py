@@ -6,8 +6,9 @@ which has its own fused kernels, everywhere else.
 
 Packed sequences (several samples in one token sequence, B = 1) attend block-diagonally: each
 token only within its own `Segments` entry. flash-attn's varlen kernel does that directly; the
-PyTorch path runs one SDPA per segment, so a pack costs the sum of its segments' squares, as the
-samples would alone, never the square of the whole sequence that an N×N mask would.
+PyTorch path runs one SDPA per run of equal-length segments (a batch of them), so a pack costs
+the sum of its segments' squares, as the samples would alone, never the square of the whole
+sequence that an N×N mask would (slower on CPU even at a few hundred tokens).
 """
 
 from __future__ import annotations
@@ -95,8 +96,24 @@ def _segment_attention(
         return flash_attn_varlen_func(
             q[0], k[0], v[0], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen
         )[None]
-    pieces = zip(*(x.split(segments.lengths, dim=1) for x in (q, k, v)), strict=True)
-    return torch.cat([_sdpa(*piece) for piece in pieces], dim=1)
+    outs = []
+    for start, length, count in equal_runs(segments.lengths):
+        run = [
+            x[:, start : start + length * count].unflatten(1, (count, length))[0] for x in (q, k, v)
+        ]
+        outs.append(_sdpa(*run).flatten(0, 1)[None])
+    return torch.cat(outs, dim=1)
+
+
+def equal_runs(lengths: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(first token, length, count) of each run of consecutive segments of one length: a run
+    is one batched kernel call (samples of one shape sit side by side in a pack)."""
+    runs, start = [], 0
+    for length, group in itertools.groupby(lengths):
+        count = len(list(group))
+        runs.append((start, length, count))
+        start += length * count
+    return runs
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from model.attention import Segments, attention
+from model.attention import Segments, attention, equal_runs
 from model.geometry import token_grid
 
 TIME_FREQUENCY_DIM = 256  # sinusoidal features fed to the timestep MLP, as in DiT
@@ -321,13 +321,17 @@ def _attend_own_captions(
     q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, sample_tokens: tuple[int, ...]
 ) -> Tensor:
     """Packed queries (1, N, H, D): sample i's tokens attend to caption i (k[i], v[i] with
-    key_mask[i]); the padding after the samples gets zero."""
-    *queries, padding = q.split([*sample_tokens, q.shape[1] - sum(sample_tokens)], dim=1)
-    outs = [
-        attention(query, k[i : i + 1], v[i : i + 1], key_mask[i : i + 1])
-        for i, query in enumerate(queries)
-    ]
-    return torch.cat([*outs, torch.zeros_like(padding)], dim=1)
+    key_mask[i]), consecutive samples of one size in one call; the padding after the samples
+    gets zero."""
+    outs, sample = [], 0
+    for start, length, count in equal_runs(sample_tokens):
+        captions = slice(sample, sample + count)
+        queries = q[:, start : start + length * count].unflatten(1, (count, length))[0]
+        out = attention(queries, k[captions], v[captions], key_mask[captions])
+        outs.append(out.flatten(0, 1)[None])
+        sample += count
+    padding = q.shape[1] - sum(sample_tokens)
+    return torch.cat([*outs, q.new_zeros(1, padding, *q.shape[2:])], dim=1)
 
 
 class DiTBlock(nn.Module):

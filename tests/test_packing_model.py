@@ -11,10 +11,11 @@ from model.flow import training_loss
 from train.parallel.parallelize import apply_activation_checkpointing
 
 IN_CHANNELS, TEXT_DIM = 4, 8
-# (T, H, W) latents, patch (1, 2, 2): an image, then videos with H != W and H = W; 64 tokens.
-SHAPES = [(1, 4, 6), (3, 8, 4), (2, 6, 6), (4, 2, 8)]
-SEQUENCE_LENGTH = 72  # 8 tokens of padding
-GIVEN = [[False], [True, False, False], [False, False], [True, True, False, False]]
+# (T, H, W) latents, patch (1, 2, 2): an image, then videos with H != W and H = W, two of one
+# shape side by side (their attention runs batched, each with its own caption); 82 tokens.
+SHAPES = [(1, 4, 6), (3, 8, 4), (2, 6, 6), (2, 6, 6), (4, 2, 8)]
+SEQUENCE_LENGTH = 90  # 8 tokens of padding
+GIVEN = [[False], [True, False, False], [False, False], [False, True], [True, True, False, False]]
 
 
 def pack(with_given: bool) -> dict:
@@ -23,7 +24,7 @@ def pack(with_given: bool) -> dict:
     generator = torch.Generator().manual_seed(0)
     count = len(SHAPES)
     x0 = [torch.randn(IN_CHANNELS, *shape, generator=generator) for shape in SHAPES]
-    mask = torch.arange(6)[None, :] < torch.tensor([[2], [6], [1], [4]])
+    mask = torch.arange(6)[None, :] < torch.tensor([[2], [6], [1], [3], [4]])
     inputs = {
         "x0": x0,
         "noise": [torch.randn(x.shape, generator=generator) for x in x0],
@@ -32,9 +33,9 @@ def pack(with_given: bool) -> dict:
         "t": torch.rand(count, generator=generator),
         "frame_weight": [torch.linspace(1.0, 0.5, shape[0]) for shape in SHAPES],
         "micro": {
-            "fps": torch.tensor([8.0, 24.0, 12.0, 30.0]),
+            "fps": torch.tensor([8.0, 24.0, 12.0, 10.0, 30.0]),
             "native_size": torch.tensor(
-                [[240.0, 360.0], [640.0, 320.0], [480.0, 480.0], [90.0, 360.0]]
+                [[240.0, 360.0], [640.0, 320.0], [480.0, 480.0], [320.0, 320.0], [90.0, 360.0]]
             ),
         },
         "given": None,
@@ -172,7 +173,7 @@ def test_activation_checkpointing_recomputes_a_pack_to_the_same_gradients():
 
 def test_segment_attention_is_a_block_diagonal_mask():
     torch.manual_seed(0)
-    lengths = [3, 7, 1, 5]
+    lengths = [3, 7, 7, 1, 5, 5, 5]  # runs of equal lengths attend in one batched call
     q, k, v = (torch.randn(1, sum(lengths), 2, 8) for _ in range(3))
     segment_of = torch.arange(len(lengths)).repeat_interleave(torch.tensor(lengths))
     block_diagonal = segment_of[:, None] == segment_of[None, :]
@@ -180,20 +181,21 @@ def test_segment_attention_is_a_block_diagonal_mask():
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=block_diagonal
     ).transpose(1, 2)
     segments = Segments.from_lengths(lengths)
-    assert segments.cu_seqlens.tolist() == [0, 3, 10, 11, 16] and segments.max_seqlen == 7
+    assert segments.cu_seqlens.tolist() == [0, 3, 10, 17, 18, 23, 28, 33]
+    assert segments.max_seqlen == 7
     torch.testing.assert_close(attention(q, k, v, segments=segments), expected)
-    with pytest.raises(ValueError, match="segments of 16 tokens need one packed sequence"):
-        attention(q[:, :15], k[:, :15], v[:, :15], segments=segments)
+    with pytest.raises(ValueError, match="segments of 33 tokens need one packed sequence"):
+        attention(q[:, :32], k[:, :32], v[:, :32], segments=segments)
 
 
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"sequence_length": 60}, "sequence_length=60 is less than the 64 tokens"),
-        ({"t": [torch.tensor(0.5)] * 3}, "one t .* per sample, got 4 x, 3 t"),
-        ({"given": [torch.zeros(3, dtype=torch.bool)] * 4}, r"given\[0\] must be bool .* \(1,\)"),
-        ({"x": [torch.zeros(4, 1, 2, 2)] * 2 + [torch.zeros(3, 1, 2, 2)] * 2}, r"x\[2\] must be"),
-        ({"fps": torch.ones(3)}, r"fps must be \(B,\) = \(4,\)"),
+        ({"sequence_length": 60}, "sequence_length=60 is less than the 82 tokens"),
+        ({"t": [torch.tensor(0.5)] * 3}, "one t .* per sample, got 5 x, 3 t"),
+        ({"given": [torch.zeros(3, dtype=torch.bool)] * 5}, r"given\[0\] must be bool .* \(1,\)"),
+        ({"x": [torch.zeros(4, 1, 2, 2)] * 2 + [torch.zeros(3, 1, 2, 2)] * 3}, r"x\[2\] must be"),
+        ({"fps": torch.ones(3)}, r"fps must be \(B,\) = \(5,\)"),
         ({"x": torch.zeros(4, IN_CHANNELS, 1, 2, 2)}, "sequence_length pads a packed batch"),
     ],
 )

@@ -33,7 +33,9 @@ class Loss:
 class Objective(Protocol):
     """What the trainer calls: one batch's loss, and what to report beside it."""
 
-    def __call__(self, model: nn.Module, batch: Batch, device: torch.device) -> Loss: ...
+    def __call__(
+        self, model: nn.Module, batch: Batch | PackedBatch, device: torch.device
+    ) -> Loss: ...
 
     def metrics(self) -> dict[str, float]: ...
 
