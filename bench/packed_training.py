@@ -42,7 +42,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from safetensors.torch import load_file
 
 from bench.latents import build_inputs, encode, threads_env, train_run
 from bench.packing import kept, reference_tokens, video_sizes, weighted_mean
@@ -51,6 +50,7 @@ from data.pipeline import open_plan, training_stream
 from data.plan import DataState
 from train.budget import step_flops, steps_for_budget
 from train.build import load_trained, sample_table
+from train.checkpoint import find_weights, read_weights
 from train.encode import compose_config
 from train.parallel import ParallelDims
 from train.runtime import init_runtime
@@ -102,8 +102,8 @@ def held_out_losses(
     evaluator = stage.evaluator(config, ParallelDims.resolve(config.parallel, 1, 0), tmp)
     losses = {}
     for case, run_dir in runs.items():
-        weights = load_file(run_dir / "export" / "model.safetensors")
-        load_trained(stage.model, weights, f"{run_dir}'s export")
+        weights = read_weights(find_weights(run_dir), stage.model)
+        load_trained(stage.model, weights, f"{run_dir}'s weights")
         losses[case] = evaluator(stage.model, {"step": 0}, final=False)["eval/loss"]
     return losses
 
