@@ -51,8 +51,8 @@ class PackingGeometry(Protocol):
 
 
 class PackingTable:
-    """Each sample's target shape (a `Bucket` of batch size 1 in tokens, one per distinct shape),
-    from the packing config and the latent geometry; refuses settings that cannot pack."""
+    """Each sample's target shape (as a `Bucket`, one per distinct shape), from the packing
+    config and the latent geometry; refuses settings that cannot pack."""
 
     def __init__(self, cfg: PackingConfig, geometry: PackingGeometry):
         self.cfg, self.geometry = cfg, geometry

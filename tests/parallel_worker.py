@@ -30,7 +30,7 @@ from model.flow import FlowConfig, sample_timesteps, training_loss
 from train.config import Config, OptimConfig, ParallelConfig
 from train.objectives import Loss
 from train.parallel import ParallelDims, build_engine
-from train.runtime import init_runtime
+from train.runtime import init_runtime, shutdown
 from train.trainer import Trainer
 
 TEXT_DIM = 8
@@ -166,7 +166,7 @@ def main(check: str, backend: str, out: Path) -> None:
         "per_rank_mean_vs_reference": max_diff(naive_grads, ref_grads),
     }
     (out / f"rank{runtime.rank}.json").write_text(json.dumps(result))
-    torch.distributed.destroy_process_group()
+    shutdown(finished=True)
 
 
 if __name__ == "__main__":

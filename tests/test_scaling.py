@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
 from launching import PACKED
@@ -33,7 +32,7 @@ from train.config import EvalConfig, ParallelConfig, register_configs, to_config
 from train.encoders import FrozenEncoders
 from train.evaluate import Evaluator
 from train.parallel import ParallelDims
-from train.runtime import init_runtime
+from train.runtime import init_runtime, shutdown
 
 ROOT = Path(__file__).resolve().parents[1]
 LATENT_CHANNELS, TEXT_DIM = 4, 384  # the tiny VAE and MiniLM of the demo
@@ -180,7 +179,7 @@ def _evaluate_as_rank(rank: int, world: int, port: int, demo_shards, held_out, r
     torch.set_num_threads(1)
     model, evaluator, *_ = eval_parts(demo_shards, held_out, run_dir, samples=7)
     evaluator(model, {"step": 1}, final=True)
-    dist.destroy_process_group()
+    shutdown(finished=True)
 
 
 @pytest.mark.multiprocess

@@ -139,7 +139,7 @@ def run(config: Config) -> list[float]:
     )
     losses = _fit(trainer, runtime, run_dir)
     stage.export(config, trainer.consolidated_weights(), trainer.weights_kind, batches, run_dir)
-    shutdown()
+    shutdown(finished=True)
     return losses
 
 

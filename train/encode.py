@@ -62,7 +62,7 @@ def run(options: EncodeOptions, overrides: list[str]) -> dict | None:
     job.encode(source, runtime.rank, runtime.world_size)
     _barrier()
     report = job.finish(source.null_caption) if runtime.is_main else None
-    shutdown()
+    shutdown(finished=True)
     if report is not None:
         print(
             f"{report['samples']} samples in {report['shards']} latent shards "

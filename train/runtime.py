@@ -106,6 +106,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def shutdown() -> None:
+def shutdown(finished: bool = False) -> None:
+    """Destroy the process group. A run that `finished` on every rank waits for all of them
+    first: a rank that tears down its gloo connections while a peer's last transfer is still in
+    flight aborts that peer (std::terminate in gloo's I/O thread). A failed run must not wait
+    for peers that may never come."""
     if dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
