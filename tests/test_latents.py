@@ -166,11 +166,11 @@ def perturbed_copy(weights: Path, out: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def packed_latents(demo_shards, autoencoder, tmp_path_factory) -> Path:
-    """The demo shards encoded at their packing target shapes, in float32."""
+    """The demo shards encoded at their packing target shapes, in float32, with the posterior's
+    log-variance."""
     out = tmp_path_factory.mktemp("packed-latents")
-    report = encode(
-        ["--out", str(out), "--dtype", "float32", *demo(autoencoder, demo_shards, *PACKED)]
-    )
+    settings = demo(autoencoder, demo_shards, *PACKED)
+    report = encode(["--out", str(out), "--dtype", "float32", "--logvar", *settings])
     assert report["samples"] > 100 and not report["skipped"]
     return out
 
@@ -185,6 +185,11 @@ def test_packed_latent_shards_give_the_losses_of_packed_online_encoding(
     assert len(online) == len(stored) == 20
     np.testing.assert_allclose(stored, online, rtol=1e-5, atol=0)
     assert consumed_keys(tmp_path / "latents") == consumed_keys(tmp_path / "online")
+    # Posterior draws: the same seeded noise per sample, online and from stored log-variances.
+    posterior = (*PACKED, "train.sample_posterior=true")
+    online = train(autoencoder, demo_shards, tmp_path / "online-posterior", 3, *posterior)
+    stored = train(autoencoder, packed_latents, tmp_path / "latents-posterior", 3, *posterior)
+    np.testing.assert_allclose(stored, online, rtol=1e-5, atol=0)
     # Latents cut for buckets cannot serve native sizes, nor these targets other ones.
     with pytest.raises(ValueError, match=r"encoded with packing=None"):
         train(autoencoder, latents, tmp_path / "buckets", 2, *PACKED)

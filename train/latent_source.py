@@ -292,8 +292,10 @@ class StoredLatents:
             groups = [self.encode(group, device) for group in batch.groups]
             text, mask = padded_captions([g.text for g in groups], [g.mask for g in groups])
             latents = [sample for group in groups for sample in group.latents]
-            logvar = [sample for group in groups for sample in group.logvar or []]
-            return Encoded(latents, text, mask, logvar if self.posterior else None)
+            logvar = (
+                [sample for group in groups for sample in group.logvar] if self.posterior else None
+            )
+            return Encoded(latents, text, mask, logvar)
         stored = batch.latents
         if stored is None:
             raise ValueError(f"a batch of pixels ({batch.keys[:3]}...) from latent shards")
