@@ -5,7 +5,7 @@ flash-attn when it can (CUDA, fp16/bf16, no mask) and PyTorch's scaled_dot_produ
 which has its own fused kernels, everywhere else.
 
 Packed sequences (several samples in one token sequence, B = 1) attend block-diagonally: each
-token only within its own `Segments` entry. flash-attn's varlen kernel does that directly; the
+token only within its own `Segments` entry, and the padding after the segments to nothing. flash-attn's varlen kernel does that directly; the
 PyTorch path runs one SDPA per run of equal-length segments (a batch of them), so a pack costs
 the sum of its segments' squares, as the samples would alone, never the square of the whole
 sequence that an N×N mask would (slower on CPU even at a few hundred tokens).
@@ -30,17 +30,25 @@ except ImportError:  # CPU machines and GPUs without the optional flash-attn whe
 @dataclass(frozen=True)
 class Segments:
     """Contiguous segments along dim 1 of a packed sequence, in the form flash-attn's varlen
-    kernels take; `lengths` keeps them on the host, so the PyTorch path never syncs a GPU."""
+    kernels take, then `padding` tokens that attend to nothing (their output is zero); `lengths`
+    keeps the segments on the host, so the PyTorch path never syncs a GPU."""
 
     lengths: tuple[int, ...]
     cu_seqlens: Tensor  # (S + 1,) int32: segment i is tokens cu_seqlens[i]:cu_seqlens[i + 1]
     max_seqlen: int
+    padding: int = 0
 
     @classmethod
-    def from_lengths(cls, lengths: Sequence[int], device: torch.device | None = None) -> Segments:
+    def from_lengths(
+        cls, lengths: Sequence[int], device: torch.device | None = None, padding: int = 0
+    ) -> Segments:
         bounds = [0, *itertools.accumulate(lengths)]
         cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=device)
-        return cls(tuple(lengths), cu_seqlens, max(lengths))
+        return cls(tuple(lengths), cu_seqlens, max(lengths), padding)
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.lengths) + self.padding
 
 
 def attention(
@@ -85,35 +93,38 @@ def _segment_attention(
 ) -> Tensor:
     if key_mask is not None:
         raise ValueError("segments take no key_mask: tokens attend to their whole segment")
-    tokens = sum(segments.lengths)
-    if not q.shape[:2] == k.shape[:2] == v.shape[:2] == (1, tokens):
+    if not q.shape[:2] == k.shape[:2] == v.shape[:2] == (1, segments.tokens):
         raise ValueError(
-            f"segments of {tokens} tokens need one packed sequence (1, {tokens}, H, D) of "
-            f"queries, keys and values, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+            f"segments of {segments.tokens} tokens need one packed sequence "
+            f"(1, {segments.tokens}, H, D) of queries, keys and values, got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
         )
     if _flash_attn_applies(q):
-        cu_seqlens, max_seqlen = segments.cu_seqlens, segments.max_seqlen
-        return flash_attn_varlen_func(
-            q[0], k[0], v[0], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen
-        )[None]
-    outs = []
-    for start, length, count in equal_runs(segments.lengths):
-        run = [
-            x[:, start : start + length * count].unflatten(1, (count, length))[0] for x in (q, k, v)
-        ]
-        outs.append(_sdpa(*run).flatten(0, 1)[None])
-    return torch.cat(outs, dim=1)
+        q, k, v = (x[0, : sum(segments.lengths)] for x in (q, k, v))
+        cu_seqlens, longest = segments.cu_seqlens, segments.max_seqlen
+        out = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, longest, longest)
+        return F.pad(out, (0, 0, 0, 0, 0, segments.padding))[None]
+    runs = equal_runs(segments.lengths)
+    q, k, v = split_runs([*runs, (segments.padding, 1)], q, k, v)
+    outs = [
+        _sdpa(*(x.unflatten(0, (count, length)) for x in run)).flatten(0, 1)
+        for (length, count), *run in zip(runs, q[:-1], k[:-1], v[:-1], strict=True)
+    ]
+    return torch.cat([*outs, torch.zeros_like(q[-1])])[None]
 
 
-def equal_runs(lengths: Sequence[int]) -> list[tuple[int, int, int]]:
-    """(first token, length, count) of each run of consecutive segments of one length: a run
-    is one batched kernel call (samples of one shape sit side by side in a pack)."""
-    runs, start = [], 0
-    for length, group in itertools.groupby(lengths):
-        count = len(list(group))
-        runs.append((start, length, count))
-        start += length * count
-    return runs
+def equal_runs(lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """(length, count) of each run of consecutive segments of one length: a run is one batched
+    kernel call (samples of one shape sit side by side in a pack)."""
+    return [(length, len(list(group))) for length, group in itertools.groupby(lengths)]
+
+
+def split_runs(runs: list[tuple[int, int]], *packed: Tensor) -> list[tuple[Tensor, ...]]:
+    """Each packed (1, N, ...) tensor cut into its runs' tokens (length * count, ...), by one
+    split: a single autograd node, where a slice per run would each fill a gradient of the
+    whole sequence in the backward."""
+    sizes = [length * count for length, count in runs]
+    return [x[0].split(sizes) for x in packed]
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:

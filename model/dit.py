@@ -8,13 +8,14 @@ that clean conditioning frames (t = 0) and noisy frames can share one sequence. 
 to that condition: a learned vector on the frames that are given (see model/conditioning.py), and
 the micro-conditions frame rate and native resolution of the source.
 
-Packed sequences, as in NaViT: `forward` also takes a list of samples of different shapes, each
-with its own caption, time(s), given frames and micro-conditions, and runs them as one token
-sequence, their tokens in order and then padding up to a fixed `sequence_length`. Each sample
-gets exactly what it would alone: self-attention stays within it (block-diagonal, the padding
-apart), it cross-attends to its own caption, its rotary positions are those of its own grid, and
-its adaLN rows (one per sample and token frame) are gathered to its tokens. A `TokenLayout` tells
-the blocks where each sample lies.
+Packed sequences, as in NaViT: `forward` also takes samples of different shapes, as a list of
+groups of one shape each (B_g, C, T_g, H_g, W_g), every sample with its own caption, time(s), given
+frames and micro-conditions, and runs them as one token sequence, their tokens in order and then
+padding up to a fixed `sequence_length` (grouped, the work outside the blocks takes one call per
+shape, not per sample). Each sample gets exactly what it would alone: self-attention stays within
+it (block-diagonal; the padding attends to nothing), it cross-attends to its own caption, its
+rotary positions are those of its own grid, and its adaLN rows (one per sample and token frame)
+are gathered to its tokens. A `TokenLayout` tells the blocks where each sample lies.
 
 Cross-attention is ungated, as in PixArt-alpha: the caption matters at every noise level, so a
 time-dependent gate buys little and would cost width² parameters per block; its zero-initialised
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from model.attention import Segments, attention, equal_runs
+from model.attention import Segments, attention, equal_runs, split_runs
 from model.geometry import token_grid
 
 TIME_FREQUENCY_DIM = 256  # sinusoidal features fed to the timestep MLP, as in DiT
@@ -112,28 +113,30 @@ def rope_axis_pairs(head_dim: int) -> tuple[int, int, int]:
     return pairs - 2 * spatial, spatial, spatial
 
 
-def rope_cos_sin(
-    grid: tuple[int, int, int], head_dim: int, theta: float, device: torch.device | None = None
-) -> tuple[Tensor, Tensor]:
-    """cos and sin of the rotation angles, each (T*H*W, head_dim/2), for a frame-major token grid.
+def token_positions(
+    grids: list[tuple[int, int, int]], device: torch.device | None = None
+) -> Tensor:
+    """(N, 3) float32: the (t, h, w) position of every token of these token grids, each grid
+    frame-major, one after the other. Computed on the fly, so any duration, resolution or aspect
+    works, and a pack of many grids costs a fixed number of tensor operations."""
+    sizes = torch.tensor(grids, device=device).view(-1, 3)
+    tokens = sizes.prod(dim=1)
+    grid_of_token = torch.repeat_interleave(tokens, output_size=sum(map(math.prod, grids)))
+    first_token = tokens.cumsum(0) - tokens
+    offset = torch.arange(len(grid_of_token), device=device) - first_token[grid_of_token]
+    height, width = sizes[grid_of_token, 1], sizes[grid_of_token, 2]
+    positions = [offset // (height * width), offset // width % height, offset % width]
+    return torch.stack(positions, dim=1).float()
 
-    Computed from integer grid positions on the fly, so any duration, resolution or aspect works.
-    """
-    axis_angles = []
-    for length, pairs in zip(grid, rope_axis_pairs(head_dim), strict=True):
-        frequencies = theta ** (-torch.arange(pairs, device=device, dtype=torch.float32) / pairs)
-        positions = torch.arange(length, device=device, dtype=torch.float32)
-        axis_angles.append(torch.outer(positions, frequencies))
-    t_angles, h_angles, w_angles = axis_angles
-    frames, height, width = grid
-    angles = torch.cat(
-        [
-            t_angles[:, None, None, :].expand(frames, height, width, -1),
-            h_angles[None, :, None, :].expand(frames, height, width, -1),
-            w_angles[None, None, :, :].expand(frames, height, width, -1),
-        ],
-        dim=-1,
-    ).flatten(0, 2)
+
+def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotation angles, each (N, head_dim/2), of tokens at (N, 3) positions
+    (`token_positions`): time, height and width each rotate their share of the pairs."""
+    angles = []
+    for axis, pairs in enumerate(rope_axis_pairs(head_dim)):
+        exponents = torch.arange(pairs, device=positions.device, dtype=torch.float32) / pairs
+        angles.append(positions[:, axis, None] * theta**-exponents)
+    angles = torch.cat(angles, dim=-1)
     return angles.cos(), angles.sin()
 
 
@@ -182,17 +185,17 @@ class TokenLayout:
         rows = torch.arange(len(row_tokens), device=device).repeat_interleave(
             row_tokens, output_size=sum(sample_tokens) + padding
         )
-        # The padding takes the positions of a (padding, 1, 1) grid: any do, it sees only itself.
-        grids = [*grids, (padding, 1, 1)]
-        tables = [rope_cos_sin(grid, head_dim, theta, device) for grid in grids]
-        rope = tuple(torch.cat(column) for column in zip(*tables, strict=True))
-        segments = Segments.from_lengths([n for n in [*sample_tokens, padding] if n], device)
-        return cls(rope, rows, segments, tuple(sample_tokens))
+        # The padding takes the positions of a (padding, 1, 1) grid: any do, it attends to nothing.
+        positions = token_positions([*grids, (padding, 1, 1)], device)
+        segments = Segments.from_lengths(sample_tokens, device, padding)
+        return cls(rope_cos_sin(positions, head_dim, theta), rows, segments, tuple(sample_tokens))
 
     def per_token(self, rows: Tensor) -> Tensor:
         """adaLN rows as `modulate` and `gate` take them: a packed sequence's (1, R, W) gathered
         to one per token (1, N, W); a dense batch's (B, G, W) as they are."""
-        return rows if self.rows is None else rows.index_select(1, self.rows)
+        # An embedding lookup: on the CPU its backward is several times faster than
+        # index_select's (index_add_ along dim 1).
+        return rows if self.rows is None else F.embedding(self.rows, rows[0])[None]
 
     def tokens(self, start: int, stop: int) -> TokenLayout:
         """The layout of tokens start:stop, as one rank of a sequence-parallel group holds them.
@@ -323,15 +326,18 @@ def _attend_own_captions(
     """Packed queries (1, N, H, D): sample i's tokens attend to caption i (k[i], v[i] with
     key_mask[i]), consecutive samples of one size in one call; the padding after the samples
     gets zero."""
-    outs, sample = [], 0
-    for start, length, count in equal_runs(sample_tokens):
-        captions = slice(sample, sample + count)
-        queries = q[:, start : start + length * count].unflatten(1, (count, length))[0]
-        out = attention(queries, k[captions], v[captions], key_mask[captions])
-        outs.append(out.flatten(0, 1)[None])
-        sample += count
+    runs = equal_runs(sample_tokens)
     padding = q.shape[1] - sum(sample_tokens)
-    return torch.cat([*outs, q.new_zeros(1, padding, *q.shape[2:])], dim=1)
+    (queries,) = split_runs([*runs, (padding, 1)], q)
+    outs, sample = [], 0
+    for (length, count), run in zip(runs, queries[:-1], strict=True):
+        captions = slice(sample, sample + count)
+        out = attention(
+            run.unflatten(0, (count, length)), k[captions], v[captions], key_mask[captions]
+        )
+        outs.append(out.flatten(0, 1))
+        sample += count
+    return torch.cat([*outs, q.new_zeros(padding, *q.shape[2:])])[None]
 
 
 class DiTBlock(nn.Module):
@@ -448,10 +454,11 @@ class DiT(nn.Module):
         frames. fps (B,) and native_size (B, 2) (source height, width in pixels): micro-conditions,
         both or neither.
 
-        Packed: x a list of S latents (C, T_i, H_i, W_i), t a list of S times () or (T_i,), given
-        None or a list of S bool (T_i,); text, text_mask, fps and native_size as above with one
-        row per sample. The samples run as one sequence, padded to sequence_length tokens (None:
-        no padding), and the list of their S velocities is what each would get alone.
+        Packed: x a list of groups of samples, group g a batch of B_g latents of one shape
+        (B_g, C, T_g, H_g, W_g), t and given lists of their times and given frames as above; text,
+        text_mask, fps and native_size as above with one row per sample, group after group. All
+        the samples run as one sequence, padded to sequence_length tokens (None: no padding), and
+        the list of the groups' velocities is what each sample would get alone.
         """
         if isinstance(x, list):
             return self._forward_packed(
@@ -466,7 +473,8 @@ class DiT(nn.Module):
             None if given is None else self._per_token_frame(given.float(), grid[0]),
             None if fps is None else self.micro_embed(fps, native_size)[:, None],
         )
-        layout = TokenLayout(rope_cos_sin(grid, self.head_dim, self.cfg.rope_theta, x.device))
+        rope = rope_cos_sin(token_positions([grid], x.device), self.head_dim, self.cfg.rope_theta)
+        layout = TokenLayout(rope)
         patches = self._transform(self._patchify(x), cond, text, text_mask, layout)
         return self._unpatchify(patches, grid)
 
@@ -482,16 +490,21 @@ class DiT(nn.Module):
         sequence_length: int | None,
     ) -> list[Tensor]:
         self._check_packed_inputs(x, t, text, text_mask, given, fps, native_size)
-        grids = [token_grid(sample.shape[1:], self.cfg.patch_size) for sample in x]
+        grids = [token_grid(group.shape[2:], self.cfg.patch_size) for group in x]
+        sample_grids = [grid for group, grid in zip(x, grids, strict=True) for _ in group]
         layout = TokenLayout.packed(
-            grids, self.head_dim, self.cfg.rope_theta, sequence_length, x[0].device
+            sample_grids, self.head_dim, self.cfg.rope_theta, sequence_length, x[0].device
         )
-        patches = torch.cat([self._patchify(sample[None]) for sample in x], dim=1)
+        patches = torch.cat([self._patchify(group).flatten(0, 1) for group in x])[None]
         padding = len(layout.rows) - patches.shape[1]
         cond = self._packed_condition(x, t, given, fps, native_size)
         patches = self._transform(F.pad(patches, (0, 0, 0, padding)), cond, text, text_mask, layout)
-        per_sample = patches[:, : sum(layout.sample_tokens)].split(layout.sample_tokens, dim=1)
-        return [self._unpatchify(p, grid)[0] for p, grid in zip(per_sample, grids, strict=True)]
+        group_tokens = [len(group) * math.prod(grid) for group, grid in zip(x, grids, strict=True)]
+        per_group = patches[0, : sum(group_tokens)].split(group_tokens)
+        return [
+            self._unpatchify(p.unflatten(0, (len(group), -1)), grid)
+            for p, group, grid in zip(per_group, x, grids, strict=True)
+        ]
 
     def _transform(
         self, patches: Tensor, cond: Tensor, text: Tensor, text_mask: Tensor, layout: TokenLayout
@@ -525,7 +538,7 @@ class DiT(nn.Module):
         token order, then a zero row for the padding."""
         micro = None
         if fps is not None:
-            token_frames = [sample.shape[1] // self.cfg.patch_size[0] for sample in x]
+            token_frames = [g.shape[2] // self.cfg.patch_size[0] for g in x for _ in range(len(g))]
             micro = self.micro_embed(fps, native_size).repeat_interleave(
                 torch.tensor(token_frames, device=fps.device), dim=0, output_size=sum(token_frames)
             )
@@ -537,13 +550,13 @@ class DiT(nn.Module):
         return F.pad(cond, (0, 0, 0, 1))[None]
 
     def _token_frame_rows(self, values: list[Tensor], x: list[Tensor]) -> Tensor:
-        """Per-sample values, () or one per latent frame (T_i,), as one per token frame of every
-        sample, concatenated."""
+        """Each group's values, (B_g,) or one per latent frame (B_g, T_g), as one per token frame
+        of every sample, concatenated."""
         rows = []
-        for value, sample in zip(values, x, strict=True):
-            frames = sample.shape[1]
-            per_frame = value.expand(frames)[None]
-            rows.append(self._per_token_frame(per_frame, frames // self.cfg.patch_size[0])[0])
+        for value, group in zip(values, x, strict=True):
+            token_frames = group.shape[2] // self.cfg.patch_size[0]
+            per_frame = self._per_token_frame(value, token_frames)
+            rows.append(per_frame.expand(len(group), token_frames).flatten())
         return torch.cat(rows)
 
     def _patchify(self, x: Tensor) -> Tensor:
@@ -607,29 +620,33 @@ class DiT(nn.Module):
         count = len(x)
         if not count or len(t) != count or (given is not None and len(given) != count):
             raise ValueError(
-                f"a packed batch needs latents x and one t (and given, if any) per sample, got "
-                f"{count} x, {len(t)} t and {'no' if given is None else len(given)} given"
+                f"a packed batch needs groups of latents x and one t (and given, if any) per "
+                f"group, got {count} x, {len(t)} t and {'no' if given is None else len(given)} "
+                "given"
             )
-        for i, (latents, time) in enumerate(zip(x, t, strict=True)):
-            if latents.ndim != 4 or latents.shape[0] != self.in_channels:
+        for i, group in enumerate(x):
+            if group.ndim != 5 or group.shape[1] != self.in_channels:
                 raise ValueError(
-                    f"x[{i}] must be latents (C={self.in_channels}, T, H, W), "
-                    f"got {tuple(latents.shape)}"
+                    f"x[{i}] must be a group of latents (B, C={self.in_channels}, T, H, W), "
+                    f"got {tuple(group.shape)}"
                 )
-            if latents.dtype != x[0].dtype:
-                raise ValueError(f"x[{i}] is {latents.dtype}, x[0] {x[0].dtype}: one dtype for all")
-            token_grid(latents.shape[1:], self.cfg.patch_size)  # raises unless whole patches
-            frames = latents.shape[1]
-            if time.shape not in ((), (frames,)):
+            if group.dtype != x[0].dtype:
+                raise ValueError(f"x[{i}] is {group.dtype}, x[0] {x[0].dtype}: one dtype for all")
+            token_grid(group.shape[2:], self.cfg.patch_size)  # raises unless whole patches
+            size, frames = group.shape[0], group.shape[2]
+            if t[i].shape not in ((size,), (size, frames)):
                 raise ValueError(
-                    f"t[{i}] must be () or (T,) = ({frames},), got {tuple(time.shape)}"
+                    f"t[{i}] must be (B,) = ({size},) or (B, T) = ({size}, {frames}), "
+                    f"got {tuple(t[i].shape)}"
                 )
-            if given is not None and (given[i].shape != (frames,) or given[i].dtype != torch.bool):
+            if given is not None and (
+                given[i].shape != (size, frames) or given[i].dtype != torch.bool
+            ):
                 raise ValueError(
-                    f"given[{i}] must be bool of shape (T,) = ({frames},), "
+                    f"given[{i}] must be bool of shape (B, T) = ({size}, {frames}), "
                     f"got {given[i].dtype} {tuple(given[i].shape)}"
                 )
-        self._check_sample_conditions(count, text, text_mask, fps, native_size)
+        self._check_sample_conditions(sum(map(len, x)), text, text_mask, fps, native_size)
 
     def _check_sample_conditions(
         self,

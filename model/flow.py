@@ -84,8 +84,10 @@ def training_loss(
     `given=given`. model_kwargs (e.g. micro-conditions) go to the model. The caller reduces over
     the batch.
 
-    Packed: x0 and noise lists of S latents (C, T_i, H_i, W_i), t (S,), frame_weight and given
-    None or lists of S (T_i,); model_kwargs may hold `sequence_length`. Returns the (S,) losses.
+    Packed: x0 and noise lists of groups of samples, group g latents of one shape
+    (B_g, C, T_g, H_g, W_g); t (S,) for the S samples, group after group; frame_weight and given
+    None or lists of the groups' (B_g, T_g); model_kwargs may hold `sequence_length`. Returns
+    the (S,) losses.
     """
     model_kwargs = dict(model_kwargs or {})
     if given is not None:
@@ -110,33 +112,32 @@ def _packed_training_loss(
     given: list[Tensor] | None,
     model_kwargs: dict,
 ) -> Tensor:
-    """training_loss of a packed batch: every sample is noised and scored as a batch of one."""
-    count = len(x0)
-    if t.shape != (count,):
+    """training_loss of a packed batch: every group is noised and scored as a dense batch."""
+    sizes = [len(group) for group in x0]
+    if t.shape != (sum(sizes),):
         raise ValueError(
-            f"t must be (S,) = ({count},) for {count} packed latents, got {tuple(t.shape)}"
+            f"t must be (S,) = ({sum(sizes)},) for the samples of x0's groups, got {tuple(t.shape)}"
         )
     for name, values in (("noise", noise), ("frame_weight", frame_weight), ("given", given)):
-        if values is not None and len(values) != count:
+        if values is not None and len(values) != len(x0):
             raise ValueError(
-                f"{name} must hold one tensor per latent of x0 ({count}), got {len(values)}"
+                f"{name} must hold one tensor per group of x0 ({len(x0)}), got {len(values)}"
             )
     noised = [
-        _noised(x[None], n[None], t[i : i + 1], _one(frame_weight, i), _one(given, i))
-        for i, (x, n) in enumerate(zip(x0, noise, strict=True))
+        _noised(x, n, times, _of_group(frame_weight, g), _of_group(given, g))
+        for g, (x, n, times) in enumerate(zip(x0, noise, t.split(sizes), strict=True))
     ]
     x_t, t, frame_weight = zip(*noised, strict=True)
-    velocity = model([x[0] for x in x_t], [t_i[0] for t_i in t], text, text_mask, **model_kwargs)
+    velocity = model(list(x_t), list(t), text, text_mask, **model_kwargs)
     losses = [
-        _frame_mean_error(v[None], (n - x)[None], weight)
+        _frame_mean_error(v, n - x, weight)
         for v, n, x, weight in zip(velocity, noise, x0, frame_weight, strict=True)
     ]
     return torch.cat(losses)
 
 
-def _one(values: list[Tensor] | None, i: int) -> Tensor | None:
-    """values[i] as a batch of one, or None."""
-    return None if values is None else values[i][None]
+def _of_group(values: list[Tensor] | None, g: int) -> Tensor | None:
+    return None if values is None else values[g]
 
 
 def _noised(

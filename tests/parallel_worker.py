@@ -79,7 +79,7 @@ class LatentObjective:
         micro = {"fps": batch.fps, "native_size": batch.native_size}
         if self.packed:  # the samples cut to PACK_SHAPES, in one sequence
             latents, noise = cut_to_pack(latents), cut_to_pack(noise)
-            given = [g[:f] for g, (f, _, _) in zip(given, PACK_SHAPES, strict=True)]
+            given = [g[None, :f] for g, (f, _, _) in zip(given, PACK_SHAPES, strict=True)]
             micro["sequence_length"] = PACK_SEQUENCE_LENGTH
         per_sample = training_loss(
             model, latents, text, mask, t, noise, given=given, model_kwargs=micro
@@ -88,8 +88,8 @@ class LatentObjective:
 
 
 def cut_to_pack(x: torch.Tensor) -> list[torch.Tensor]:
-    """Sample i of x (B, C, T, H, W) cut to PACK_SHAPES[i]."""
-    return [sample[:, :f, :h, :w] for sample, (f, h, w) in zip(x, PACK_SHAPES, strict=True)]
+    """Sample i of x (B, C, T, H, W) cut to PACK_SHAPES[i], a shape group of its own."""
+    return [x[i : i + 1, :, :f, :h, :w] for i, (f, h, w) in enumerate(PACK_SHAPES)]
 
 
 def reference_gradients(model: DiT, objective, batches: list[Batch]) -> tuple[float, dict]:

@@ -11,13 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from manifests import manifest_rows
 from omegaconf import OmegaConf
 
 from data.buckets import BucketConfig, BucketTable
 from data.decode import DecodeError, decode_clip, probe
-from data.pipeline import DataConfig, build_loader, open_plan
+from data.packing import PackingConfig, PackingTable
+from data.pipeline import Batch, DataConfig, PackedBatch, build_loader, open_plan
 from data.plan import DataState
 from data.prepare import load_config, prepare
 from model.geometry import LatentGeometry
@@ -208,15 +210,39 @@ def test_resume_from_a_state_continues_the_stream_exactly(demo_shards):
     assert [b.captions for b in resumed] == [b.captions for b in straight[6:]]
 
 
-def test_workers_do_not_change_the_stream(demo_shards):
+def batch_tensors(batch: Batch | PackedBatch) -> list[torch.Tensor]:
+    groups = batch.groups if isinstance(batch, PackedBatch) else [batch]
+    return [t for g in groups for t in (g.video, g.fps, g.native_size)]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["buckets", "packing"])
+def test_workers_do_not_change_the_stream(demo_shards, packed):
+    """A worker hands a batch over in one shared block per dtype, however many tensors (and
+    shape groups) it holds: the same batches as in one process."""
     table = demo_table()
-    single = take(
-        DataConfig(shards=str(demo_shards), num_workers=0), table, 0, 1, DataState(0, 0, 0), 8
-    )
-    multi = take(
-        DataConfig(shards=str(demo_shards), num_workers=2), table, 0, 1, DataState(0, 0, 0), 8
-    )
+    if packed:
+        packing = PackingConfig(True, sequence_tokens=480, max_tokens_per_sample=240, max_frames=17)
+        table = PackingTable(packing, LatentGeometry(4, 8, (1, 2, 2)))
+    batches = {
+        workers: take(
+            DataConfig(shards=str(demo_shards), num_workers=workers),
+            table,
+            0,
+            1,
+            DataState(0, 0, 0),
+            8,
+        )
+        for workers in (0, 2)
+    }
+    single, multi = batches[0], batches[2]
     assert [b.keys for b in single] == [b.keys for b in multi]
+    for one, other in zip(single, multi, strict=True):
+        for a, b in zip(batch_tensors(one), batch_tensors(other), strict=True):
+            assert torch.equal(a, b)
+        blocks = {t.untyped_storage().data_ptr() for t in batch_tensors(other)}
+        assert len(blocks) == 2  # uint8 frames; float32 rates and sizes
+    if packed:
+        assert max(len(b.groups) for b in multi) > 1
 
 
 def test_ranks_split_the_global_plan_and_resume_on_another_world_size(demo_shards):

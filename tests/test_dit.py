@@ -2,6 +2,7 @@
 masked attention and the size registry behind the `model=<size>` presets."""
 
 import dataclasses
+import itertools
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from model.attention import attention
-from model.dit import DIT_SIZES, DiT, apply_rope, dit_config, rope_cos_sin
+from model.dit import DIT_SIZES, DiT, apply_rope, dit_config, rope_cos_sin, token_positions
 from train.config import register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,12 +119,18 @@ def test_every_parameter_learns():
     assert not stuck
 
 
+def test_token_positions_run_frame_major_through_each_grid_in_turn():
+    grids = [(2, 3, 4), (1, 1, 5), (3, 2, 2)]
+    expected = [position for grid in grids for position in itertools.product(*map(range, grid))]
+    assert token_positions(grids).tolist() == [list(map(float, p)) for p in expected]
+
+
 def test_rope_scores_depend_only_on_token_offsets():
     """Same content everywhere: after RoPE, q·k is a function of the (t, h, w) offset alone."""
     grid, head_dim = (4, 5, 6), 64
     torch.manual_seed(0)
     tokens = torch.randn(1, 1, 1, head_dim).expand(1, 4 * 5 * 6, 1, head_dim)
-    q = apply_rope(tokens, *rope_cos_sin(grid, head_dim, theta=10000.0))
+    q = apply_rope(tokens, *rope_cos_sin(token_positions([grid]), head_dim, theta=10000.0))
     scores = (q[0, :, 0] @ q[0, :, 0].T).reshape(*grid, *grid)
 
     for axis in range(3):

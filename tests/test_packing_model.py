@@ -1,6 +1,8 @@
 """Packed sequences in the DiT (NaViT): samples of different shapes in one token sequence get the
 velocities, losses and parameter gradients they get alone, and attention stays block-diagonal."""
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,10 +14,20 @@ from train.parallel.parallelize import apply_activation_checkpointing
 
 IN_CHANNELS, TEXT_DIM = 4, 8
 # (T, H, W) latents, patch (1, 2, 2): an image, then videos with H != W and H = W, two of one
-# shape side by side (their attention runs batched, each with its own caption); 82 tokens.
+# shape side by side (a group of two: their attention runs batched, each with its own caption);
+# 82 tokens.
 SHAPES = [(1, 4, 6), (3, 8, 4), (2, 6, 6), (2, 6, 6), (4, 2, 8)]
+GROUP_SIZES = [1, 1, 2, 1]
 SEQUENCE_LENGTH = 90  # 8 tokens of padding
 GIVEN = [[False], [True, False, False], [False, False], [False, True], [True, True, False, False]]
+
+
+def grouped(per_sample: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+    """Per-sample tensors stacked into the pack's shape groups, as the packed DiT takes them."""
+    if per_sample is None:
+        return None
+    bounds = itertools.pairwise([0, *itertools.accumulate(GROUP_SIZES)])
+    return [torch.stack(per_sample[start:stop]) for start, stop in bounds]
 
 
 def pack(with_given: bool) -> dict:
@@ -97,8 +109,11 @@ def test_a_pack_gives_each_sample_its_own_velocity_and_gradients(with_given):
             (v - target).square().mean() for v, target in zip(velocities, targets, strict=True)
         )
 
-    args = (inputs["text"], inputs["mask"], inputs["given"])
-    packed = model(x, t, *args, **inputs["micro"], sequence_length=SEQUENCE_LENGTH)
+    args = (inputs["text"], inputs["mask"], grouped(inputs["given"]))
+    packed_groups = model(
+        grouped(x), grouped(t), *args, **inputs["micro"], sequence_length=SEQUENCE_LENGTH
+    )
+    packed = [sample for group in packed_groups for sample in group]
     packed_grads = gradients(model, loss(packed))
 
     alone = []
@@ -135,7 +150,8 @@ def test_packed_training_loss_is_each_samples_own():
             model_kwargs=inputs["micro"] | model_kwargs,
         )
 
-    packed = run(inputs, sequence_length=SEQUENCE_LENGTH)
+    groups = {name: grouped(inputs[name]) for name in ("x0", "noise", "frame_weight", "given")}
+    packed = run(inputs | groups, sequence_length=SEQUENCE_LENGTH)
     packed_grads = gradients(model, packed.sum())
     alone = torch.cat([run(sample(inputs, i)) for i in range(len(SHAPES))])
     alone_grads = gradients(model, alone.sum())
@@ -156,12 +172,12 @@ def test_activation_checkpointing_recomputes_a_pack_to_the_same_gradients():
             apply_activation_checkpointing(model, every=1)
         loss = training_loss(
             model,
-            inputs["x0"],
+            grouped(inputs["x0"]),
             inputs["text"],
             inputs["mask"],
             inputs["t"],
-            inputs["noise"],
-            given=inputs["given"],
+            grouped(inputs["noise"]),
+            given=grouped(inputs["given"]),
             model_kwargs=inputs["micro"] | {"sequence_length": SEQUENCE_LENGTH},
         )
         grads.append(gradients(model, loss.sum()))
@@ -187,14 +203,32 @@ def test_segment_attention_is_a_block_diagonal_mask():
     with pytest.raises(ValueError, match="segments of 33 tokens need one packed sequence"):
         attention(q[:, :32], k[:, :32], v[:, :32], segments=segments)
 
+    # Padding after the segments attends to nothing and changes nothing before it.
+    padded = Segments.from_lengths(lengths, padding=4)
+    q, k, v = (torch.cat([x, torch.randn(1, 4, 2, 8)], dim=1) for x in (q, k, v))
+    out = attention(q, k, v, segments=padded)
+    torch.testing.assert_close(out[:, :33], expected)
+    assert not out[:, 33:].any()
+
 
 @pytest.mark.parametrize(
     "change, message",
     [
         ({"sequence_length": 60}, "sequence_length=60 is less than the 82 tokens"),
-        ({"t": [torch.tensor(0.5)] * 3}, "one t .* per sample, got 5 x, 3 t"),
-        ({"given": [torch.zeros(3, dtype=torch.bool)] * 5}, r"given\[0\] must be bool .* \(1,\)"),
-        ({"x": [torch.zeros(4, 1, 2, 2)] * 2 + [torch.zeros(3, 1, 2, 2)] * 3}, r"x\[2\] must be"),
+        ({"t": [torch.tensor([0.5])] * 3}, "one t .* per group, got 4 x, 3 t"),
+        (
+            {"t": [torch.tensor([0.5])] * 4},
+            r"t\[2\] must be \(B,\) = \(2,\) or \(B, T\) = \(2, 2\)",
+        ),
+        (
+            {"given": [torch.zeros(1, 3, dtype=torch.bool)] * 4},
+            r"given\[0\] must be bool .* \(1, 1\)",
+        ),
+        (
+            {"x": [torch.zeros(1, 4, 1, 2, 2)] * 2 + [torch.zeros(1, 3, 1, 2, 2)] * 2},
+            r"x\[2\] must be",
+        ),
+        ({"x": [torch.zeros(4, 1, 2, 2)] * 4}, r"x\[0\] must be a group of latents \(B, C=4"),
         ({"fps": torch.ones(3)}, r"fps must be \(B,\) = \(5,\)"),
         ({"x": torch.zeros(4, IN_CHANNELS, 1, 2, 2)}, "sequence_length pads a packed batch"),
     ],
@@ -203,8 +237,8 @@ def test_bad_packed_inputs_are_named(change, message):
     model = perturbed_tiny_dit(IN_CHANNELS, TEXT_DIM)
     inputs = pack(with_given=False)
     call = {
-        "x": inputs["x0"],
-        "t": list(inputs["t"]),
+        "x": grouped(inputs["x0"]),
+        "t": grouped(list(inputs["t"])),
         "text": inputs["text"],
         "text_mask": inputs["mask"],
         "given": None,

@@ -43,8 +43,8 @@ log = logging.getLogger(__name__)
 class Encoded:
     """A batch as the DiT takes it: latents (the posterior's mean) and caption embeddings, on
     the device in float32; with train.sample_posterior also the posterior's log-variance. Of a
-    packed batch, latents (and logvar) are lists of every sample's (C, T, H, W) in the batch's
-    order, and text and mask have a row per sample."""
+    packed batch, latents (and logvar) are lists of its shape groups' (B_g, C, T, H, W), and text
+    and mask have a row per sample, group after group."""
 
     latents: torch.Tensor | list[torch.Tensor]
     text: torch.Tensor
@@ -184,10 +184,10 @@ class OnlineLatents:
         """A packed batch's clips are encoded a shape group at a time, its captions at once."""
         text = self._text(batch.captions, device)
         if isinstance(batch, PackedBatch):
-            groups = [self._latents(group.video, device) for group in batch.groups]
-            latents = [sample for mean, _ in groups for sample in mean]
-            logvar = [sample for _, lv in groups for sample in lv] if self.posterior else None
-            return Encoded(latents, *text, logvar)
+            means, logvars = zip(
+                *(self._latents(g.video, device) for g in batch.groups), strict=True
+            )
+            return Encoded(list(means), *text, list(logvars) if self.posterior else None)
         latents, logvar = self._latents(batch.video, device)
         return Encoded(latents, *text, logvar)
 
@@ -291,10 +291,8 @@ class StoredLatents:
         if isinstance(batch, PackedBatch):
             groups = [self.encode(group, device) for group in batch.groups]
             text, mask = padded_captions([g.text for g in groups], [g.mask for g in groups])
-            latents = [sample for group in groups for sample in group.latents]
-            logvar = (
-                [sample for group in groups for sample in group.logvar] if self.posterior else None
-            )
+            latents = [group.latents for group in groups]
+            logvar = [group.logvar for group in groups] if self.posterior else None
             return Encoded(latents, text, mask, logvar)
         stored = batch.latents
         if stored is None:

@@ -108,10 +108,10 @@ class FlowMatchingObjective:
 
 class PackedFlowMatchingObjective(FlowMatchingObjective):
     """Flow matching on a rank's packs (data/packing.py): each sample gets its own flow time
-    (shifted for its own number of tokens), noise, caption dropout and given frames, all drawn
-    in sample order from the batch's place in the plan, and the DiT runs the samples as one
-    packed sequence. The loss is the same sum of per-sample means as unpacked, so every sample
-    weighs the same whatever its size."""
+    (shifted for its own number of tokens), noise, caption dropout and given frames, drawn a
+    shape group at a time from the batch's place in the plan, and the DiT runs all the samples
+    as one packed sequence. The loss is the same sum of per-sample means as unpacked, so every
+    sample weighs the same whatever its size."""
 
     def __call__(self, model: nn.Module, batch: PackedBatch, device: torch.device) -> Loss:
         encoded = self.source.encode(batch, device)
@@ -123,12 +123,17 @@ class PackedFlowMatchingObjective(FlowMatchingObjective):
         ]
         generator = self.generator(batch, device)
         text, mask = self.dropped_captions(encoded, generator)
-        tokens = [self.source.geometry.latent_tokens(x.shape[1:]) for x in latents]
-        t = torch.cat([sample_timesteps(1, n, self.flow, generator, device) for n in tokens])
+        tokens = [self.source.geometry.latent_tokens(x.shape[2:]) for x in latents]
+        t = torch.cat(
+            [
+                sample_timesteps(len(x), n, self.flow, generator, device)
+                for x, n in zip(latents, tokens, strict=True)
+            ]
+        )
         noise = [torch.randn(x.shape, generator=generator, device=device) for x in latents]
         masks = self.generator(batch, torch.device("cpu"), stream=1)  # drawn on the CPU
         given = [
-            draw_given_frames(1, x.shape[1], self.conditioning, masks)[0].to(device)
+            draw_given_frames(len(x), x.shape[2], self.conditioning, masks).to(device)
             for x in latents
         ]
         micro = {
@@ -141,9 +146,9 @@ class PackedFlowMatchingObjective(FlowMatchingObjective):
         )
         return Loss(
             per_sample.sum(),
-            len(latents),
-            sum(tokens),
-            sum(self.train_flops(n) for n in tokens),
+            len(per_sample),
+            sum(len(x) * n for x, n in zip(latents, tokens, strict=True)),
+            sum(len(x) * self.train_flops(n) for x, n in zip(latents, tokens, strict=True)),
         )
 
 
