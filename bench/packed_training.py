@@ -26,7 +26,9 @@ the same held-out batches (the bucketed config's `Evaluator`: fixed times and no
 yardstick); and, from the demo manifest, the share of each clip's native tokens and frames the
 buckets and the packing keep (bench/packing.py's measure, at data.fps 8). Figures are medians
 over rounds, each tokens/s ratio the median of the rounds' own ratios. Goal: packed tokens/s
->= 0.95x bucketed on CPU, with more of each clip kept.
+>= 0.95x bucketed on CPU, with more of each clip kept. Beside it, each case's training FLOPs per
+token (train/budget.py's walk with the run's own FLOP count) and the ratio of FLOPs/s: a packed
+sample keeps more of its clip, so its attention costs more per token.
 
 Prints one JSON line.
 """
@@ -74,23 +76,38 @@ def overrides(case: str, checkpoint: Path, tmp: Path) -> list[str]:
     ]
 
 
-def planned_tokens(config_overrides: list[str]) -> Iterator[float]:
-    """The tokens of every step of a one-process run, from its plan (train/budget.py's walk,
-    counting tokens instead of FLOPs)."""
+def planned(config_overrides: list[str], count: str) -> Iterator[float]:
+    """The tokens (`count="tokens"`) or training FLOPs (`"flops"`) of every step of a
+    one-process run, from its plan (train/budget.py's walk)."""
     config = compose_config(config_overrides)
     stage = DiTStage(config, init_runtime("cpu", "fp32"))
     plan = open_plan(config.data, stage.table)
     stream = training_stream(config.data, plan, 0, 1, DataState(config.data.seed, 0, 0))
-    return step_flops(stream, lambda shape: shape.tokens_per_sample, config.train.grad_accum)
+    per_sample = {
+        "tokens": lambda shape: shape.tokens_per_sample,
+        "flops": lambda shape: stage.train_flops(config, shape.tokens_per_sample),
+    }[count]
+    return step_flops(stream, per_sample, config.train.grad_accum)
 
 
 def equal_token_steps(config: dict[str, list[str]], steps: int) -> dict[str, int]:
     """`steps` bucketed steps, and the packed steps whose tokens come closest to theirs."""
-    tokens = sum(itertools.islice(planned_tokens(config["bucketed"]), steps))
+    tokens = sum(itertools.islice(planned(config["bucketed"], "tokens"), steps))
     return {
         "bucketed": steps,
-        "packed": steps_for_budget(planned_tokens(config["packed"]), tokens)[0],
+        "packed": steps_for_budget(planned(config["packed"], "tokens"), tokens)[0],
     }
+
+
+def flops_per_token(config: dict[str, list[str]], steps: dict[str, int]) -> dict[str, float]:
+    """Each case's training FLOPs per token over its steps: attention grows with a sample's
+    tokens, so a case whose samples keep more of their clips does more work per token."""
+    figures = {}
+    for case, count in steps.items():
+        flops = sum(itertools.islice(planned(config[case], "flops"), count))
+        tokens = sum(itertools.islice(planned(config[case], "tokens"), count))
+        figures[f"{case}_flops_per_token"] = flops / tokens
+    return figures
 
 
 def held_out_losses(
@@ -134,8 +151,11 @@ def one_round(
     tmp: Path,
     warmup: int,
     env: dict[str, str],
+    work_ratio: float,
 ) -> dict:
-    """Every mode and case trained once: their tokens/s, tokens and held-out losses."""
+    """Every mode and case trained once: their tokens/s, tokens and held-out losses, and the
+    packed/bucketed ratios of tokens/s and of training FLOPs/s (`work_ratio`: of their FLOPs
+    per token)."""
     runs, figures = {}, {}
     order = [(mode, case) for mode in MODES for case in CASES]
     for mode, case in order if index % 2 == 0 else order[::-1]:
@@ -156,6 +176,7 @@ def one_round(
             figures[f"{mode}_{case}_tokens_per_s"] for case in ("packed", "bucketed")
         )
         figures[f"{mode}_tokens_per_s_ratio"] = packed / bucketed
+        figures[f"{mode}_flops_per_s_ratio"] = packed / bucketed * work_ratio
     return figures
 
 
@@ -177,12 +198,14 @@ def main() -> dict:
         shards["latents", case] = tmp / f"latents-{case}"
         encode(pixels, shards["latents", case], ["--dtype", "float32", *config[case]], env)
     steps = equal_token_steps(on_pixels, args.steps)
+    work = flops_per_token(on_pixels, steps)
+    work_ratio = work["packed_flops_per_token"] / work["bucketed_flops_per_token"]
     rounds = [
-        one_round(index, config, shards, steps, held_out, tmp, args.warmup, env)
+        one_round(index, config, shards, steps, held_out, tmp, args.warmup, env, work_ratio)
         for index in range(args.rounds)
     ]
     result = {name: statistics.median(r[name] for r in rounds) for name in rounds[0]}
-    result |= {f"{case}_steps": count for case, count in steps.items()}
+    result |= {f"{case}_steps": count for case, count in steps.items()} | work
     result |= kept_shares(pixels, on_pixels) | {"rounds": rounds, "threads": args.threads}
     print(json.dumps(result))
     return result

@@ -40,6 +40,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -118,15 +119,13 @@ def token_positions(
 ) -> Tensor:
     """(N, 3) float32: the (t, h, w) position of every token of these token grids, each grid
     frame-major, one after the other. Computed on the fly, so any duration, resolution or aspect
-    works, and a pack of many grids costs a fixed number of tensor operations."""
-    sizes = torch.tensor(grids, device=device).view(-1, 3)
-    tokens = sizes.prod(dim=1)
-    grid_of_token = torch.repeat_interleave(tokens, output_size=sum(map(math.prod, grids)))
-    first_token = tokens.cumsum(0) - tokens
-    offset = torch.arange(len(grid_of_token), device=device) - first_token[grid_of_token]
-    height, width = sizes[grid_of_token, 1], sizes[grid_of_token, 2]
+    works; on the host (a pack's grids are a handful of small integers), then copied once."""
+    sizes = np.array(grids, dtype=np.int64).reshape(-1, 3)
+    tokens = sizes.prod(axis=1)
+    offset = np.arange(tokens.sum()) - np.repeat(np.cumsum(tokens) - tokens, tokens)
+    height, width = np.repeat(sizes[:, 1], tokens), np.repeat(sizes[:, 2], tokens)
     positions = [offset // (height * width), offset // width % height, offset % width]
-    return torch.stack(positions, dim=1).float()
+    return torch.from_numpy(np.stack(positions, axis=1).astype(np.float32)).to(device)
 
 
 def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -181,10 +180,8 @@ class TokenLayout:
                 "of the packed samples"
             )
         frame_tokens = [height * width for frames, height, width in grids for _ in range(frames)]
-        row_tokens = torch.tensor([*frame_tokens, padding], device=device)
-        rows = torch.arange(len(row_tokens), device=device).repeat_interleave(
-            row_tokens, output_size=sum(sample_tokens) + padding
-        )
+        rows = np.repeat(np.arange(len(frame_tokens) + 1), [*frame_tokens, padding])
+        rows = torch.from_numpy(rows).to(device)
         # The padding takes the positions of a (padding, 1, 1) grid: any do, it attends to nothing.
         positions = token_positions([*grids, (padding, 1, 1)], device)
         segments = Segments.from_lengths(sample_tokens, device, padding)
