@@ -4,7 +4,8 @@ and decoded.
 
 Each rank reads its batches of the global plan (see `data/plan.py`: the same plan on any number
 of ranks, and a `DataState` that resumes exactly on any number). Workers take whole rows of the
-plan in turn, and the DataLoader returns them in that order. Each worker keeps up to
+plan in turn, and the DataLoader returns them in that order, each batch's tensors in one
+shared-memory block per dtype (`one_block_per_dtype`). Each worker keeps up to
 `data.read_ahead` sample reads in flight ahead of the sample it decodes, so the latency of an
 object store hides behind decoding. A read is retried with backoff; a sample that still cannot
 be read, or cannot be decoded, is skipped and counted in the next batch's `skipped`, while
