@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import safetensors
@@ -44,6 +45,10 @@ class AutoencoderConfig:
     spatial_compression: int = 8  # power of two
     temporal_compression: int = 4  # power of two (1 = no temporal compression)
     kl_weight: float = 1e-6
+    # Our VAE encodes and decodes a clip in chunks of this many latent frames (0: whole clips),
+    # each causal convolution carrying its last input frames over to the next chunk: the result
+    # is the whole-clip pass, and the activations' memory is set by the chunk, not the clip.
+    chunk_latent_frames: int = 16
     checkpoint: str | None = None  # safetensors file of our VAE's weights
     pretrained_path: str | None = None  # local diffusers folder when kind == "diffusers"
 
@@ -159,7 +164,14 @@ def _sample_gaussian(
 
 class CausalConv3d(nn.Conv3d):
     """3D convolution that only looks back in time: the past is padded by repeating the first frame,
-    so output frame t depends on input frames <= t * stride only. Space is zero-padded as usual."""
+    so output frame t depends on input frames <= t * stride only. Space is zero-padded as usual.
+
+    Streaming (`streaming(module)`): a clip comes in consecutive chunks, and each chunk is
+    padded with the end of the previous one instead (the frames from where the next output's
+    window starts), so the outputs are those of the whole clip."""
+
+    carry: torch.Tensor | None = None  # streaming: the padded input the next output needs
+    streaming: bool = False
 
     def __init__(
         self, in_channels: int, out_channels: int, kernel_size: int = 3, stride=(1, 1, 1)
@@ -174,8 +186,14 @@ class CausalConv3d(nn.Conv3d):
         self.time_padding = kernel_size - 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.time_padding:
+        if self.carry is not None:
+            x = torch.cat([self.carry, x], dim=2)
+        elif self.time_padding:
             x = F.pad(x, (0, 0, 0, 0, self.time_padding, 0), mode="replicate")
+        if self.streaming:
+            kernel, stride = self.kernel_size[0], self.stride[0]
+            outputs = (x.shape[2] - kernel) // stride + 1
+            self.carry = x[:, :, outputs * stride :]
         return super().forward(x)
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -274,7 +292,11 @@ class Downsample(nn.Module):
 
 class Upsample(nn.Module):
     """Nearest-neighbour upsampling then a causal conv. In time, frame 0 stays alone and every later
-    frame is doubled: 1 + k frames -> 1 + 2k, mirroring Downsample."""
+    frame is doubled: 1 + k frames -> 1 + 2k, mirroring Downsample. Streaming, only the first
+    chunk has a frame 0."""
+
+    streaming: bool = False
+    past_first_chunk: bool = False
 
     def __init__(self, channels: int, time: bool, space: bool) -> None:
         super().__init__()
@@ -283,10 +305,31 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.time:
-            x = torch.cat([x[:, :, :1], x[:, :, 1:].repeat_interleave(2, dim=2)], dim=2)
+            alone = 0 if self.past_first_chunk else 1
+            x = torch.cat([x[:, :, :alone], x[:, :, alone:].repeat_interleave(2, dim=2)], dim=2)
+            self.past_first_chunk = self.streaming
         if self.space:
             x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
         return self.conv(x)
+
+
+@contextmanager
+def streaming(module: nn.Module) -> Iterator[None]:
+    """Within it, `module` takes a clip as consecutive chunks of frames and gives what it would
+    give the whole clip, chunk by chunk (its causal convolutions and temporal upsamplings keep
+    what the next chunk needs); leaving it forgets the clip."""
+    layers = [m for m in module.modules() if isinstance(m, (CausalConv3d, Upsample))]
+    for layer in layers:
+        layer.streaming = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.streaming = False
+            if isinstance(layer, CausalConv3d):
+                layer.carry = None
+            else:
+                layer.past_first_chunk = False
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -322,10 +365,16 @@ class CausalVideoVAE(VideoAutoencoder):
                 raise ValueError(f"autoencoder.{name} must be >= 1, got {getattr(cfg, name)}")
         plan = _resampling_plan(cfg)
         widths = [cfg.base_channels * m for m in cfg.channel_multipliers]
+        if cfg.chunk_latent_frames < 0:
+            raise ValueError(
+                f"autoencoder.chunk_latent_frames must be >= 0 (0: whole clips), "
+                f"got {cfg.chunk_latent_frames}"
+            )
         self.latent_channels = cfg.latent_channels
         self.spatial_compression = cfg.spatial_compression
         self.temporal_compression = cfg.temporal_compression
         self.kl_weight = cfg.kl_weight
+        self.chunk_latent_frames = cfg.chunk_latent_frames
 
         encoder: list[nn.Module] = [CausalConv3d(3, widths[0])]
         width = widths[0]
@@ -357,12 +406,47 @@ class CausalVideoVAE(VideoAutoencoder):
         return [ResBlock(width, width), FrameAttention(width), ResBlock(width, width)]
 
     def _encode_raw(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, logvar = self.encoder(video).chunk(2, dim=1)
+        chunks = self._chunks(video.shape[2], self.temporal_compression)
+        latent_frames = 1 + (video.shape[2] - 1) // self.temporal_compression
+        moments = self._in_chunks(self.encoder, video, chunks, latent_frames)
+        mean, logvar = moments.chunk(2, dim=1)
         # The usual clamp keeps exp(logvar) finite early in training.
         return mean, logvar.clamp(-30.0, 20.0)
 
     def _decode_raw(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.decoder(latents)
+        frames = 1 + (latents.shape[2] - 1) * self.temporal_compression
+        return self._in_chunks(self.decoder, latents, self._chunks(latents.shape[2], 1), frames)
+
+    def _chunks(self, frames: int, per_latent_frame: int) -> list[int]:
+        """The frames of each chunk of a clip of `frames` (pixels: per_latent_frame is the
+        temporal compression; latents: 1): the first chunk_latent_frames latent frames hold
+        frame 0 alone and then whole groups, every later chunk whole groups only."""
+        if not self.chunk_latent_frames:
+            return [frames]
+        first = 1 + (self.chunk_latent_frames - 1) * per_latent_frame
+        rest = self.chunk_latent_frames * per_latent_frame
+        chunks = [min(first, frames)]
+        while sum(chunks) < frames:
+            chunks.append(min(rest, frames - sum(chunks)))
+        return chunks
+
+    @staticmethod
+    def _in_chunks(
+        part: nn.Module, x: torch.Tensor, chunks: list[int], frames_out: int
+    ) -> torch.Tensor:
+        """part(x), streamed over chunks of x's frames into one output of frames_out frames
+        (written chunk by chunk, so no list of chunk outputs doubles it)."""
+        if len(chunks) == 1:
+            return part(x)
+        out, start = None, 0
+        with streaming(part):
+            for chunk in x.split(chunks, dim=2):
+                y = part(chunk)
+                if out is None:
+                    out = y.new_empty(*y.shape[:2], frames_out, *y.shape[3:])
+                out[:, :, start : start + y.shape[2]] = y
+                start += y.shape[2]
+        return out
 
     def forward(self, video: torch.Tensor) -> dict[str, torch.Tensor]:
         # The training step, as forward so DDP / FSDP wrappers see it (they hook __call__).

@@ -1,8 +1,12 @@
 """Tests of model/autoencoder.py on real clips: shapes, causality, learning, calibration, checkpoints,
 and the adapter over a real (tiny, randomly initialised) diffusers AutoencoderKLWan."""
 
+import dataclasses
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -134,6 +138,86 @@ def test_encoder_and_decoder_are_causal(vae):
     # Latent frame 2 decodes to pixel frames 5..8 and must leave frames 0..4 alone.
     torch.testing.assert_close(decoded_edited[:, :, :5], decoded[:, :, :5], rtol=0, atol=1e-6)
     assert (decoded_edited[:, :, 5:] - decoded[:, :, 5:]).abs().max() > 1e-3
+
+
+def perturbed(cfg: AutoencoderConfig) -> CausalVideoVAE:
+    """Our VAE with every weight random: the zero-initialised convolutions too, so no block is
+    the identity and every causal convolution's context matters."""
+    torch.manual_seed(0)
+    vae = CausalVideoVAE(cfg)
+    with torch.no_grad():
+        for parameter in vae.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    return vae
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_chunks_encode_and_decode_as_the_whole_clip(clip_frames, chunk):
+    """Chunks of 1, 2 and 3 latent frames (the last one short for 3) against one pass."""
+    whole = perturbed(dataclasses.replace(TINY, chunk_latent_frames=0))
+    chunked = perturbed(dataclasses.replace(TINY, chunk_latent_frames=chunk))
+    video = torch.stack([clip[:, :29, :32, :48] for clip in clip_frames])  # 8 latent frames
+    expected_mean, expected_logvar = whole.posterior(video)
+    mean, logvar = chunked.posterior(video)
+    assert mean.shape == (2, 4, 8, 4, 6)
+    assert_relatively_close(mean, expected_mean, "posterior mean")
+    assert_relatively_close(logvar, expected_logvar, "posterior log-variance")
+    assert_relatively_close(chunked.decode(mean), whole.decode(mean), "decoded clip")
+    # The carried state is gone after the pass: a one-frame clip encodes as before.
+    image = video[:, :, :1]
+    assert_relatively_close(chunked.encode(image), whole.encode(image), "image after a clip")
+
+
+def assert_relatively_close(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    scale = expected.abs().max().item()
+    difference = (got - expected).abs().max().item()
+    assert scale > 0, f"{what} is zero: the comparison would prove nothing"
+    assert difference <= 1e-5 * scale, f"{what}: max difference {difference} at scale {scale}"
+
+
+# Peak RSS (KiB) a fresh process adds encoding and decoding a clip: the kernel's high-water mark
+# is reset to the current RSS first (clear_refs 5), so the imports' own peak does not hide it.
+PEAK_MEMORY = """
+import dataclasses, sys, torch
+from omegaconf import OmegaConf
+from model.autoencoder import AutoencoderConfig, CausalVideoVAE
+def status(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
+torch.set_num_threads(1)
+schema = OmegaConf.structured(AutoencoderConfig)
+cfg = OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(sys.argv[1])))
+vae = CausalVideoVAE(dataclasses.replace(cfg, chunk_latent_frames=int(sys.argv[2])))
+video = torch.zeros(1, 3, int(sys.argv[3]), 96, 96)
+with open("/proc/self/clear_refs", "w") as reset:
+    reset.write("5")
+before = status("VmRSS:")
+with torch.no_grad():
+    vae.decode(vae.encode(video))
+print((status("VmHWM:") - before) / 1024)
+"""
+
+
+def test_chunked_memory_is_set_by_the_chunk_not_the_clip():
+    """Peak RSS added by encoding and decoding clips of 33 and 129 frames (made before the
+    measurement starts), in fresh processes: whole clips grow with the clip, chunks of 2 latent
+    frames do not, beyond the longer reconstruction itself (1.1 MiB per 10 frames)."""
+
+    def added_mib(chunk: int, frames: int) -> float:
+        command = [sys.executable, "-c", PEAK_MEMORY, str(CONF / "tiny_vae.yaml")]
+        # Every large block mmapped and returned when freed: glibc's heap would otherwise keep
+        # freed blocks, and its peak would depend on the order of frees, not on what is held.
+        env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(
+            [*command, str(chunk), str(frames)], capture_output=True, text=True, check=True, env=env
+        )
+        return float(done.stdout)
+
+    whole = {frames: added_mib(0, frames) for frames in (33, 129)}
+    chunked = {frames: added_mib(2, frames) for frames in (33, 129)}
+    print(f"\nadded peak RSS, MiB: whole clips {whole}, chunks of 2 latent frames {chunked}")
+    clip_growth = 96 * 96 * 3 * 4 * (129 - 33) / 2**20  # the reconstruction's extra frames
+    assert whole[129] - whole[33] > 200  # the comparison can fail
+    assert chunked[129] - chunked[33] < clip_growth + 10
 
 
 def test_real_clip_round_trip_keeps_its_shape(vae):

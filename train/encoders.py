@@ -24,8 +24,9 @@ from model import text as text_encoders
 from train.build import frozen
 from train.config import Config
 
-# Keys of an autoencoder config that name where its weights are, not what they compute.
-AUTOENCODER_PATH_KEYS = ("checkpoint", "pretrained_path", "kl_weight")
+# Keys of an autoencoder config that name where its weights are or how it schedules its work,
+# not what they compute.
+AUTOENCODER_PATH_KEYS = ("checkpoint", "pretrained_path", "kl_weight", "chunk_latent_frames")
 
 
 def video_to_float(video_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
