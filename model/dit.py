@@ -152,8 +152,9 @@ class TokenLayout:
 
     A dense batch (B, N) has only the rotary table its samples share; its adaLN rows, one per
     sample or per token frame, reach their tokens through `modulate`'s runs. A packed sequence
-    (1, N) also has each token's adaLN row, the self-attention segments (each sample, then the
-    padding) and each sample's token count, for cross-attention to its own caption.
+    (1, N) also has each token's adaLN row, the self-attention segments (one per sample; the
+    padding after them attends to nothing) and each sample's token count, for cross-attention to
+    its own caption.
     """
 
     rope: tuple[Tensor, Tensor]  # cos, sin: (N, head_dim/2) each
