@@ -385,6 +385,9 @@ def one_block_per_dtype(batch: Batch | PackedBatch) -> Batch | PackedBatch:
     views: list[torch.Tensor | None] = [None] * len(tensors)
     for dtype in {tensor.dtype for tensor in tensors}:
         positions = [i for i, tensor in enumerate(tensors) if tensor.dtype == dtype]
+        if len(positions) == 1:  # a bucketed batch's frames: already one block, copy nothing
+            views[positions[0]] = tensors[positions[0]]
+            continue
         block = torch.cat([tensors[i].reshape(-1) for i in positions])
         pieces = block.split([tensors[i].numel() for i in positions])
         for i, piece in zip(positions, pieces, strict=True):
