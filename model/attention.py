@@ -5,10 +5,11 @@ flash-attn when it can (CUDA, fp16/bf16, no mask) and PyTorch's scaled_dot_produ
 which has its own fused kernels, everywhere else.
 
 Packed sequences (several samples in one token sequence, B = 1) attend block-diagonally: each
-token only within its own `Segments` entry, and the padding after the segments to nothing. flash-attn's varlen kernel does that directly; the
-PyTorch path runs one SDPA per run of equal-length segments (a batch of them), so a pack costs
-the sum of its segments' squares, as the samples would alone, never the square of the whole
-sequence that an N×N mask would (slower on CPU even at a few hundred tokens).
+token only within its own `Segments` entry, and the padding after the segments to nothing.
+flash-attn's varlen kernel does that directly; the PyTorch path runs one SDPA per run of
+equal-length segments (a batch of them), so a pack costs the sum of its segments' squares, as
+the samples would alone, never the square of the whole sequence that an N×N mask would (slower
+on CPU even at a few hundred tokens).
 """
 
 from __future__ import annotations
