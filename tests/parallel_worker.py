@@ -1,13 +1,14 @@
 """Run under torchrun by tests/test_parallel.py: one rank's side of a gradient check.
 
-`python -m torch.distributed.run --nproc_per_node 2 tests/parallel_worker.py CHECK BACKEND OUT`
+`python -m torch.distributed.run --nproc_per_node N tests/parallel_worker.py CHECK BACKEND OUT [LAYOUT]`
 
 Each rank computes, on a plain single-process copy of the tiny DiT, the reference gradient of the
 mean per-sample loss over the whole global batch, then the same step through the real engine and
 the trainer's normalisation, and writes both gradients' differences to OUT/rank{r}.json.
 
-CHECK is `buckets` (the ranks hold batches of different buckets and sizes) or `sequence` (both
-ranks split one sample's tokens with sp=2); `sequence_wan_t2v` and `sequence_wan_ti2v` are
+CHECK is `buckets` (the ranks hold batches of different buckets and sizes) or `sequence` (all
+ranks split one sample's tokens, over the sequence LAYOUT: `sp=2` (the default), `cp=2`, or
+`cp=2,sp=2` on 4 ranks); `sequence_wan_t2v` and `sequence_wan_ti2v` are
 `sequence` for a tiny Wan 2.1 T2V (one time per sample) and Wan 2.2 TI2V (a given first frame,
 one time per token) model; `sequence_packed` splits a padded pack of three samples of different
 shapes (one with a given frame), where a sample straddles the ranks' chunks.
@@ -34,10 +35,11 @@ from train.runtime import init_runtime, shutdown
 from train.trainer import Trainer
 
 TEXT_DIM = 8
-# (T, H, W) crops of a 4x8x8 batch of three: a pack of 32 + 16 + 16 tokens, padded to 70, so
-# that rank 0 holds tokens 0-34 and sample 1 (tokens 32-47) straddles the ranks.
+# (T, H, W) crops of a 4x8x8 batch of three: a pack of 32 + 16 + 16 tokens, padded to 72, so
+# that sample 1 (tokens 32-47) straddles the ranks' chunks on 2 ranks (0-35, 36-71) and on 4
+# (0-17, 18-35, 36-53, 54-71).
 PACK_SHAPES = [(4, 8, 4), (1, 8, 8), (2, 4, 8)]
-PACK_SEQUENCE_LENGTH = 70
+PACK_SEQUENCE_LENGTH = 72
 
 
 def make_batch(frames: int, height: int, width: int, size: int, plan_index: int) -> Batch:
@@ -116,10 +118,12 @@ def per_rank_mean_gradients(model: DiT, objective, batch: Batch, world_size: int
     return grads
 
 
-def main(check: str, backend: str, out: Path) -> None:
+def main(check: str, backend: str, out: Path, layout: str) -> None:
     runtime = init_runtime("cpu", "fp32", distributed=True)
-    sp = 2 if check.startswith("sequence") else 1
-    parallel = ParallelConfig(backend=backend, sp=sp)
+    degrees = {}
+    if check.startswith("sequence"):
+        degrees = {name: int(value) for name, value in (p.split("=") for p in layout.split(","))}
+    parallel = ParallelConfig(backend=backend, **degrees)
     dims = ParallelDims.resolve(parallel, runtime.world_size, runtime.rank)
     dims.build_mesh("cpu")
     if check.startswith("sequence_wan_"):
@@ -170,4 +174,4 @@ def main(check: str, backend: str, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "sp=2")

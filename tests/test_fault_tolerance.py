@@ -5,6 +5,7 @@
 - `kill -9` of one rank under `torchrun --max_restarts 1`: the run restarts, resumes from its
   latest checkpoint and ends with the uninterrupted run's weights;
 - a crash halfway through writing a checkpoint leaves the previous one as the latest;
+- a checkpoint at cp=2 resumes at cp=1, and the reverse, with the same samples and losses;
 - an FSDP checkpoint of 2 ranks resumes on 1, and one of 1 rank on 2, consuming exactly the
   samples an uninterrupted run would, none twice and none skipped;
 - SIGUSR1 checkpoints the current step and exits with the preemption code;
@@ -212,6 +213,30 @@ def test_fsdp_resumes_on_another_world_size_without_repeating_samples(
     )
     assert len(set(keys_before + keys_after)) == len(keys_before + keys_after)  # none twice
     assert keys_before + keys_after == reference  # none skipped, in the plan's order
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(("saved_cp", "resumed_cp"), [(2, 1), (1, 2)])
+def test_a_run_resumes_on_another_context_parallel_degree(
+    saved_cp, resumed_cp, demo_shards, tmp_path
+):
+    """cp=2 on 2 ranks and cp=1 on 1 train the same global batch. A checkpoint of either resumes
+    on the other, consuming the same samples, with losses that match the saved degree's own
+    continuation to rounding: the ring merges its partial sums in another order."""
+    extra = ("parallel=fsdp", "train.record_samples=true", "train.steps=6", *PACKED)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    launch_training(
+        *overrides(demo_shards, straight, *extra, f"parallel.cp={saved_cp}"), nproc=saved_cp
+    )
+    copy_checkpoint(straight, 3, resumed)
+    result = launch_training(
+        *overrides(demo_shards, resumed, *extra, f"parallel.cp={resumed_cp}"), nproc=resumed_cp
+    )
+    assert "resumed from step 3" in result.stdout + result.stderr
+    expected, losses = step_losses(straight)[3:], step_losses(resumed)
+    print(f"\ncp={saved_cp} steps 4-6 {expected}\nresumed at cp={resumed_cp} {losses}")
+    assert losses == pytest.approx(expected, rel=1e-5) and losses != step_losses(straight)[:3]
+    assert consumed(resumed, 6, after=3) == consumed(straight, 6, after=3)
 
 
 def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 240):

@@ -3,8 +3,9 @@
 - ddp, fsdp (full and hybrid sharding), zero2 and zero3 train the tiny DiT for 20 steps from the same weights and data and
   match a single-process run with the same global batch, step by step;
 - ranks holding batches of different buckets and sizes get the gradient of the global batch mean;
-- Ulysses sequence parallelism (sp=2) gives the loss and gradients of sp=1, for one sample and
-  for a packed sequence of samples of different shapes;
+- Ulysses sequence parallelism (sp=2), ring attention (cp=2) and both (cp=2 x sp=2 on 4 ranks)
+  give the loss and gradients of one rank, for one sample and for a packed sequence of samples
+  of different shapes;
 - activation checkpointing and per-block compile change no numbers;
 - the DeepSpeed JSON is generated from the run's config, and a user JSON overrides it;
 - impossible settings fail, naming the key, before training starts.
@@ -94,9 +95,12 @@ def test_packed_training_on_two_ranks_matches_one_process_step_by_step(demo_shar
         assert relative.max() < 1e-4, f"{backend}: worst relative loss difference {relative.max()}"
 
 
-def gradient_check(check: str, backend: str, tmp_path: Path) -> list[dict]:
-    torchrun(str(ROOT / "tests" / "parallel_worker.py"), check, backend, str(tmp_path))
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+def gradient_check(
+    check: str, backend: str, tmp_path: Path, layout: str = "sp=2", nproc: int = 2
+) -> list[dict]:
+    worker = str(ROOT / "tests" / "parallel_worker.py")
+    torchrun(worker, check, backend, str(tmp_path), layout, nproc=nproc)
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
 @pytest.mark.multiprocess
@@ -111,11 +115,16 @@ def test_ranks_with_different_buckets_get_the_global_batch_gradient(backend, tmp
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+@pytest.mark.parametrize(
+    ("layout", "nproc", "backend"),
+    [("sp=2", 2, "ddp"), ("sp=2", 2, "fsdp"), ("cp=2", 2, "fsdp"), ("cp=2,sp=2", 4, "fsdp")],
+)
 @pytest.mark.parametrize("check", ["sequence", "sequence_packed"])
-def test_sequence_parallel_matches_one_rank_in_loss_and_gradients(check, backend, tmp_path):
-    for result in gradient_check(check, backend, tmp_path):
-        print(check, backend, "sp=2", result)
+def test_sequence_parallel_matches_one_rank_in_loss_and_gradients(
+    check, layout, nproc, backend, tmp_path
+):
+    for result in gradient_check(check, backend, tmp_path, layout, nproc):
+        print(check, backend, layout, result)
         assert result["loss"] == pytest.approx(result["reference_loss"], rel=1e-6)
         assert result["engine_vs_reference"] <= 1e-5 * result["max_grad"]
 
@@ -185,6 +194,12 @@ def config(*overrides: str):
         ({"backend": "fsdp", "dp_shard": 3}, 2, "must equal the world size 2"),
         ({"backend": "fsdp", "dp_shard": -1, "sp": 3}, 4, "not divisible"),
         ({"backend": "zero2", "sp": 2}, 2, "parallel.sp=2 is not supported"),
+        ({"backend": "zero3", "cp": 2}, 2, "parallel.cp=2 is not supported"),
+        (
+            {"backend": "fsdp", "dp_shard": 1, "cp": 2, "sp": 2},
+            2,
+            "dp_replicate 1 x dp_shard 1 x cp 2 x sp 2 = 4 must equal the world size 2",
+        ),
         ({"backend": "zero2", "zero_offload": "params"}, 2, "parallel.zero_offload=params"),
         ({"backend": "ddp", "dp_replicate": 2}, 2, "hybrid sharding"),
         ({"backend": "none"}, 2, "WORLD_SIZE=2"),
@@ -200,7 +215,7 @@ def test_degrees_are_inferred_and_hybrid_sharding_resolves():
     dims = ParallelDims.resolve(ParallelConfig(backend="fsdp", dp_replicate=2, sp=2), 16)
     assert (dims.dp_replicate, dims.dp_shard, dims.sp, dims.dp_size) == (2, 4, 2, 8)
     dims.rank = 5
-    assert (dims.dp_rank, dims.sp_rank) == (2, 1)
+    assert (dims.dp_rank, dims.sequence_rank) == (2, 1)
 
 
 def test_sp_must_divide_the_heads():
@@ -223,6 +238,17 @@ def test_impossible_settings_fail_before_any_work(demo_shards, tmp_path):
     assert not run_dir.exists() and not torch.distributed.is_initialized()
 
 
+def test_a_bucket_the_ring_cannot_split_fails_before_any_process_group(
+    demo_shards, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    run_dir = tmp_path / "run"
+    settings = [f"data.shards={demo_shards}", f"train.run_dir={run_dir}", "logger=none"]
+    with pytest.raises(ValueError, match=r"bucket \[\d+, \d+, \d+\] holds \d*[13579] tokens"):
+        run(config(*settings, "experiment=demo", "parallel=fsdp", "parallel.cp=2"))
+    assert not run_dir.exists() and not torch.distributed.is_initialized()
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
@@ -241,7 +267,13 @@ def test_impossible_settings_fail_before_any_work(demo_shards, tmp_path):
                 "packing.sequence_tokens=481",
                 "packing.max_tokens_per_sample=240",
             ],
-            "packing.sequence_tokens=481 must be divisible by parallel.sp=2",
+            "packing.sequence_tokens=481 holds 481 tokens, which do not split into "
+            r"parallel.cp=1 x parallel.sp=2 = 2 equal chunks",
+        ),
+        (
+            ["parallel.cp=2", "packing.sequence_tokens=239", "packing.max_tokens_per_sample=200"],
+            "packing.sequence_tokens=239 holds 239 tokens, which do not split into "
+            r"parallel.cp=2 x parallel.sp=1 = 2 equal chunks of at least one token",
         ),
         (["model=wan2.1_t2v_1.3b"], "cannot be combined with a pretrained Wan model"),
     ],

@@ -4,6 +4,8 @@ latents make."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from omegaconf import OmegaConf
 from torch import nn
@@ -14,6 +16,9 @@ from model.dit import DiT
 from model.geometry import LatentGeometry
 from model.wan import WanVideoModel, add_lora, load_wan
 from train.config import Config, to_config
+
+if TYPE_CHECKING:  # the parallel package brings DeepSpeed with it
+    from train.parallel.dims import ParallelDims
 
 
 def frozen(module: nn.Module, device: torch.device) -> nn.Module:
@@ -86,24 +91,23 @@ def sample_table(config: Config, geometry: LatentGeometry) -> BucketTable | Pack
     return BucketTable(config.buckets, geometry)
 
 
-def check_packing_layout(config: Config, sp: int) -> None:
-    """Packing settings that cannot work with the configured autoencoder's compressions or the
-    sequence-parallel degree, refused before any process group exists."""
-    if not config.packing.enabled:
-        return
-    autoencoder = config.autoencoder
+def check_sequence_layout(config: Config, dims: ParallelDims) -> None:
+    """Packing settings that cannot work with the configured autoencoder's compressions, and
+    sequences (a packed sequence, or each bucket's samples) that the cp x sp ranks of a sequence
+    group cannot split into equal chunks, refused before any process group exists. A pretrained
+    Wan model's buckets are checked when its autoencoder's geometry is known, at the first batch."""
     geometry = LatentGeometry(
-        autoencoder.temporal_compression,
-        autoencoder.spatial_compression,
+        config.autoencoder.temporal_compression,
+        config.autoencoder.spatial_compression,
         tuple(config.model.patch_size),
     )
-    check_packing(config.packing, geometry)
-    if config.packing.sequence_tokens % sp:
-        raise ValueError(
-            f"config key packing.sequence_tokens={config.packing.sequence_tokens} must be "
-            f"divisible by parallel.sp={sp}: sequence parallelism splits a packed sequence into "
-            "equal parts"
-        )
+    if config.packing.enabled:
+        check_packing(config.packing, geometry)
+        tokens = config.packing.sequence_tokens
+        dims.check_sequence(tokens, f"config key packing.sequence_tokens={tokens}")
+    elif dims.sequence_size > 1 and config.model.wan is None:
+        for bucket in BucketTable(config.buckets, geometry).buckets:
+            dims.check_sequence(bucket.tokens_per_sample, f"bucket {list(bucket.shape)}")
 
 
 def config_from_dict(values: dict) -> Config:

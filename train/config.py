@@ -127,12 +127,13 @@ PARALLEL_BACKENDS = ("none", "ddp", "fsdp", "zero1", "zero2", "zero3")
 @dataclass
 class ParallelConfig:
     """How the DiT is spread over ranks. Degrees multiply to the world size; one may be -1
-    (inferred). dp_replicate x dp_shard is the data-parallel world; sp splits one sample's
-    tokens (Ulysses) over a group of ranks that all work on the same batch."""
+    (inferred). dp_replicate x dp_shard is the data-parallel world; cp x sp ranks split one
+    sample's tokens (ring attention across cp, Ulysses within sp) and work on the same batch."""
 
     backend: str = "none"  # none | ddp | fsdp | zero1 | zero2 | zero3
     dp_replicate: int = 1  # FSDP: > 1 with dp_shard > 1 is hybrid sharding (HSDP)
     dp_shard: int = -1  # data-parallel ranks in a shard group (ddp: its replicas)
+    cp: int = 1  # context-parallel degree: ring attention over this many ranks
     sp: int = 1  # sequence-parallel degree; must divide the number of attention heads
     activation_checkpointing: str = "none"  # none | full (every block) | every_k
     checkpoint_every_k: int = 2  # with every_k: recompute blocks 0, k, 2k, ...

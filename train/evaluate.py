@@ -187,7 +187,9 @@ class Evaluator:
         if dist.is_initialized():
             for values in (sums, samples):
                 dist.all_reduce(values)
-                values /= self.dims.sp  # each sequence-parallel group counted its batches sp times
+                values /= (
+                    self.dims.sequence_size
+                )  # each sequence group counted its batches once a rank
         return sums, samples
 
     def __call__(self, model: nn.Module, progress: dict, final: bool) -> dict[str, float]:

@@ -32,7 +32,7 @@ from model.flops import dit_param_count, dit_train_flops
 from train.budget import budget_steps
 from train.build import (
     build_dit,
-    check_packing_layout,
+    check_sequence_layout,
     frozen,
     latent_geometry,
     load_trained,
@@ -119,7 +119,7 @@ class DiTStage:
     @staticmethod
     def check_layout(config: Config, dims: ParallelDims) -> None:
         dims.check_model(config.model.num_heads)
-        check_packing_layout(config, dims.sp)
+        check_sequence_layout(config, dims)
 
     def train_flops(self, config: Config, num_tokens: int) -> float:
         """Analytic training FLOPs of one sample of `num_tokens` latent tokens."""

@@ -158,8 +158,8 @@ class Trainer:
 
     def _record_samples(self, batches: list[Batch]) -> None:
         """An audit trail of the data: which samples each step consumed on this rank."""
-        if self.dims.sp_rank:
-            return  # the ranks of a sequence-parallel group share their samples
+        if self.dims.sequence_rank:
+            return  # the ranks of a sequence group share their samples
         path = Path(self.config.train.run_dir) / "consumed" / f"rank{self.dims.dp_rank}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         keys = [key for batch in batches for key in batch.keys]

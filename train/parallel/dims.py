@@ -1,13 +1,17 @@
 """The one object that owns the device mesh: how many ranks replicate, shard and split sequences.
 
-The mesh has three dimensions, outermost first: `dp_replicate` (HSDP replicas, usually across
-nodes), `dp_shard` (FSDP / ZeRO shard group) and `sp` (Ulysses sequence parallelism, innermost so
-that its all-to-alls stay on fast intra-node links). The data-parallel rank is a rank's position
-over (dp_replicate, dp_shard): every rank of an sp group reads the same batch.
+The mesh has four dimensions, outermost first: `dp_replicate` (HSDP replicas, usually across
+nodes), `dp_shard` (FSDP / ZeRO shard group), `cp` (context parallelism: ring attention) and `sp`
+(Ulysses sequence parallelism, innermost so that its all-to-alls stay on fast intra-node links;
+the ring's point-to-point sends tolerate slower ones). A sample's tokens split over the cp x sp
+ranks of its sequence group (as in USP: heads all-to-all inside an sp group, a ring across sp
+groups). The data-parallel rank is a rank's position over (dp_replicate, dp_shard): every rank
+of a sequence group reads the same batch.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from train.config import ParallelConfig
 
-MESH_DIMS = ("dp_replicate", "dp_shard", "sp")
+MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "sp")
 
 
 @dataclass
@@ -24,6 +28,7 @@ class ParallelDims:
     backend: str  # ddp and zero* count their data-parallel ranks in dp_shard
     dp_replicate: int
     dp_shard: int
+    cp: int
     sp: int
     world_size: int
     rank: int = 0
@@ -32,7 +37,7 @@ class ParallelDims:
     @classmethod
     def resolve(cls, cfg: ParallelConfig, world_size: int, rank: int = 0) -> ParallelDims:
         """Degrees with the -1 inferred, checked against the world size and the backend."""
-        degrees = {"dp_replicate": cfg.dp_replicate, "dp_shard": cfg.dp_shard, "sp": cfg.sp}
+        degrees = {name: getattr(cfg, name) for name in MESH_DIMS}
         if cfg.backend != "fsdp" and cfg.dp_replicate != 1:
             raise ValueError(
                 f"parallel.dp_replicate={cfg.dp_replicate} (hybrid sharding) needs "
@@ -50,11 +55,13 @@ class ParallelDims:
                 f"parallel.backend=none trains in one process, but WORLD_SIZE={self.world_size}: "
                 "choose parallel=ddp, fsdp, zero1, zero2 or zero3"
             )
-        if self.sp > 1 and self.backend.startswith("zero"):
-            raise ValueError(
-                f"parallel.sp={self.sp} is not supported with parallel.backend={self.backend}: "
-                "sequence parallelism runs with ddp or fsdp"
-            )
+        for name in ("cp", "sp"):
+            if getattr(self, name) > 1 and self.backend.startswith("zero"):
+                raise ValueError(
+                    f"parallel.{name}={getattr(self, name)} is not supported with "
+                    f"parallel.backend={self.backend}: sequence and context parallelism run "
+                    "with ddp or fsdp"
+                )
         if cfg.zero_offload != "none" and not self.backend.startswith("zero"):
             raise ValueError(
                 f"parallel.zero_offload={cfg.zero_offload} needs a ZeRO backend, "
@@ -87,29 +94,42 @@ class ParallelDims:
     def dp_size(self) -> int:
         return self.dp_replicate * self.dp_shard
 
+    def check_sequence(self, tokens: int, what: str) -> None:
+        """A sequence of `tokens` tokens must split into cp x sp equal chunks of at least one."""
+        if tokens < self.sequence_size or tokens % self.sequence_size:
+            raise ValueError(
+                f"{what} holds {tokens} tokens, which do not split into parallel.cp={self.cp} x "
+                f"parallel.sp={self.sp} = {self.sequence_size} equal chunks of at least one token"
+            )
+
+    @property
+    def sequence_size(self) -> int:
+        """The ranks one sample's tokens are split over."""
+        return self.cp * self.sp
+
     @property
     def dp_rank(self) -> int:
-        return self.rank // self.sp
+        return self.rank // self.sequence_size
 
     @property
-    def sp_rank(self) -> int:
-        return self.rank % self.sp
+    def sequence_rank(self) -> int:
+        """Which chunk of a sample's tokens this rank holds."""
+        return self.rank % self.sequence_size
 
     def build_mesh(self, device_type: str) -> DeviceMesh | None:
-        """The (dp_replicate, dp_shard, sp) mesh; None for a single process without a group."""
+        """The (dp_replicate, dp_shard, cp, sp) mesh; None for a single process without a group."""
         if dist.is_initialized():
-            self.mesh = init_device_mesh(
-                device_type, (self.dp_replicate, self.dp_shard, self.sp), mesh_dim_names=MESH_DIMS
-            )
+            shape = tuple(getattr(self, name) for name in MESH_DIMS)
+            self.mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
         return self.mesh
 
     def sum_over_dp(self, values: list[float]) -> list[float]:
-        """Sum per-rank values over the data-parallel ranks (an sp group counts once)."""
+        """Sum per-rank values over the data-parallel ranks (a sequence group counts once)."""
         if self.world_size == 1:
             return list(values)
         totals = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(totals)
-        return (totals / self.sp).tolist()
+        return (totals / self.sequence_size).tolist()
 
     def layout(self) -> dict:
         """What a checkpoint records of how it was sharded."""
@@ -126,7 +146,7 @@ class ParallelDims:
     def describe(self) -> str:
         return (
             f"{self.backend}: world {self.world_size} = dp_replicate {self.dp_replicate} x "
-            f"dp_shard {self.dp_shard} x sp {self.sp}"
+            f"dp_shard {self.dp_shard} x cp {self.cp} x sp {self.sp}"
         )
 
 
@@ -148,11 +168,10 @@ def _infer(degrees: dict[str, int], world_size: int) -> dict[str, int]:
                 "inferred"
             )
         degrees = {**degrees, unknown[0]: world_size // known}
-    product = degrees["dp_replicate"] * degrees["dp_shard"] * degrees["sp"]
+    product = math.prod(degrees.values())
     if product != world_size:
+        named = " x ".join(f"{name} {value}" for name, value in degrees.items())
         raise ValueError(
-            f"parallel degrees dp_replicate {degrees['dp_replicate']} x dp_shard "
-            f"{degrees['dp_shard']} x sp {degrees['sp']} = {product} must equal the world size "
-            f"{world_size}"
+            f"parallel degrees {named} = {product} must equal the world size {world_size}"
         )
     return degrees

@@ -1,6 +1,6 @@
 """Parallelism applied to an unmodified model as plain function calls, in this order:
 
-1. sequence parallelism (hooks that split tokens over the sp group),
+1. sequence and context parallelism (hooks that split tokens over the cp x sp ranks),
 2. activation checkpointing per block (in place: parameter names do not change),
 3. torch.compile per block (train/compile.py: CUDA only),
 4. data parallelism: FSDP2 `fully_shard` per block and at the root, or DDP.
@@ -26,18 +26,22 @@ from model.wan import WanVideoModel
 from train.compile import compile_blocks
 from train.config import ParallelConfig
 from train.parallel.dims import ParallelDims
-from train.parallel.sequence import apply_sequence_parallel, apply_wan_sequence_parallel
+from train.parallel.sequence import (
+    apply_sequence_parallel,
+    apply_wan_sequence_parallel,
+    sequence_attention,
+)
 from train.torch_private import checkpoint_activations, flatten_mesh
+
+CP_SP = ("cp", "sp")  # the mesh dimensions a sample's tokens split over
 
 
 def parallelize(
     model: nn.Module, cfg: ParallelConfig, dims: ParallelDims, param_dtype: torch.dtype | None
 ) -> nn.Module:
     """Apply every configured parallelism to the DiT; returns what forward is called on."""
-    if dims.sp > 1:
-        wan = isinstance(model, WanVideoModel)
-        split = apply_wan_sequence_parallel if wan else apply_sequence_parallel
-        split(model, dims.mesh["sp"].get_group())
+    if dims.sequence_size > 1:
+        split_sequences(model, dims)
     if cfg.activation_checkpointing != "none":
         every = 1 if cfg.activation_checkpointing == "full" else cfg.checkpoint_every_k
         apply_activation_checkpointing(model, every)
@@ -52,6 +56,21 @@ def parallelize(
     return model
 
 
+def split_sequences(model: nn.Module, dims: ParallelDims) -> None:
+    """Split every sample's tokens over its sequence group: Ulysses within sp, a ring across cp."""
+    mesh = dims.mesh
+    groups = {name: mesh[name].get_group() if getattr(dims, name) > 1 else None for name in CP_SP}
+    attend = sequence_attention(groups["sp"], groups["cp"])
+    if dims.cp > 1 and dims.sp > 1:
+        tokens_group = flatten_mesh(mesh[CP_SP], "cp_sp").get_group()
+    else:
+        tokens_group = groups["cp"] or groups["sp"]
+    split = (
+        apply_wan_sequence_parallel if isinstance(model, WanVideoModel) else apply_sequence_parallel
+    )
+    split(model, tokens_group, attend)
+
+
 def apply_activation_checkpointing(model: nn.Module, every: int) -> None:
     """Recompute every `every`-th block's activations in the backward pass."""
     if every < 1:
@@ -62,13 +81,13 @@ def apply_activation_checkpointing(model: nn.Module, every: int) -> None:
 
 
 def data_parallel_mesh(dims: ParallelDims) -> DeviceMesh:
-    """The mesh FSDP shards over: sp ranks hold shards too (they all need every gradient), and a
-    dp_replicate dimension > 1 makes it hybrid (shard within, replicate across)."""
+    """The mesh FSDP shards over: cp and sp ranks hold shards too (they all need every gradient),
+    and a dp_replicate dimension > 1 makes it hybrid (shard within, replicate across)."""
     mesh = dims.mesh
     shard_dim = "dp_shard"
-    if dims.sp > 1:
-        shard_dim = "dp_shard_sp"
-        flatten_mesh(mesh["dp_shard", "sp"], shard_dim)
+    if dims.sequence_size > 1:
+        shard_dim = "dp_shard_cp_sp"
+        flatten_mesh(mesh[("dp_shard", *CP_SP)], shard_dim)
     if dims.dp_replicate > 1:
         return mesh["dp_replicate", shard_dim]
     return mesh[shard_dim]

@@ -99,7 +99,9 @@ class _Ring(torch.autograd.Function):
         )
         for step in range(ring.size):
             mask = _block_mask(ids, ring.rank, ring.source(step), q.shape[1])
-            chunk_k, chunk_v, grad_k, grad_v = (x.view(k.shape) for x in travelling.split(k.numel()))
+            chunk_k, chunk_v, grad_k, grad_v = (
+                x.view(k.shape) for x in travelling.split(k.numel())
+            )
             if mask is not False:
                 dq, dk, dv = _block_backward(grad_out, q, chunk_k, chunk_v, out, lse, mask)
                 grad_q += dq
@@ -223,7 +225,9 @@ def _merge(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> tu
     """Two softmax-normalised partial results combined as one softmax over both key sets."""
     merged = torch.logaddexp(lse, block_lse)
     safe = _finite(merged)[..., None]
-    out = out * torch.exp(lse[..., None] - safe) + block_out * torch.exp(block_lse[..., None] - safe)
+    out = out * torch.exp(lse[..., None] - safe) + block_out * torch.exp(
+        block_lse[..., None] - safe
+    )
     return out, merged
 
 

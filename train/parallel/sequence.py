@@ -1,12 +1,17 @@
-"""Ulysses sequence parallelism: a sample's or a pack's tokens split over the ranks of an sp group.
+"""Sequence and context parallelism: a sample's or a pack's tokens split over a sequence group.
 
 Applied from outside to an unmodified DiT with hooks: the patch embedding's output is cut into
 equal, contiguous token chunks (whole latent frames, so per-frame conditioning stays aligned),
 every block and the final layer get the matching slice of the token layout (the rotary table)
-and of the per-frame conditioning, and the final layer's output chunks are gathered back. Inside
-self-attention an all-to-all trades the token split for a head split, so each rank attends over
-the whole sequence with 1/sp of the heads, then trades back. Cross-attention and the MLP work on
-local tokens alone.
+and of the per-frame conditioning, and the final layer's output chunks are gathered back.
+Cross-attention and the MLP work on local tokens alone. Self-attention sees the whole sequence
+through `sequence_attention`, as configured:
+
+- Ulysses (sp): an all-to-all trades the token split for a head split, so each rank attends over
+  the whole sequence with 1/sp of the heads, then trades back. Its degree is capped by the heads.
+- Ring attention (cp, ring.py): key/value chunks travel round the ring. Its degree is not capped.
+- Both (USP): the tokens split over cp x sp ranks, sp innermost; Ulysses gathers an sp group's
+  chunks (one contiguous cp chunk) with 1/sp of the heads, and the ring runs across sp groups.
 
 A packed sequence (several samples, model/dit.py) splits the same way, anywhere: a sample may
 straddle chunks. Each rank keeps its chunk of the layout (each token's adaLN row, rotary table,
@@ -20,12 +25,15 @@ they sum to the full gradient over the group (the data-parallel reduction takes 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from model.attention import Segments, attention
 from model.dit import TokenLayout
+from train.parallel.ring import RingAttention
 
 
 class _AllToAll(torch.autograd.Function):
@@ -66,10 +74,11 @@ class _GatherTokens(torch.autograd.Function):
 
 
 class UlyssesAttention:
-    """`attention` over the whole sequence for local tokens (B, N/sp, H, D)."""
+    """`attention` over the whole sequence for local tokens (B, N/sp, H, D); `inner` attends the
+    gathered tokens (B, N, H/sp, D): plain attention, or a ring when they are one cp chunk."""
 
-    def __init__(self, group):
-        self.group = group
+    def __init__(self, group, inner: Callable[..., Tensor] = attention):
+        self.group, self.inner = group, inner
 
     def __call__(
         self,
@@ -83,12 +92,20 @@ class UlyssesAttention:
             raise ValueError("sequence-parallel self-attention takes no key mask")
         # (B, N/sp, H, D) -> (B, N, H/sp, D): scatter heads, gather tokens.
         q, k, v = (_AllToAll.apply(x, self.group, 2, 1) for x in (q, k, v))
-        out = attention(q, k, v, segments=segments)
+        out = self.inner(q, k, v, segments=segments)
         return _AllToAll.apply(out, self.group, 1, 2)
 
 
-def apply_sequence_parallel(model: nn.Module, group) -> None:
-    """Split the DiT's tokens over `group` (Ulysses); call before FSDP/DDP wrap the model."""
+def sequence_attention(sp_group, cp_group) -> Callable[..., Tensor]:
+    """Self-attention over the whole sequence for local tokens, with the sp and/or cp groups
+    (None where the degree is 1)."""
+    ring = RingAttention(cp_group) if cp_group is not None else attention
+    return UlyssesAttention(sp_group, ring) if sp_group is not None else ring
+
+
+def apply_sequence_parallel(model: nn.Module, group, attend: Callable[..., Tensor]) -> None:
+    """Split the DiT's tokens over `group` (its cp x sp ranks, sp innermost), with `attend`
+    (`sequence_attention`) as self-attention; call before FSDP/DDP wrap the model."""
     size, rank = dist.get_world_size(group), dist.get_rank(group)
 
     def local_chunk(x: Tensor, what: str, dim: int = 1) -> Tensor:
@@ -127,20 +144,21 @@ def apply_sequence_parallel(model: nn.Module, group) -> None:
     model.patch_embed.register_forward_hook(shard_tokens)
     for block in model.blocks:
         block.register_forward_pre_hook(shard_block_inputs)
-        block.self_attn.attend = UlyssesAttention(group)
+        block.self_attn.attend = attend
     # The final layer runs on local tokens too: every parameter then sees only this rank's
     # tokens, and the gathered output is what all ranks share.
     model.final_layer.register_forward_pre_hook(shard_final_inputs)
     model.final_layer.register_forward_hook(gather_tokens)
 
 
-class UlyssesWanSelfAttention:
-    """The attention processor of a Wan block's self-attention (attn1) under Ulysses: diffusers'
-    WanAttnProcessor for local tokens (projections, RMS norms across heads, Wan's pairwise rotary
-    embedding), with the attention itself over the whole sequence through all-to-alls."""
+class SequenceParallelWanSelfAttention:
+    """The attention processor of a Wan block's self-attention (attn1) with its tokens split:
+    diffusers' WanAttnProcessor for local tokens (projections, RMS norms across heads, Wan's
+    pairwise rotary embedding), with the attention itself over the whole sequence (`attend`:
+    Ulysses, the ring, or both)."""
 
-    def __init__(self, group):
-        self.attend = UlyssesAttention(group)
+    def __init__(self, attend: Callable[..., Tensor]):
+        self.attend = attend
 
     def __call__(
         self,
@@ -151,7 +169,9 @@ class UlyssesWanSelfAttention:
         rotary_emb: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         if encoder_hidden_states is not None or attention_mask is not None:
-            raise ValueError("UlyssesWanSelfAttention serves self-attention without a mask")
+            raise ValueError(
+                "SequenceParallelWanSelfAttention serves self-attention without a mask"
+            )
         query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
         key = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
         value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
@@ -168,10 +188,11 @@ def _rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
 
 
-def apply_wan_sequence_parallel(model: nn.Module, group) -> None:
-    """Split a Wan model's tokens over `group` (Ulysses), the cut diffusers' own context-parallel
-    plan for Wan makes: per-token timesteps (TI2V) and the rotary table are split on their way
-    in, the tokens after the patch embedding, and the output projection's tokens are gathered."""
+def apply_wan_sequence_parallel(model: nn.Module, group, attend: Callable[..., Tensor]) -> None:
+    """Split a Wan model's tokens over `group`, the cut diffusers' own context-parallel plan for
+    Wan makes: per-token timesteps (TI2V) and the rotary table are split on their way in, the
+    tokens after the patch embedding, and the output projection's tokens are gathered; `attend`
+    (`sequence_attention`) is its self-attention."""
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     transformer = model.transformer
 
@@ -201,5 +222,5 @@ def apply_wan_sequence_parallel(model: nn.Module, group) -> None:
     transformer.rope.register_forward_hook(shard_rope)
     transformer.blocks[0].register_forward_pre_hook(shard_tokens)
     for block in transformer.blocks:
-        block.attn1.set_processor(UlyssesWanSelfAttention(group))
+        block.attn1.set_processor(SequenceParallelWanSelfAttention(attend))
     transformer.proj_out.register_forward_hook(gather_tokens)
