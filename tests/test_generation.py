@@ -1,7 +1,8 @@
 """Sora's generation modes end to end: a tiny DiT trained on the demo data with mixed frame
 conditioning logs every mode to W&B, then the sampling command makes every mode, with the
-expected frame counts, sizes, durations and provenance; given frames come out as the
-autoencoder's round trip of the inputs."""
+expected frame counts, sizes, durations and provenance, alone and with each window one sequence
+over two ranks (ring attention, torchrun); given frames come out as the autoencoder's round trip
+of the inputs."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from launching import ROOT, torchrun
 from PIL import Image
 from test_train import dit_config
 
@@ -112,6 +114,49 @@ def test_sampling_command_makes_every_mode(trained, tmp_path):
     assert read_mp4(out)[0].shape == (1, HEIGHT, WIDTH, 3)
 
 
+@pytest.mark.multiprocess
+def test_every_mode_samples_one_sequence_over_two_ranks_as_one_process(trained, tmp_path):
+    """parallel.cp=2: each window's tokens split over 2 ranks (64x64: 16 tokens a latent frame,
+    windows of even latent frames where frames are given). The mp4s match one process's, to
+    the rounding of the ring's sums through the decoder and the mp4 encoder."""
+    video = trained / "samples" / "step_00000004_t2v_prompt_0.mp4"
+    image = tmp_path / "still.png"
+    Image.fromarray(read_mp4(video)[0][0]).save(image)
+    common = [f"checkpoint={trained}", "steps=2", "height=64", "width=64", f"fps={FPS}"]
+    cases = {
+        "t2v": ["mode=t2v", "frames=9"],
+        "t2v_long": ["mode=t2v", "frames=13", "seconds=3"],
+        "t2i": ["mode=t2i"],
+        "i2v": ["mode=i2v", f"image={image}", "frames=13"],
+        "extend": ["mode=extend", f"video={video}", "seconds=1", "frames=13"],
+        "connect": ["mode=connect", f"video={video}", f"video2={video}", "seconds=1"],
+        "edit": ["mode=edit", f"video={video}", "strength=0.5"],
+    }
+    parts = load(parse(common))
+    for name, arguments in cases.items():
+        sample_to_mp4(parts, parse([*common, *arguments, f"out={tmp_path}/one_{name}.mp4"]))
+    spec = tmp_path / "spec.json"
+    ring = {name: [*args, f"out={tmp_path}/ring_{name}.mp4"] for name, args in cases.items()}
+    spec.write_text(json.dumps({"common": [*common, "parallel.cp=2"], "cases": ring}))
+    torchrun(str(ROOT / "tests" / "sample_worker.py"), str(spec))
+    for name in cases:
+        (one, _, alone), (two, _, split) = (
+            read_mp4(tmp_path / f"{kind}_{name}.mp4") for kind in ("one", "ring")
+        )
+        difference = np.abs(one.astype(int) - two.astype(int))
+        print(name, one.shape, "mean", difference.mean(), "max", difference.max())
+        assert one.shape == two.shape and difference.mean() < 0.5, name
+        assert split["parallel"] == {"cp": 2, "sp": 1} and "parallel" not in alone
+
+
+def test_the_sampling_command_over_ranks_writes_one_mp4(trained, tmp_path):
+    out = tmp_path / "t2i.mp4"
+    common = [f"checkpoint={trained}", "steps=1", "height=64", "width=64", "mode=t2i"]
+    torchrun("-m", "train.sample", *common, "parallel.cp=2", f"out={out}")
+    frames, _, provenance = read_mp4(out)
+    assert frames.shape == (1, 64, 64, 3) and provenance["parallel"]["cp"] == 2
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
@@ -120,6 +165,7 @@ def test_sampling_command_makes_every_mode(trained, tmp_path):
         (["mode=t2v", "seconds=75"], r"seconds=75.0: must be in \(0, 60\]"),
         (["mode=zoom"], "mode='zoom' is not one of t2v, t2i"),
         (["mode=t2v", "height=50"], "height=50"),
+        (["parallel.cp=2"], "cp 2 x sp 1 = 2 must equal the world size 1"),
     ],
 )
 def test_bad_sampling_arguments_are_named(trained, arguments, message):

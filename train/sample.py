@@ -12,6 +12,12 @@ Modes (`mode=`):
     connect  `video=` joined to `video2=` by `seconds` of transition
     edit     `video=` re-made from `prompt` (SDEdit): noised to `strength`, then denoised
 
+One window can be one long sequence spread over ranks: under torchrun, `parallel.cp=N` (ring
+attention) and/or `parallel.sp=M` (Ulysses), with N x M the world size, split the window's
+tokens as training does; every rank runs the same sampler with the same seed and rank 0 writes:
+
+    torchrun --nproc_per_node 2 -m train.sample checkpoint=runs/demo parallel.cp=2 frames=481
+
 A window is `frames` frames; given latent frames (the image, or the `context` latent frames next to
 the new ones) are put back at every sampling step, so they come out unchanged up to the
 autoencoder's round trip. Every mp4 carries a provenance record (model, checkpoint, weights,
@@ -25,7 +31,7 @@ from __future__ import annotations
 import math
 import sys
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +44,11 @@ from model.flow import FlowConfig, euler_sample
 from model.geometry import LatentGeometry
 from train.build import build_dit, config_from_dict, frozen, load_trained, model_name
 from train.checkpoint import WEIGHTS, CheckpointError, find_weights, read_weights
-from train.config import Config
+from train.config import Config, ParallelConfig
 from train.encoders import FrozenEncoders
+from train.parallel import ParallelDims
+from train.parallel.parallelize import split_sequences
+from train.runtime import Runtime, init_runtime, launch_env, shutdown
 
 MAX_SECONDS = 60.0  # the longest video the command makes, as Sora
 MODES = ("t2v", "t2i", "i2v", "extend", "connect", "edit")
@@ -302,6 +311,14 @@ def _check_length(video: np.ndarray, needed: int, purpose: str) -> None:
 
 
 @dataclass
+class SampleParallelConfig:
+    """How one window's tokens split over the ranks torchrun starts; cp x sp is the world size."""
+
+    cp: int = 1  # ring attention
+    sp: int = 1  # Ulysses; must divide the heads
+
+
+@dataclass
 class SampleConfig:
     checkpoint: str = "runs/demo"
     mode: str = "t2v"  # t2v | t2i | i2v | extend | connect | edit
@@ -327,6 +344,7 @@ class SampleConfig:
     weights: str = "ema"
     device: str = "auto"
     out: str = "sample.mp4"
+    parallel: SampleParallelConfig = field(default_factory=SampleParallelConfig)
 
 
 def run_mode(generator: VideoGenerator, cfg: SampleConfig) -> tuple[np.ndarray, dict]:
@@ -418,8 +436,8 @@ def load(cfg: SampleConfig) -> SamplingParts:
     return load_for_sampling(cfg.checkpoint, cfg.weights, device)
 
 
-def sample_to_mp4(parts: SamplingParts, cfg: SampleConfig) -> Path:
-    """Run `cfg.mode` and write the mp4 with its provenance record."""
+def sample_to_mp4(parts: SamplingParts, cfg: SampleConfig, write: bool = True) -> Path:
+    """Run `cfg.mode` and write the mp4 with its provenance record (`write`: this rank does)."""
     check_sample_config(cfg)
     generator = VideoGenerator(
         parts.dit,
@@ -449,7 +467,10 @@ def sample_to_mp4(parts: SamplingParts, cfg: SampleConfig) -> Path:
         "cfg_scale": parts.config.flow.cfg_scale if cfg.cfg_scale is None else cfg.cfg_scale,
         "fps": cfg.fps,
         **({"strength": cfg.strength} if cfg.mode == "edit" else {}),
+        **({"parallel": vars(cfg.parallel)} if cfg.parallel != SampleParallelConfig() else {}),
     }
+    if not write:
+        return Path(cfg.out)
     path = write_mp4(cfg.out, video, cfg.fps, provenance)
     print(
         f"wrote {path} ({cfg.mode}: {video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}, "
@@ -463,9 +484,42 @@ def parse(argv: list[str]) -> SampleConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SampleConfig), cli))
 
 
+def load_over_ranks(cfg: SampleConfig) -> tuple[SamplingParts, Runtime]:
+    """The checkpoint's model on this rank of the torchrun world, its windows' tokens split over
+    the world as cfg.parallel says (cp x sp ranks)."""
+    check_sample_config(cfg)
+    rank, world_size, _ = launch_env()
+    layout = ParallelConfig(backend="ddp", dp_shard=1, cp=cfg.parallel.cp, sp=cfg.parallel.sp)
+    dims = ParallelDims.resolve(layout, world_size, rank)
+    runtime = init_runtime(cfg.device, distributed=True)
+    try:
+        parts = load_for_sampling(cfg.checkpoint, cfg.weights, runtime.device)
+        dims.check_model(parts.config.model.num_heads)
+        dims.build_mesh(runtime.device.type)
+        split_sequences(parts.dit, dims)
+    except BaseException:
+        shutdown()
+        raise
+    return parts, runtime
+
+
+def sample_over_ranks(cfg: SampleConfig) -> Path:
+    """`sample_to_mp4` with every window one sequence over the torchrun world; rank 0 writes."""
+    parts, runtime = load_over_ranks(cfg)
+    try:
+        path = sample_to_mp4(parts, cfg, write=runtime.is_main)
+    except BaseException:
+        shutdown()
+        raise
+    shutdown(finished=True)
+    return path
+
+
 def main(argv: list[str]) -> Path:
     cfg = parse(argv)
-    return sample_to_mp4(load(cfg), cfg)
+    if cfg.parallel == SampleParallelConfig() and launch_env()[1] == 1:
+        return sample_to_mp4(load(cfg), cfg)
+    return sample_over_ranks(cfg)
 
 
 if __name__ == "__main__":
