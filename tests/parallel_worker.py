@@ -8,7 +8,8 @@ the trainer's normalisation, and writes both gradients' differences to OUT/rank{
 
 CHECK is `buckets` (the ranks hold batches of different buckets and sizes) or `sequence` (all
 ranks split one sample's tokens, over the sequence LAYOUT: `sp=2` (the default), `cp=2`, or
-`cp=2,sp=2` on 4 ranks); `sequence_wan_t2v` and `sequence_wan_ti2v` are
+`cp=2,sp=2` on 4 ranks, and further ParallelConfig settings such as
+`activation_checkpointing=full`); `sequence_wan_t2v` and `sequence_wan_ti2v` are
 `sequence` for a tiny Wan 2.1 T2V (one time per sample) and Wan 2.2 TI2V (a given first frame,
 one time per token) model; `sequence_packed` splits a padded pack of three samples of different
 shapes (one with a given frame), where a sample straddles the ranks' chunks.
@@ -122,7 +123,8 @@ def main(check: str, backend: str, out: Path, layout: str) -> None:
     runtime = init_runtime("cpu", "fp32", distributed=True)
     degrees = {}
     if check.startswith("sequence"):
-        degrees = {name: int(value) for name, value in (p.split("=") for p in layout.split(","))}
+        settings = (item.split("=") for item in layout.split(","))
+        degrees = {name: int(value) if value.isdigit() else value for name, value in settings}
     parallel = ParallelConfig(backend=backend, **degrees)
     dims = ParallelDims.resolve(parallel, runtime.world_size, runtime.rank)
     dims.build_mesh("cpu")

@@ -5,7 +5,7 @@
 - ranks holding batches of different buckets and sizes get the gradient of the global batch mean;
 - Ulysses sequence parallelism (sp=2), ring attention (cp=2) and both (cp=2 x sp=2 on 4 ranks)
   give the loss and gradients of one rank, for one sample and for a packed sequence of samples
-  of different shapes;
+  of different shapes, also when activation checkpointing recomputes the blocks;
 - activation checkpointing and per-block compile change no numbers;
 - the DeepSpeed JSON is generated from the run's config, and a user JSON overrides it;
 - impossible settings fail, naming the key, before training starts.
@@ -117,7 +117,13 @@ def test_ranks_with_different_buckets_get_the_global_batch_gradient(backend, tmp
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
     ("layout", "nproc", "backend"),
-    [("sp=2", 2, "ddp"), ("sp=2", 2, "fsdp"), ("cp=2", 2, "fsdp"), ("cp=2,sp=2", 4, "fsdp")],
+    [
+        ("sp=2", 2, "ddp"),
+        ("sp=2", 2, "fsdp"),
+        ("cp=2", 2, "fsdp"),
+        ("cp=2,sp=2", 4, "fsdp"),
+        ("cp=2,activation_checkpointing=full", 2, "fsdp"),
+    ],
 )
 @pytest.mark.parametrize("check", ["sequence", "sequence_packed"])
 def test_sequence_parallel_matches_one_rank_in_loss_and_gradients(

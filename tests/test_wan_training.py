@@ -136,7 +136,7 @@ def test_lora_stop_and_resume_is_bitwise_identical(fine_tunes, pipeline, demo_sh
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("layout", ["sp=2", "cp=2"])
+@pytest.mark.parametrize("layout", ["sp=2", "cp=2", "cp=2,activation_checkpointing=full"])
 @pytest.mark.parametrize("variant", ["t2v", "ti2v"])
 def test_sequence_parallel_matches_one_rank(variant, layout, tmp_path):
     worker = str(ROOT / "tests" / "parallel_worker.py")

@@ -132,6 +132,10 @@ def apply_sequence_parallel(model: nn.Module, group, attend: Callable[..., Tenso
 
     def shard_block_inputs(module, args):
         x, cond, context, context_mask, layout = args
+        if len(layout.rope[0]) == x.shape[1]:
+            # Split already: activation checkpointing recomputes the block by calling it again
+            # with the inputs this hook gave it.
+            return None
         return x, local_cond(cond, layout), context, context_mask, local_layout(layout)
 
     def shard_final_inputs(module, args):
@@ -213,7 +217,10 @@ def apply_wan_sequence_parallel(model: nn.Module, group, attend: Callable[..., T
         return tuple(local_chunk(table) for table in output)
 
     def shard_tokens(module, args):
-        return (local_chunk(args[0]), *args[1:])
+        hidden_states, rotary_emb = args[0], args[3]
+        if hidden_states.shape[1] == rotary_emb[0].shape[1]:
+            return None  # split already: activation checkpointing recomputes the block
+        return (local_chunk(hidden_states), *args[1:])
 
     def gather_tokens(module, args, output: Tensor) -> Tensor:
         return _GatherTokens.apply(output, group)
