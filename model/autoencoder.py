@@ -16,10 +16,11 @@ clamp to [-1, 1] when you turn a decoded video into pixels.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -49,6 +50,13 @@ class AutoencoderConfig:
     # each causal convolution carrying its last input frames over to the next chunk: the result
     # is the whole-clip pass, and the activations' memory is set by the chunk, not the clip.
     chunk_latent_frames: int = 16
+    # Frames wider or taller than tile_latents latent pixels are encoded and decoded in square
+    # tiles of that side, overlapping by tile_overlap_latents and blended linearly across the
+    # overlap, so memory is set by the tile, not the frame (0: whole frames). Unlike temporal
+    # chunks this changes the result a little (each tile normalises and attends on its own),
+    # which the blend keeps seamless. The diffusers adapter hands it to the VAE's own tiling.
+    tile_latents: int = 0
+    tile_overlap_latents: int = 4
     checkpoint: str | None = None  # safetensors file of our VAE's weights
     pretrained_path: str | None = None  # local diffusers folder when kind == "diffusers"
 
@@ -332,6 +340,77 @@ def streaming(module: nn.Module) -> Iterator[None]:
                 layer.past_first_chunk = False
 
 
+@dataclass(frozen=True)
+class SpatialTiles:
+    """Square tiles of `size` latent pixels overlapping by `overlap` (size 0: no tiling)."""
+
+    size: int
+    overlap: int
+
+    @classmethod
+    def of(cls, cfg: AutoencoderConfig) -> SpatialTiles:
+        size, overlap = cfg.tile_latents, cfg.tile_overlap_latents
+        if size < 0 or (size and not 0 <= overlap < size):
+            raise ValueError(
+                f"autoencoder.tile_latents={size} must be >= 0 (0: whole frames), and "
+                f"autoencoder.tile_overlap_latents={overlap} in [0, tile_latents)"
+            )
+        return cls(size, overlap)
+
+    def apply(
+        self,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        x: torch.Tensor,
+        scale: int,
+        downscales: bool,
+    ) -> torch.Tensor:
+        """fn(x) computed tile by tile and blended. x is pixels (`downscales`: fn maps pixels to
+        latents, `scale` times smaller) or latents (fn maps them to pixels, `scale` times larger)."""
+        in_scale, out_scale = (scale, 1) if downscales else (1, scale)
+        size, stride = self.size * in_scale, (self.size - self.overlap) * in_scale
+        height, width = x.shape[-2:]
+        if not self.size or (height <= size and width <= size):
+            return fn(x)
+        out = weights = None
+        for top in _tile_starts(height, size, stride):
+            for left in _tile_starts(width, size, stride):
+                tile = fn(x[..., top : top + size, left : left + size])
+                if out is None:
+                    rows, columns = height * out_scale // in_scale, width * out_scale // in_scale
+                    out = tile.new_zeros(*tile.shape[:-2], rows, columns)
+                    weights = tile.new_zeros(rows, columns)
+                ramp = self.overlap * out_scale
+                weight = _ramp(tile.shape[-2], ramp, top > 0, top + size < height)[:, None]
+                weight = weight * _ramp(tile.shape[-1], ramp, left > 0, left + size < width)
+                weight = weight.to(tile)
+                row, column = top * out_scale // in_scale, left * out_scale // in_scale
+                rows = slice(row, row + tile.shape[-2])
+                columns = slice(column, column + tile.shape[-1])
+                out[..., rows, columns] += tile * weight
+                weights[rows, columns] += weight
+        return out / weights
+
+
+def _tile_starts(length: int, size: int, stride: int) -> list[int]:
+    """Where tiles of `size` every `stride` start along `length`, the last flush with the end."""
+    if length <= size:
+        return [0]
+    starts = list(range(0, length - size, stride))
+    return [*starts, length - size]
+
+
+def _ramp(length: int, overlap: int, rises: bool, falls: bool) -> torch.Tensor:
+    """(length,) blending weights: a linear rise over the first `overlap` entries where a tile
+    before overlaps this one, a fall over the last where one after does, 1 between."""
+    weight = torch.ones(length)
+    edge = torch.arange(1, overlap + 1, dtype=torch.float32) / (overlap + 1)
+    if overlap and rises:
+        weight[:overlap] = edge
+    if overlap and falls:
+        weight[-overlap:] = torch.minimum(weight[-overlap:], edge.flip(0))
+    return weight
+
+
 def _is_power_of_two(n: int) -> bool:
     return n >= 1 and (n & (n - 1)) == 0
 
@@ -375,6 +454,7 @@ class CausalVideoVAE(VideoAutoencoder):
         self.temporal_compression = cfg.temporal_compression
         self.kl_weight = cfg.kl_weight
         self.chunk_latent_frames = cfg.chunk_latent_frames
+        self.tiles = SpatialTiles.of(cfg)
 
         encoder: list[nn.Module] = [CausalConv3d(3, widths[0])]
         width = widths[0]
@@ -408,14 +488,23 @@ class CausalVideoVAE(VideoAutoencoder):
     def _encode_raw(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         chunks = self._chunks(video.shape[2], self.temporal_compression)
         latent_frames = 1 + (video.shape[2] - 1) // self.temporal_compression
-        moments = self._in_chunks(self.encoder, video, chunks, latent_frames)
+
+        def encode(tile: torch.Tensor) -> torch.Tensor:
+            return self._in_chunks(self.encoder, tile, chunks, latent_frames)
+
+        moments = self.tiles.apply(encode, video, self.spatial_compression, downscales=True)
         mean, logvar = moments.chunk(2, dim=1)
         # The usual clamp keeps exp(logvar) finite early in training.
         return mean, logvar.clamp(-30.0, 20.0)
 
     def _decode_raw(self, latents: torch.Tensor) -> torch.Tensor:
         frames = 1 + (latents.shape[2] - 1) * self.temporal_compression
-        return self._in_chunks(self.decoder, latents, self._chunks(latents.shape[2], 1), frames)
+        chunks = self._chunks(latents.shape[2], 1)
+
+        def decode(tile: torch.Tensor) -> torch.Tensor:
+            return self._in_chunks(self.decoder, tile, chunks, frames)
+
+        return self.tiles.apply(decode, latents, self.spatial_compression, downscales=False)
 
     def _chunks(self, frames: int, per_latent_frame: int) -> list[int]:
         """The frames of each chunk of a clip of `frames` (pixels: per_latent_frame is the
@@ -493,7 +582,7 @@ class DiffusersVideoAutoencoder(VideoAutoencoder):
     `encode` matches what the matching diffusers pipeline feeds its transformer.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, tiles: SpatialTiles = SpatialTiles(0, 0)) -> None:
         super().__init__()
         folder = _diffusers_vae_folder(path)
         with open(os.path.join(folder, "config.json")) as f:
@@ -524,6 +613,29 @@ class DiffusersVideoAutoencoder(VideoAutoencoder):
             std = torch.ones(channels)
         scaling_factor = float(config.get("scaling_factor") or 1.0)
         self._init_normalisation(shift, std / scaling_factor)
+        if tiles.size:
+            self._enable_tiling(tiles)
+
+    def _enable_tiling(self, tiles: SpatialTiles) -> None:
+        """The VAE's own spatial tiling, at the tile size and overlap asked (in latent pixels),
+        through whichever of diffusers' tiling arguments this VAE class takes."""
+        if not hasattr(self.vae, "enable_tiling"):
+            raise ValueError(
+                f"autoencoder.tile_latents={tiles.size}: {type(self.vae).__name__} has no tiling "
+                "in this diffusers version; set it to 0"
+            )
+        size = tiles.size * self.spatial_compression
+        stride = (tiles.size - tiles.overlap) * self.spatial_compression
+        offered = {
+            "tile_sample_min_height": size,
+            "tile_sample_min_width": size,
+            "tile_sample_stride_height": stride,
+            "tile_sample_stride_width": stride,
+            "tile_overlap_factor_height": tiles.overlap / tiles.size,
+            "tile_overlap_factor_width": tiles.overlap / tiles.size,
+        }
+        accepted = inspect.signature(self.vae.enable_tiling).parameters
+        self.vae.enable_tiling(**{k: v for k, v in offered.items() if k in accepted})
 
     def train(self, mode: bool = True) -> DiffusersVideoAutoencoder:
         # Pretrained and frozen: stay in eval mode even inside a module switched to train().
@@ -590,7 +702,7 @@ def build_autoencoder(cfg: AutoencoderConfig) -> VideoAutoencoder:
             raise ValueError(
                 "autoencoder.kind is 'diffusers' but autoencoder.pretrained_path is not set"
             )
-        return DiffusersVideoAutoencoder(cfg.pretrained_path)
+        return DiffusersVideoAutoencoder(cfg.pretrained_path, SpatialTiles.of(cfg))
     if cfg.kind != "causal_vae":
         raise ValueError(
             f"unknown autoencoder.kind {cfg.kind!r}; expected 'causal_vae' or 'diffusers'"

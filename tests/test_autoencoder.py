@@ -20,6 +20,7 @@ from model.autoencoder import (
     AutoencoderConfig,
     CausalVideoVAE,
     DiffusersVideoAutoencoder,
+    SpatialTiles,
     build_autoencoder,
 )
 
@@ -220,6 +221,63 @@ def test_chunked_memory_is_set_by_the_chunk_not_the_clip():
     assert chunked[129] - chunked[33] < clip_growth + 10
 
 
+def test_spatial_tiles_blend_back_to_the_whole_frame_for_a_local_map():
+    """A map that looks at each pixel's own neighbourhood only (pooling down, repeating up)
+    gives, tile by tile and blended, what it gives on the whole frame: the blend weights make a
+    partition of unity, with tiles that do not divide the frame evenly too."""
+    tiles = SpatialTiles(size=4, overlap=2)
+    pixels = torch.randn(1, 3, 2, 40, 56)
+    pooled = tiles.apply(lambda x: torch.nn.functional.avg_pool3d(x, (1, 4, 4)), pixels, 4, True)
+    torch.testing.assert_close(pooled, torch.nn.functional.avg_pool3d(pixels, (1, 4, 4)))
+    latents = torch.randn(1, 4, 2, 10, 14)
+    grown = tiles.apply(
+        lambda x: x.repeat_interleave(4, -1).repeat_interleave(4, -2), latents, 4, False
+    )
+    torch.testing.assert_close(grown, latents.repeat_interleave(4, -1).repeat_interleave(4, -2))
+
+
+def test_a_tile_as_large_as_the_frame_changes_nothing_and_small_tiles_keep_shapes(vae):
+    video = torch.rand(1, 3, 5, 48, 64) * 2 - 1
+    whole_frame = CausalVideoVAE(dataclasses.replace(TINY, tile_latents=8))
+    tiled = CausalVideoVAE(dataclasses.replace(TINY, tile_latents=4, tile_overlap_latents=2))
+    for other in (whole_frame, tiled):
+        other.load_state_dict(vae.state_dict())
+    latents = vae.encode(video)
+    torch.testing.assert_close(whole_frame.encode(video), latents)
+    torch.testing.assert_close(whole_frame.decode(latents), vae.decode(latents))
+    assert tiled.encode(video).shape == latents.shape == (1, 4, 2, 6, 8)
+    assert tiled.decode(latents).shape == video.shape
+    with pytest.raises(ValueError, match="tile_overlap_latents=4 in"):
+        CausalVideoVAE(dataclasses.replace(TINY, tile_latents=4, tile_overlap_latents=4))
+
+
+TILED_PEAK_MEMORY = PEAK_MEMORY.replace(
+    "chunk_latent_frames=int(sys.argv[2]))",
+    "chunk_latent_frames=2, tile_latents=int(sys.argv[2]), tile_overlap_latents=2)",
+).replace("int(sys.argv[3]), 96, 96)", "17, int(sys.argv[3]), int(sys.argv[3]))")
+
+
+def test_tiled_memory_is_set_by_the_tile_not_the_frame():
+    """Peak RSS added by encoding and decoding 17 frames of 96x96 and 192x192 (in chunks of 2
+    latent frames), in fresh processes: whole frames grow with the frame, tiles of 6 latent
+    pixels do not, beyond the larger clip and reconstruction themselves."""
+
+    def added_mib(tile: int, side: int) -> float:
+        command = [sys.executable, "-c", TILED_PEAK_MEMORY, str(CONF / "tiny_vae.yaml")]
+        env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(
+            [*command, str(tile), str(side)], capture_output=True, text=True, check=True, env=env
+        )
+        return float(done.stdout)
+
+    whole = {side: added_mib(0, side) for side in (96, 192)}
+    tiled = {side: added_mib(6, side) for side in (96, 192)}
+    print(f"\nadded peak RSS, MiB: whole frames {whole}, tiles of 6 latent pixels {tiled}")
+    frame_growth = 2 * 17 * 3 * 4 * (192**2 - 96**2) / 2**20  # the larger clip and its decoding
+    assert whole[192] - whole[96] > 150  # the comparison can fail
+    assert tiled[192] - tiled[96] < frame_growth + 10
+
+
 def test_real_clip_round_trip_keeps_its_shape(vae):
     video = read_clip("carphone_pristine.mp4", 9, 64, 64).unsqueeze(0)
     assert video.min() >= -1 and video.max() <= 1 and video.std() > 0.1
@@ -387,3 +445,16 @@ def test_diffusers_adapter_bad_folders_raise(wan_folder, tmp_path):
     (bogus / "config.json").write_text(json.dumps({**config, "_class_name": "NotAVae"}))
     with pytest.raises(ValueError, match="_class_name='NotAVae'"):
         DiffusersVideoAutoencoder(str(bogus))
+
+
+def test_diffusers_adapter_tiles_with_the_vaes_own_tiling(wan_folder):
+    config = AutoencoderConfig(
+        kind="diffusers", pretrained_path=str(wan_folder), tile_latents=8, tile_overlap_latents=2
+    )
+    adapter = build_autoencoder(config)
+    vae = adapter.vae
+    assert vae.use_tiling and (vae.tile_sample_min_height, vae.tile_sample_stride_width) == (32, 24)
+    video = torch.rand(1, 3, 5, 64, 48) * 2 - 1  # two tiles high
+    latents = adapter.encode(video)
+    assert latents.shape == (1, 4, 2, 16, 12) and torch.isfinite(latents).all()
+    assert adapter.decode(latents).shape == video.shape
