@@ -5,8 +5,9 @@ gloo, 2 CPU ranks), from a tiny random Wan pipeline folder saved with diffusers'
   same global batch step by step (LoRA's FSDP run with optimizer offload to the host and
   activation checkpointing); LoRA checkpoints hold only the adapters;
 - a LoRA run stopped and resumed (FSDP) gives the same losses and adapters, bit for bit;
-- Ulysses sequence parallelism (sp=2) and ring attention (cp=2) give the loss and gradients of
-  one rank for Wan 2.1 T2V and Wan 2.2 TI2V (per-token times, a given first frame);
+- Ulysses sequence parallelism (sp=2), ring attention (cp=2, also with activation
+  checkpointing) and both (cp=2 x sp=2 on 4 ranks) give the loss and gradients of one rank for
+  Wan 2.1 T2V and Wan 2.2 TI2V (per-token times, a given first frame);
 - the sampling command makes an mp4 from the fine-tuned model: t2v, and i2v for TI2V.
 """
 
@@ -136,12 +137,15 @@ def test_lora_stop_and_resume_is_bitwise_identical(fine_tunes, pipeline, demo_sh
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("layout", ["sp=2", "cp=2", "cp=2,activation_checkpointing=full"])
+@pytest.mark.parametrize(
+    ("layout", "nproc"),
+    [("sp=2", 2), ("cp=2", 2), ("cp=2,activation_checkpointing=full", 2), ("cp=2,sp=2", 4)],
+)
 @pytest.mark.parametrize("variant", ["t2v", "ti2v"])
-def test_sequence_parallel_matches_one_rank(variant, layout, tmp_path):
+def test_sequence_parallel_matches_one_rank(variant, layout, nproc, tmp_path):
     worker = str(ROOT / "tests" / "parallel_worker.py")
-    torchrun(worker, f"sequence_wan_{variant}", "fsdp", str(tmp_path), layout)
-    for rank in range(2):
+    torchrun(worker, f"sequence_wan_{variant}", "fsdp", str(tmp_path), layout, nproc=nproc)
+    for rank in range(nproc):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         print(f"Wan {variant} {layout} rank {rank}", result)
         assert result["loss"] == pytest.approx(result["reference_loss"], rel=1e-6)
