@@ -3,6 +3,8 @@
 - ddp, fsdp (full and hybrid sharding), zero2 and zero3 train the tiny DiT for 20 steps from the same weights and data and
   match a single-process run with the same global batch, step by step;
 - ranks holding batches of different buckets and sizes get the gradient of the global batch mean;
+- ring attention over 2 and 3 ranks gives one process's attention and gradients, dense and
+  packed, with either block kernel;
 - Ulysses sequence parallelism (sp=2), ring attention (cp=2) and both (cp=2 x sp=2 on 4 ranks)
   give the loss and gradients of one rank, for one sample and for a packed sequence of samples
   of different shapes, also when activation checkpointing recomputes the blocks;
@@ -112,6 +114,17 @@ def test_ranks_with_different_buckets_get_the_global_batch_gradient(backend, tmp
         assert result["engine_vs_reference"] <= 1e-5 * result["max_grad"]
         # Averaging each rank's own mean (3 samples vs 1) is measurably wrong.
         assert result["per_rank_mean_vs_reference"] > 1e-2 * result["max_grad"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(("kernel", "nproc"), [("fused", 3), ("exact", 2)])
+def test_ring_attention_equals_one_process_attention(kernel, nproc, tmp_path):
+    torchrun(str(ROOT / "tests" / "ring_worker.py"), kernel, str(tmp_path), nproc=nproc)
+    for rank in range(nproc):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        print(kernel, rank, result)
+        for case, differences in result.items():
+            assert max(differences) <= 1e-5, (case, differences)  # output, dq, dk, dv
 
 
 @pytest.mark.multiprocess

@@ -8,9 +8,9 @@ memory per rank falls as 1/cp, and so does the work, which is balanced as it is,
 attention is bidirectional (every query chunk meets every key chunk; a causal mask would need a
 zigzag split instead).
 
-The backward pass goes round the ring again: the key/value chunks travel with the gradients
-accumulated for them, each rank adding its queries' share, and after cp steps every gradient
-reaches the chunk's owner. It recomputes each block's probabilities from the saved output and
+The backward pass goes round the ring again: the key/value chunks travel, and behind each the
+gradients accumulated for it, each rank adding its queries' share; after cp passes every
+gradient reaches the chunk's owner. It recomputes each block's probabilities from the saved output and
 log-sum-exp (as flash attention does), so only q, k, v, the output and the log-sum-exp are kept.
 
 A packed sequence (`Segments`) attends block-diagonally: a block of queries and keys that share
@@ -93,24 +93,21 @@ class _Ring(torch.autograd.Function):
         ring = _Neighbours(ctx.group)
         grad_out = grad_out.float()
         grad_q = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        # k, v and the gradients gathered for them travel together, as one buffer.
-        travelling = torch.cat(
-            [k.float().flatten(), v.float().flatten(), torch.zeros(2 * k.numel(), device=k.device)]
-        )
+        kv = torch.cat([k.float().flatten(), v.float().flatten()])
+        grad_kv = torch.zeros_like(kv)  # the gradients of the chunk held, travelling with it
         for step in range(ring.size):
+            arriving = ring.pass_on(kv) if step < ring.size - 1 else None
             mask = _block_mask(ids, ring.rank, ring.source(step), q.shape[1])
-            chunk_k, chunk_v, grad_k, grad_v = (
-                x.view(k.shape) for x in travelling.split(k.numel())
-            )
             if mask is not False:
+                chunk_k, chunk_v = (x.view(k.shape) for x in kv.split(k.numel()))
                 dq, dk, dv = _block_backward(grad_out, q, chunk_k, chunk_v, out, lse, mask)
                 grad_q += dq
-                grad_k += dk
-                grad_v += dv
-            if step < ring.size - 1:
-                travelling = ring.pass_on(travelling).wait()
-        # One pass more and each chunk's gradients are back with the rank that owns it.
-        grad_k, grad_v = ring.pass_on(travelling[2 * k.numel() :]).wait().split(k.numel())
+                grad_kv += torch.cat([dk.flatten(), dv.flatten()])
+            # After the last step's pass each chunk's gradients are back with its owner.
+            grad_kv = ring.pass_on(grad_kv).wait()
+            if arriving is not None:
+                kv = arriving.wait()
+        grad_k, grad_v = grad_kv.split(k.numel())
         return (
             grad_q.to(q.dtype),
             grad_k.view(k.shape).to(k.dtype),
