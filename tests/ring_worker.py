@@ -5,7 +5,8 @@
 Every rank computes the whole sequence's attention and its gradients in one process, then its
 chunk through `RingAttention` over the world, and writes the largest differences of the output
 and of the q, k, v gradients, relative to their scale, to OUT/rank{r}.json. KERNEL `fused` runs
-the CPU flash kernel per block; `exact` the fp32 computation other devices use. Sequences: a
+the CPU flash kernel per block; `exact` the fp32 computation other devices use, in slices of 5
+queries. Sequences: a
 dense batch of two, a pack of four samples and padding (some blocks share no sample: skipped),
 and a pack cut at a chunk boundary.
 """
@@ -30,6 +31,7 @@ def main(kernel: str, out: Path) -> None:
     rank, size = dist.get_rank(), dist.get_world_size()
     if kernel == "exact":
         ring._fused_kernel_applies = lambda q: False
+        ring.QUERY_SLICE = 5  # several slices of queries per rectangle
     generator = torch.Generator().manual_seed(0)
     cases = {
         "dense": None,

@@ -10,18 +10,22 @@ zigzag split instead).
 
 The backward pass goes round the ring again: the key/value chunks travel, and behind each the
 gradients accumulated for it, each rank adding its queries' share; after cp passes every
-gradient reaches the chunk's owner. It recomputes each block's probabilities from the saved output and
-log-sum-exp (as flash attention does), so only q, k, v, the output and the log-sum-exp are kept.
+gradient reaches the chunk's owner. It recomputes each block's probabilities from the saved
+output and log-sum-exp (as flash attention does), so only q, k, v, the output and the
+log-sum-exp are kept.
 
-A packed sequence (`Segments`) attends block-diagonally: a block of queries and keys that share
-no sample is skipped, a shared one is masked to its samples, and padding attends to nothing.
+A packed sequence (`Segments`) attends block-diagonally. Samples are contiguous, so a block of
+queries and keys is a few rectangles, one per sample the two chunks share, each attended
+without a mask; a block that shares no sample is skipped, and padding attends to nothing.
 
-Blocks run PyTorch's fused CPU flash-attention kernel on the CPU (it returns the log-sum-exp the
-merge needs), and an exact fp32 computation elsewhere.
+Each rectangle runs PyTorch's fused CPU flash-attention kernel on the CPU (it returns the
+log-sum-exp the merge needs); elsewhere an exact fp32 computation, QUERY_SLICE queries at a
+time so that its scores stay small (a fused CUDA kernel is not built yet).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -49,47 +53,39 @@ class RingAttention:
     ) -> Tensor:
         if key_mask is not None:
             raise ValueError("ring self-attention takes no key mask")
-        ids = None if segments is None else _segment_ids(segments, q.shape[1], self.group)
-        return _Ring.apply(q, k, v, ids, self.group)
-
-
-def _segment_ids(segments: Segments, local_tokens: int, group) -> Tensor:
-    """(N,) int64: each token's segment, the padding after them -1."""
-    if segments.tokens != local_tokens * dist.get_world_size(group):
-        raise ValueError(
-            f"a packed sequence of {segments.tokens} tokens does not split into "
-            f"{dist.get_world_size(group)} ring chunks of {local_tokens} tokens"
-        )
-    counts = torch.tensor([*segments.lengths, segments.padding])
-    ids = torch.arange(len(counts)).repeat_interleave(counts)
-    return torch.where(ids == len(segments.lengths), -1, ids)
+        if segments is not None and segments.tokens != q.shape[1] * dist.get_world_size(self.group):
+            raise ValueError(
+                f"a packed sequence of {segments.tokens} tokens does not split into "
+                f"{dist.get_world_size(self.group)} ring chunks of {q.shape[1]} tokens"
+            )
+        return _Ring.apply(q, k, v, segments, self.group)
 
 
 class _Ring(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, ids: Tensor | None, group) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, segments: Segments | None, group) -> Tensor:
         ring = _Neighbours(group)
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:3], -math.inf, dtype=torch.float32, device=q.device)
         kv = torch.cat([k.flatten(), v.flatten()])
         for step in range(ring.size):
             arriving = ring.pass_on(kv) if step < ring.size - 1 else None
-            mask = _block_mask(ids, ring.rank, ring.source(step), q.shape[1])
-            if mask is not False:
+            shared = _shared_samples(segments, ring.rank, ring.source(step), q.shape[1])
+            if shared:
                 chunk_k, chunk_v = kv.split(k.numel())
                 block_out, block_lse = _block_forward(
-                    q, chunk_k.view_as(k), chunk_v.view_as(v), mask
+                    q, chunk_k.view_as(k), chunk_v.view_as(v), shared
                 )
                 out, lse = _merge(out, lse, block_out, block_lse)
             if arriving is not None:
                 kv = arriving.wait()
-        ctx.save_for_backward(q, k, v, out, lse, ids)
-        ctx.group = group
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.segments, ctx.group = segments, group
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        q, k, v, out, lse, ids = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         ring = _Neighbours(ctx.group)
         grad_out = grad_out.float()
         grad_q = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -97,10 +93,10 @@ class _Ring(torch.autograd.Function):
         grad_kv = torch.zeros_like(kv)  # the gradients of the chunk held, travelling with it
         for step in range(ring.size):
             arriving = ring.pass_on(kv) if step < ring.size - 1 else None
-            mask = _block_mask(ids, ring.rank, ring.source(step), q.shape[1])
-            if mask is not False:
+            shared = _shared_samples(ctx.segments, ring.rank, ring.source(step), q.shape[1])
+            if shared:
                 chunk_k, chunk_v = (x.view(k.shape) for x in kv.split(k.numel()))
-                dq, dk, dv = _block_backward(grad_out, q, chunk_k, chunk_v, out, lse, mask)
+                dq, dk, dv = _block_backward(grad_out, q, chunk_k, chunk_v, out, lse, shared)
                 grad_q += dq
                 grad_kv += torch.cat([dk.flatten(), dv.flatten()])
             # After the last step's pass each chunk's gradients are back with its owner.
@@ -151,71 +147,111 @@ class _Arriving:
         return self.buffer
 
 
-def _block_mask(ids: Tensor | None, rank: int, source: int, chunk: int) -> Tensor | None | bool:
-    """Which of this rank's queries may attend which keys of `source`'s chunk: None for all,
-    False for none (the block is skipped), else a (queries, keys) bool mask."""
-    if ids is None:
-        return None
-    query_ids = ids[rank * chunk : (rank + 1) * chunk]
-    key_ids = ids[source * chunk : (source + 1) * chunk]
-    mask = (query_ids[:, None] == key_ids[None, :]) & (query_ids[:, None] >= 0)
-    return mask if bool(mask.any()) else False
+Rectangles = list[tuple[slice, slice]]
+WHOLE_BLOCK = (slice(None), slice(None))
 
 
-def _block_forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+def _shared_samples(segments: Segments | None, rank: int, source: int, chunk: int) -> Rectangles:
+    """The (queries, keys) rectangles of the block of this rank's queries and `source`'s keys
+    that attend each other: the whole block for a dense sequence, one per sample both chunks
+    hold for a packed one (none: the block is skipped)."""
+    if segments is None:
+        return [WHOLE_BLOCK]
+    rectangles = []
+    bounds = itertools.pairwise(itertools.accumulate(segments.lengths, initial=0))
+    for begin, end in bounds:
+        queries = _within(begin, end, rank * chunk, chunk)
+        keys = _within(begin, end, source * chunk, chunk)
+        if queries and keys:
+            rectangles.append((queries, keys))
+    return rectangles
+
+
+def _within(begin: int, end: int, start: int, chunk: int) -> slice | None:
+    """Tokens begin:end of the sequence that fall in the chunk at `start`, in chunk positions."""
+    first, last = max(begin, start), min(end, start + chunk)
+    return slice(first - start, last - start) if first < last else None
+
+
+def _block_forward(q: Tensor, k: Tensor, v: Tensor, shared: Rectangles) -> tuple[Tensor, Tensor]:
     """Attention of q to one key/value chunk: the output (B, Nq, H, D) and log-sum-exp (B, Nq, H),
-    -inf for queries that may attend none of these keys."""
-    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-    if _fused_kernel_applies(q):
-        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, attn_mask=_bias(mask, q.dtype)
-        )
-        if mask is not None:  # the kernel gives a query without keys lse 0, not -inf
-            lse = lse.masked_fill(~mask.any(dim=1), -math.inf)
-    else:
-        scores = _scores(q.float(), k.float(), mask)
-        lse = torch.logsumexp(scores, dim=-1)
-        out = torch.exp(scores - _finite(lse)[..., None]) @ v.float()
-    return out.transpose(1, 2).float(), lse.transpose(1, 2).float()
+    both fp32, -inf for queries that attend none of these keys."""
+    if shared == [WHOLE_BLOCK]:
+        return _attend(q, k, v)
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:3], -math.inf, dtype=torch.float32, device=q.device)
+    for queries, keys in shared:
+        out[:, queries], lse[:, queries] = _attend(q[:, queries], k[:, keys], v[:, keys])
+    return out, lse
 
 
 def _block_backward(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, shared: Rectangles
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients of one block, from the merged output and log-sum-exp (both fp32)."""
+    grads = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v)]
     lse = _finite(lse)
+    for queries, keys in shared:
+        dq, dk, dv = _attend_backward(
+            grad_out[:, queries],
+            q[:, queries],
+            k[:, keys],
+            v[:, keys],
+            out[:, queries],
+            lse[:, queries],
+        )
+        grads[0][:, queries] += dq
+        grads[1][:, keys] += dk
+        grads[2][:, keys] += dv
+    return tuple(grads)
+
+
+QUERY_SLICE = 1024  # queries the exact kernel scores at a time
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Every query to every key, (B, N, H, D) layout: the output and log-sum-exp, fp32."""
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    if _fused_kernel_applies(q):
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+    else:
+        q, k, v = q.float(), k.float(), v.float()
+        outs, lses = [], []
+        for rows in q.split(QUERY_SLICE, dim=2):
+            scores = rows @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+            lses.append(torch.logsumexp(scores, dim=-1))
+            outs.append(torch.exp(scores - lses[-1][..., None]) @ v)
+        out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+    return out.transpose(1, 2).float(), lse.transpose(1, 2).float()
+
+
+def _attend_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv of `_attend`'s rectangle, with the merged output and log-sum-exp (fp32)."""
+    grad_out, q, k, v, out = (x.transpose(1, 2).float() for x in (grad_out, q, k, v, out))
+    lse = lse.transpose(1, 2).contiguous()
     if _fused_kernel_applies(q):
         grads = aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            *(x.transpose(1, 2).float() for x in (grad_out, q, k, v, out)),
-            lse.transpose(1, 2).contiguous(),
-            0.0,
-            False,
-            attn_mask=_bias(mask, torch.float32),
+            grad_out, q, k, v, out, lse, 0.0, False
         )
         return tuple(g.transpose(1, 2) for g in grads)
-    q, k, v, grad_out, out = (x.transpose(1, 2).float() for x in (q, k, v, grad_out, out))
     scale = q.shape[-1] ** -0.5
-    probs = torch.exp(_scores(q, k, mask) - lse.transpose(1, 2)[..., None])
-    grad_v = probs.transpose(-1, -2) @ grad_out
-    grad_probs = grad_out @ v.transpose(-1, -2)
-    grad_scores = probs * (grad_probs - (grad_out * out).sum(-1, keepdim=True))
-    grad_q, grad_k = grad_scores @ k * scale, grad_scores.transpose(-1, -2) @ q * scale
+    grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for rows in range(0, q.shape[2], QUERY_SLICE):
+        part = slice(rows, rows + QUERY_SLICE)
+        probs = torch.exp(q[:, :, part] @ k.transpose(-1, -2) * scale - lse[:, :, part, None])
+        grad_v += probs.transpose(-1, -2) @ grad_out[:, :, part]
+        grad_probs = grad_out[:, :, part] @ v.transpose(-1, -2)
+        row_terms = (grad_out[:, :, part] * out[:, :, part]).sum(-1, keepdim=True)
+        grad_scores = probs * (grad_probs - row_terms) * scale
+        grad_q[:, :, part] = grad_scores @ k
+        grad_k += grad_scores.transpose(-1, -2) @ q[:, :, part]
     return tuple(g.transpose(1, 2) for g in (grad_q, grad_k, grad_v))
 
 
 def _fused_kernel_applies(q: Tensor) -> bool:
     return q.device.type == "cpu"
-
-
-def _scores(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
-    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
-    return scores if mask is None else scores.masked_fill(~mask, -math.inf)
-
-
-def _bias(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    if mask is None:
-        return None
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, -math.inf)
 
 
 def _merge(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> tuple[Tensor, Tensor]:
