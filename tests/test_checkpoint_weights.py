@@ -1,16 +1,22 @@
 """`python -m train.sample` from a checkpoint folder of every engine (none, DDP, FSDP, ZeRO-2,
 ZeRO-3), with weights=raw and weights=ema: train/checkpoint.py finds and consolidates each
 format's weights in one process, and the video is the export's wherever both hold the same
-weights. A run with an EMA exports the EMA's weights; one without exports its raw weights."""
+weights. A run with an EMA exports the EMA's weights; one without exports its raw weights. The
+ecosystem's own tools read the sharded folders as they document: DeepSpeed's zero_to_fp32.py
+beside the ZeRO files, torch's dcp_to_torch on FSDP's, giving the exported weights bit for bit."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
+import torch
 from launching import launch_training
+from safetensors.torch import load_file
 
 from train.checkpoint import find_weights
 from train.sample import main as sample_main
@@ -61,6 +67,18 @@ def video(folder: Path, weights: str, out: Path) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
+def consolidated_by_its_tool(step: Path, written: str, out: Path) -> dict[str, torch.Tensor]:
+    """The raw weights the format's own tool makes of a step folder, run as documented."""
+    out.mkdir()
+    if written == "deepspeed":  # "folder in, folder out", from inside the checkpoint folder
+        command = [sys.executable, "zero_to_fp32.py", ".", str(out)]
+        subprocess.run(command, cwd=step, check=True, capture_output=True)
+        return torch.load(out / "pytorch_model.bin", weights_only=True)
+    tool = ["-m", "torch.distributed.checkpoint.format_utils", "dcp_to_torch"]
+    subprocess.run([sys.executable, *tool, str(step / "dcp"), str(out / "model.pt")], check=True)
+    return torch.load(out / "model.pt", weights_only=True)["model"]
+
+
 @pytest.mark.parametrize(
     "engine",
     [
@@ -87,3 +105,9 @@ def test_sampling_from_a_checkpoint_folder_matches_the_export(
     assert np.array_equal(video(without_ema / STEP, "raw", tmp_path / "raw.mp4"), exported_raw)
     # A run that kept no EMA gives its raw weights when the EMA's are asked for.
     assert np.array_equal(video(without_ema / STEP, "ema", tmp_path / "no_ema.mp4"), exported_raw)
+
+    if written != "full":
+        tool = consolidated_by_its_tool(without_ema / STEP, written, tmp_path / "tool")
+        exported = load_file(without_ema / "export" / "model.safetensors")
+        assert tool.keys() == exported.keys()
+        assert all(torch.equal(tool[name], exported[name]) for name in exported)

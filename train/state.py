@@ -393,7 +393,7 @@ class DeepSpeedStore:
         self.ds.save_checkpoint(
             str(folder),
             tag=self.tag,
-            save_latest=False,
+            save_latest=True,  # its `latest`: the zero_to_fp32.py copied beside it reads it
             exclude_frozen_parameters=has_frozen_params(self.ds.module),
         )
 
