@@ -94,6 +94,8 @@ class Batch:
     epoch: int = 0  # with plan_index, names this batch in the global plan: training seeds
     plan_index: int = 0  # its noise from it, so randomness follows the data, not the rank
     latents: LatentBatch | None = None  # from latent shards, instead of the video
+    read_retries: int = 0  # remote reads retried since the previous batch
+    read_wait_s: float = 0.0  # and the seconds those retries waited
 
     def pin_memory(self) -> Batch:
         """Called by the DataLoader (pin_memory=True) for fast, asynchronous host-to-GPU copies."""
@@ -117,6 +119,8 @@ class PackedBatch:
     skipped: int = 0
     epoch: int = 0
     plan_index: int = 0
+    read_retries: int = 0
+    read_wait_s: float = 0.0
 
     @property
     def keys(self) -> list[str]:
@@ -180,7 +184,12 @@ class BatchStream(IterableDataset):
         self.cfg, self.plan = cfg, plan
         self.dp_rank, self.dp_world, self.state = dp_rank, dp_world, state
         self.reader = SampleReader(
-            plan, cfg.read_retries, cfg.read_backoff_s, cfg.cache_dir, cfg.cache_mb
+            plan,
+            cfg.read_retries,
+            cfg.read_backoff_s,
+            cfg.cache_dir,
+            cfg.cache_mb,
+            retry_seed=state.seed * 100_003 + dp_rank,  # each rank's readers wait their own
         )
         self._decoded = ByteLRU(cfg.decoded_cache_mb * 2**20)
         self._failed_reads = 0  # in a row
@@ -293,9 +302,11 @@ class BatchStream(IterableDataset):
             )
         ]
         skipped = loaded.count(None)
+        retries, waited_s = self.reader.ranges.take_retry_counts()
         if planned.bucket is not None:
             samples = [sample for sample in loaded if sample is not None]
-            return _batch(samples, planned.bucket, after.to_dict(), skipped, epoch, plan_index)
+            batch = _batch(samples, planned.bucket, after.to_dict(), skipped, epoch, plan_index)
+            return replace(batch, read_retries=retries, read_wait_s=waited_s)
         by_shape: dict[Bucket, list[_Loaded]] = {}
         for position, sample in enumerate(loaded):
             if sample is not None:
@@ -304,7 +315,9 @@ class BatchStream(IterableDataset):
             _batch(samples, shape, {}, 0, epoch, plan_index) for shape, samples in by_shape.items()
         ]
         sequence = len(planned.pack_sizes) * self.plan.packing.cfg.sequence_tokens
-        return PackedBatch(groups, sequence, after.to_dict(), skipped, epoch, plan_index)
+        return PackedBatch(
+            groups, sequence, after.to_dict(), skipped, epoch, plan_index, retries, waited_s
+        )
 
     def _load_sample(
         self, sample_id: int, read: Future | None, bucket: Bucket, epoch: int
@@ -410,13 +423,18 @@ def _map_tensors(value, function):
 
 
 def _skip_empty(batches: Iterator[Batch]) -> Iterator[Batch]:
-    skipped = 0
+    """Batches with samples; an empty one's counts go to the next."""
+    skipped, retries, waited_s = 0, 0, 0.0
     for batch in batches:
         if not batch.keys:
             skipped += batch.skipped
+            retries += batch.read_retries
+            waited_s += batch.read_wait_s
             continue
         batch.skipped += skipped
-        skipped = 0
+        batch.read_retries += retries
+        batch.read_wait_s += waited_s
+        skipped, retries, waited_s = 0, 0, 0.0
         yield batch
 
 

@@ -36,10 +36,11 @@ class SampleReader:
         backoff_s: float = 0.5,
         cache_dir: str | Path = ".cache/data",
         cache_mb: int = 0,
+        retry_seed: int = 0,
     ):
         self.plan = plan
         cache = DiskCache(Path(cache_dir) / "samples", cache_mb * 2**20) if cache_mb else None
-        self.ranges = RangeReader(retries, backoff_s, cache)
+        self.ranges = RangeReader(retries, backoff_s, cache, retry_seed)
 
     def check_shards(self) -> None:
         """Fail, naming them, when shards of the plan are missing (before any training)."""

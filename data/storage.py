@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import posixpath
+import random
 import re
 import threading
 import time
@@ -35,6 +36,44 @@ log = logging.getLogger(__name__)
 
 class ReadError(OSError):
     """A byte range that could not be read, after every retry."""
+
+
+class RemoteError(OSError):
+    """A store's answer other than the bytes asked for, with its HTTP status."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+class RetryPolicy:
+    """When a failed remote read is tried again: exponential backoff with full jitter (each wait
+    drawn uniformly below backoff_s * 2**attempt), from a generator seeded per reader, so that
+    readers failing together do not retry together and a test can replay the waits. Throttling
+    (429, 503 SlowDown) waits THROTTLED times longer; what asking again cannot heal (not found,
+    forbidden, a bad request, a server that ignores ranges) is not retried."""
+
+    NEVER = (400, 401, 403, 404, 405, 410, 416)
+    THROTTLING, THROTTLED = (429, 503), 4.0
+
+    def __init__(self, retries: int, backoff_s: float, seed: int = 0):
+        self.retries, self.backoff_s, self.seed = retries, backoff_s, seed
+        self.random = random.Random(seed)
+
+    def reseed(self, stream: int) -> None:
+        """A generator of its own for another reader made from this one (a forked worker)."""
+        self.random = random.Random(f"{self.seed}/{stream}")
+
+    def wait_s(self, attempt: int, error: Exception) -> float | None:
+        """How long to wait before attempt `attempt + 1`; None: fail now."""
+        status = getattr(error, "status", None)
+        cannot_heal = isinstance(error, (RangeUnsupported, FileNotFoundError, PermissionError))
+        if attempt >= self.retries or cannot_heal or status in self.NEVER:
+            return None
+        ceiling = self.backoff_s * 2**attempt
+        if status in self.THROTTLING:
+            ceiling *= self.THROTTLED
+        return self.random.uniform(0.0, ceiling)
 
 
 def is_remote(url: str) -> bool:
@@ -286,7 +325,12 @@ async def _http_range(fs, url: str, start: int, end: int) -> bytes:
     }
     session = await fs.set_session()
     async with session.get(fs.encode_url(url), headers=headers, **kwargs) as response:
-        fs._raise_not_found_for_status(response, url)
+        if response.status == 404:
+            raise FileNotFoundError(f"{redact(url)}: 404 {response.reason}")
+        if response.status >= 400:
+            raise RemoteError(
+                f"{redact(url)}: {response.status} {response.reason}", response.status
+            )
         if response.status != 206:
             raise _no_ranges(url, response.status, start, end)
         return await response.read()
@@ -377,7 +421,9 @@ class _S3Ranges:
             self.regions[urlparse(url).netloc] = region
         code = re.search(rb"<Code>(\w+)</Code>", body)
         reason = f"{response.status} {code[1].decode() if code else response.reason}"
-        raise (FileNotFoundError if response.status == 404 else OSError)(f"{redact(url)}: {reason}")
+        if response.status == 404:
+            raise FileNotFoundError(f"{redact(url)}: {reason}")
+        raise RemoteError(f"{redact(url)}: {reason}", response.status)
 
 
 _s3_lock = threading.Lock()
@@ -394,13 +440,40 @@ def _s3_ranges() -> _S3Ranges:
 
 
 class RangeReader:
-    """Byte ranges of files, local or remote: one request a range, each retried with
-    exponential backoff; remote ranges optionally go through a `DiskCache`."""
+    """Byte ranges of files, local or remote: one request a range, retried as `RetryPolicy`
+    says; remote ranges optionally go through a `DiskCache`. Counts its retries and the time
+    they waited (`take_retry_counts`)."""
 
-    def __init__(self, retries: int = 3, backoff_s: float = 0.5, cache: DiskCache | None = None):
-        self.retries, self.backoff_s, self.cache = retries, backoff_s, cache
+    def __init__(
+        self,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+        cache: DiskCache | None = None,
+        seed: int = 0,
+    ):
+        self.policy, self.cache = RetryPolicy(retries, backoff_s, seed), cache
         self._files: dict[str, int] = {}  # local path -> descriptor, opened in this process
         self._pid = os.getpid()
+        self._lock = threading.Lock()  # read-ahead threads retry at once
+        self._retries, self._waited_s = 0, 0.0
+
+    def take_retry_counts(self) -> tuple[int, float]:
+        """Retries and seconds waited for them since the last call."""
+        with self._lock:
+            counts = self._retries, self._waited_s
+            self._retries, self._waited_s = 0, 0.0
+        return counts
+
+    def _in_this_process(self) -> None:
+        """A forked loader worker opens its own descriptors and draws its own waits."""
+        if self._pid != os.getpid():
+            self._files, self._pid = {}, os.getpid()
+            # Readers fork into torch's loader workers; importing torch up here would burden
+            # every storage command (manifest indexing, shard writing) with it.
+            from torch.utils.data import get_worker_info
+
+            worker = get_worker_info()
+            self.policy.reseed(worker.id if worker is not None else self._pid)
 
     def read(self, url: str, offset: int, size: int) -> bytes:
         if not is_remote(url):
@@ -414,8 +487,7 @@ class RangeReader:
         return data
 
     def _read_local(self, path: str, offset: int, size: int) -> bytes:
-        if self._pid != os.getpid():  # a forked loader worker opens its own descriptors
-            self._files, self._pid = {}, os.getpid()
+        self._in_this_process()
         fd = self._files.get(path)
         if fd is None:
             fd = self._files[path] = os.open(path, os.O_RDONLY)
@@ -425,21 +497,25 @@ class RangeReader:
         return data
 
     def _read_remote(self, url: str, offset: int, size: int) -> bytes:
-        for attempt in range(self.retries + 1):
+        self._in_this_process()
+        attempt = 0
+        while True:
             try:
                 data = _cat_range(url, offset, offset + size)
                 if len(data) != size:
                     raise ReadError(f"{len(data)} bytes returned for a range of {size}")
                 return data
-            except RangeUnsupported:  # asking again will not help
-                raise
-            except Exception as error:  # stores raise many types; every one is retried
-                if attempt == self.retries:
+            except Exception as error:  # stores raise many types; the policy sorts them
+                wait_s = self.policy.wait_s(attempt, error)
+                if wait_s is None:
+                    if isinstance(error, RangeUnsupported):
+                        raise
                     raise ReadError(
                         f"{redact(url)} bytes {offset}-{offset + size - 1}: {error!r} "
-                        f"(after {self.retries + 1} attempts)"
+                        f"(after {attempt + 1} attempts)"
                     ) from error
-                delay = self.backoff_s * 2**attempt
-                log.debug("retrying %s in %.2f s: %r", redact(url), delay, error)
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+                log.debug("retrying %s in %.2f s: %r", redact(url), wait_s, error)
+                with self._lock:
+                    self._retries, self._waited_s = self._retries + 1, self._waited_s + wait_s
+                time.sleep(wait_s)
+                attempt += 1

@@ -8,9 +8,9 @@ shut down mid-run (a store that goes away).
 
 from __future__ import annotations
 
+import hashlib
 import html
 import os
-import random
 import re
 import shutil
 import threading
@@ -69,6 +69,16 @@ class RequestLog:
 
     def sent(self, suffix: str = "") -> int:
         return sum(r.sent for r in self.requests(suffix))
+
+    def wait_for(self, count: int, suffix: str = "", timeout: float = 10.0) -> list[Request]:
+        """The requests once `count` of them are logged (a server logs each after its body);
+        TimeoutError naming how many came, after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while len(self.requests(suffix)) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self.requests(suffix))} of {count} requests logged")
+            time.sleep(0.01)
+        return self.requests(suffix)
 
 
 # --- S3 -------------------------------------------------------------------------------------
@@ -161,23 +171,41 @@ class S3Server:
 
 class HttpServer:
     """A folder over HTTP/1.0 on a free local port: GET with or without a single Range (206 with
-    Content-Range, or 200; with `ranges` False always 200), HEAD with Content-Length, a link listing for folders. `fail_share`
-    of the GETs of paths ending in `fail_suffix` are answered 503 (seeded)."""
+    Content-Range, or 200; with `ranges` False always 200), HEAD with Content-Length, a link
+    listing for folders. GETs of paths ending in `fail_suffix` are answered 503: the first
+    `fail_first` attempts of every (path, range), and then a `fail_share` of attempts, chosen by
+    a hash of (seed, path, range, attempt): the request itself decides, not the order in which
+    requests from several threads arrive."""
 
-    def __init__(self, root: Path, fail_share: float = 0.0, fail_suffix: str = ".tar", seed=0):
+    def __init__(
+        self,
+        root: Path,
+        fail_share: float = 0.0,
+        fail_suffix: str = ".tar",
+        seed=0,
+        fail_first: int = 0,
+    ):
         self.root, self.log = Path(root), RequestLog()
         self.fail_share, self.fail_suffix = fail_share, fail_suffix
+        self.fail_first, self.seed = fail_first, seed
         self.ranges = True  # False: ignore Range headers, as some servers do
-        self._random, self._lock = random.Random(seed), threading.Lock()
+        self._attempts: dict[tuple, int] = {}
+        self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
-    def _fails(self, path: str) -> bool:
+    def _fails(self, path: str, requested) -> bool:
+        if not path.endswith(self.fail_suffix):
+            return False
         with self._lock:
-            return path.endswith(self.fail_suffix) and self._random.random() < self.fail_share
+            attempt = self._attempts.get((path, requested), 0)
+            self._attempts[(path, requested)] = attempt + 1
+        digest = hashlib.sha256(f"{self.seed}/{path}/{requested}/{attempt}".encode()).digest()
+        drawn = int.from_bytes(digest[:8], "little") / 2**64
+        return attempt < self.fail_first or drawn < self.fail_share
 
     def stop(self) -> None:
         """Go away: stop answering and close the port."""
@@ -197,7 +225,7 @@ class HttpServer:
                 requested = parse_range(self.headers.get("Range"))
                 local = server.root / path.lstrip("/")
                 status, body, headers = 200, b"", {}
-                if send_body and server._fails(path):
+                if send_body and server._fails(path, requested):
                     status, body = 503, b"busy"
                 elif local.is_dir():
                     names = sorted(os.listdir(local))

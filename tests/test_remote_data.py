@@ -36,7 +36,7 @@ from data.pipeline import build_loader, open_plan
 from data.plan import DataPlan, DataState
 from data.prepare import load_config, prepare
 from data.reader import SampleReader
-from data.storage import ReadError
+from data.storage import RangeReader, RangeUnsupported, ReadError, RemoteError, RetryPolicy
 from model.geometry import LatentGeometry
 from train.checkpoint import _verify_manifest
 from train.config import register_configs, to_config
@@ -308,8 +308,66 @@ def test_flaky_server_reads_are_retried_and_failures_skipped(
     )
     assert [line["step"] for line in lines] == [1, 2, 3, 4]
     assert max(spans.values()) == 2 and retried > 0  # one retry a read, no more
+    # Retries reach the metrics (reads ahead of step 4 may be in no logged batch yet).
+    assert 0 < sum(line["data/retries"] for line in lines) <= retried
     assert all(spans[s] == 2 for s in spans if manifest[s] in missing)
     assert skipped == len(missing) > 0
+
+
+def test_what_asking_again_cannot_heal_fails_at_once(shards, manifest):
+    server = HttpServer(shards)
+    (name, first, last), _ = next(iter(manifest.items()))
+    reader = RangeReader(retries=3, backoff_s=0.5)
+    try:
+        start = time.monotonic()
+        with pytest.raises(ReadError, match=r"gone\.tar .*404 .*after 1 attempts"):
+            reader.read(f"{server.url}/gone.tar", first, last - first + 1)
+        elapsed = time.monotonic() - start
+        assert len(server.log.wait_for(1, ".tar")) == 1  # asked once
+    finally:
+        server.stop()
+    print(f"\na missing object failed in {elapsed:.3f} s")
+    assert elapsed < 0.5 and reader.take_retry_counts() == (0, 0.0)
+
+
+def test_a_burst_of_503s_is_survived_and_counted(shards, manifest):
+    server = HttpServer(shards, fail_first=3)
+    (name, first, last), _ = next(iter(manifest.items()))
+    reader = RangeReader(retries=3, backoff_s=0.01)
+    try:
+        data = reader.read(f"{server.url}/{name}", first, last - first + 1)
+        statuses = [r.status for r in server.log.wait_for(4, ".tar")]
+    finally:
+        server.stop()
+    assert data == (shards / name).read_bytes()[first : last + 1]
+    assert statuses == [503, 503, 503, 206]
+    retries, waited_s = reader.take_retry_counts()
+    # Throttling waits up to 4x longer: at most 4 x 0.01 x (1 + 2 + 4) seconds in all.
+    assert retries == 3 and 0 < waited_s <= 4 * 0.01 * 7
+
+
+def test_retry_waits_are_jittered_from_the_readers_seed():
+    throttled, failed = RemoteError("s3://b/k: 503 SlowDown", 503), OSError("connection reset")
+
+    def waits(seed: int, error: Exception) -> list[float | None]:
+        policy = RetryPolicy(retries=4, backoff_s=1.0, seed=seed)
+        return [policy.wait_s(attempt, error) for attempt in range(5)]
+
+    assert waits(7, failed) == waits(7, failed)  # replayable
+    assert waits(7, failed) != waits(8, failed)  # readers failing together spread out
+    assert waits(7, failed)[-1] is None  # out of retries
+    assert all(0 <= w <= 2**a for a, w in enumerate(waits(7, failed)[:-1]))
+    assert all(0 <= w <= 4 * 2**a for a, w in enumerate(waits(7, throttled)[:-1]))
+    assert sum(waits(3, throttled)[:-1]) > sum(waits(3, failed)[:-1])  # same draws, longer
+    policy = RetryPolicy(retries=4, backoff_s=1.0)
+    for never in (
+        FileNotFoundError("gone"),
+        PermissionError("no"),
+        RemoteError("s3://b/k: 403 AccessDenied", 403),
+        RemoteError("s3://b/k: 400 BadRequest", 400),
+        RangeUnsupported("no ranges"),
+    ):
+        assert policy.wait_s(0, never) is None, never
 
 
 @pytest.mark.multiprocess
@@ -384,8 +442,6 @@ def test_server_ignoring_range_fails_at_once(shards, manifest):
     server = HttpServer(shards)
     server.ranges = False
     (name, first, last), _ = next(iter(manifest.items()))
-    from data.storage import RangeReader
-
     try:
         with pytest.raises(ReadError, match="does not serve byte ranges"):
             RangeReader(retries=3, backoff_s=0.01).read(

@@ -32,6 +32,9 @@ from train.parallel import ParallelDims
 from train.runtime import Runtime
 from train.signals import Preempted, StopSignals
 
+# What a step's batches count besides their samples, summed over them and the ranks.
+BATCH_COUNTS = ("skipped", "read_retries", "read_wait_s")
+
 
 @dataclass
 class Progress:
@@ -105,11 +108,10 @@ class Trainer:
             loss_sum += loss.total.item()
             tokens += loss.tokens
             flops += loss.flops
-        skipped = sum(b.skipped for b in batches)
-        totals = self.dims.sum_over_dp([loss_sum, tokens, flops, skipped])
-        return dict(zip(["loss_sum", "tokens", "flops", "skipped"], totals, strict=True)) | {
-            "samples": global_samples
-        }
+        counts = [sum(getattr(b, name) for b in batches) for name in BATCH_COUNTS]
+        totals = self.dims.sum_over_dp([loss_sum, tokens, flops, *counts])
+        names = ["loss_sum", "tokens", "flops", *BATCH_COUNTS]
+        return dict(zip(names, totals, strict=True)) | {"samples": global_samples}
 
     def train_step(self) -> dict[str, float]:
         batches, data_wait = self._draw()
@@ -137,6 +139,8 @@ class Trainer:
             "perf/samples_per_s": sums["samples"] / step_time,
             "perf/data_wait_share": data_wait / step_time,
             "data/skipped_samples": sums["skipped"],
+            "data/retries": sums["read_retries"],
+            "data/retry_wait_s": sums["read_wait_s"],
             "train/skipped_steps": p.skipped_steps,
             "progress/samples_seen": p.samples_seen,
             "progress/tokens_seen": p.tokens_seen,
