@@ -47,13 +47,34 @@ def parse_range(header: str | None) -> tuple[int, int | None] | None:
 
 
 class RequestLog:
+    """What a server answered; a request is logged after its body, and counted as open from the
+    moment the server starts answering it."""
+
     def __init__(self):
         self._lock = threading.Lock()
         self._requests: list[Request] = []
+        self._open = 0
+
+    def begin(self) -> None:
+        with self._lock:
+            self._open += 1
 
     def add(self, request: Request) -> None:
         with self._lock:
             self._requests.append(request)
+            self._open -= 1
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Return once every request the server has begun to answer is logged: after a client
+        that waited for its answers is done, the log is then complete."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if self._open == 0:
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self._open} requests still being answered after {timeout} s")
+            time.sleep(0.01)
 
     def clear(self) -> None:
         with self._lock:
@@ -91,6 +112,7 @@ class _Counting:
         self.app, self.log = app, log
 
     def __call__(self, environ, start_response):
+        self.log.begin()
         status = {}
 
         def start(line, headers, exc_info=None):
@@ -221,6 +243,7 @@ class HttpServer:
                 pass
 
             def _answer(self, send_body: bool) -> None:
+                server.log.begin()
                 path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
                 requested = parse_range(self.headers.get("Range"))
                 local = server.root / path.lstrip("/")

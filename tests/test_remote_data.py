@@ -150,16 +150,8 @@ def in_order(by_rank: dict[int, list[list[str]]]) -> list[str]:
     return [k for step in range(steps) for rank in sorted(by_rank) for k in by_rank[rank][step]]
 
 
-def settle(server) -> None:
-    """Wait until the server has logged the requests it answered (logged after the body)."""
-    count = -1
-    while count != len(server.log.requests()):
-        count = len(server.log.requests())
-        time.sleep(0.2)
-
-
 def tar_gets(server) -> list:
-    settle(server)
+    server.log.wait_idle()
     return server.log.requests(".tar", "GET")
 
 
@@ -447,7 +439,7 @@ def test_server_ignoring_range_fails_at_once(shards, manifest):
             RangeReader(retries=3, backoff_s=0.01).read(
                 f"{server.url}/{name}", first, last - first + 1
             )
-        settle(server)
+        server.log.wait_idle()
         assert len(server.log.requests(".tar")) == 1  # no retries
     finally:
         server.stop()
