@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -240,9 +241,10 @@ def test_bad_options_and_outputs_fail_before_any_work(mixed, tmp_path, capsys):
 
 
 @pytest.fixture
-def ray_cluster():
+def ray_cluster(tmp_path):
     """A Ray head started apart from the test (`ray start --head --block`), with the S3 test
-    server's settings in its environment, as a user's cluster would have its own."""
+    server's settings in its environment, as a user's cluster would have its own. Its token is
+    made here and handed to head and driver: nothing is read from ~/.ray."""
     from object_store import S3Server
 
     s3 = S3Server()
@@ -250,29 +252,50 @@ def ray_cluster():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     # The head's and the driver's token authentication must agree, as on any cluster.
-    auth = {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    auth = {
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     env = os.environ | s3.env | auth | {"PYTHONPATH": str(ROOT)}
-    head = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "ray"),
-            "start",
-            "--head",
-            "--block",
-            f"--port={port}",
-            "--num-cpus=2",
-            "--include-dashboard=false",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    log = tmp_path / "ray_head.log"
+    with open(log, "wb") as output:
+        head = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "ray"),
+                "start",
+                "--head",
+                "--block",
+                f"--port={port}",
+                "--num-cpus=2",
+                "--include-dashboard=false",
+            ],
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
+        _wait_for_head(head, port, log)
         yield s3, f"127.0.0.1:{port}", auth
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGTERM)
+            head.wait(timeout=60)
         s3.stop()
+
+
+def _wait_for_head(head: subprocess.Popen, port: int, log: Path, timeout: float = 120) -> None:
+    """Until the head's GCS port answers; its log in the message if it exits or never does."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"the Ray head exited ({head.returncode}):\n{log.read_text()}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"the Ray head did not answer in {timeout} s:\n{log.read_text()}")
 
 
 @pytest.mark.multiprocess
