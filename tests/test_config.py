@@ -1,15 +1,20 @@
-"""The typed config: every preset composes, and bad keys or types fail loudly, naming the key,
-before any work starts."""
+"""The typed config: every preset composes, and bad keys, types or values fail loudly, naming
+the key, before any work starts: every numeric key declares its range, and each one set outside
+it is refused."""
 
+import dataclasses
+import math
+import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from train.config import Config, register_configs, to_config
+from train.config import RANGES, Config, Range, register_configs, to_config
 
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()
@@ -46,18 +51,51 @@ def test_bad_choice_is_named():
         compose_config("train.stage=vae")
 
 
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ("data.read_ahead=0", "data.read_ahead=0 must be at least 1"),
-        ("data.read_retries=-1", "data.read_retries=-1 must be at least 0"),
-        ("data.cache_mb=-5", "data.cache_mb=-5 must be at least 0"),
-        ("data.max_failed_reads=0", "data.max_failed_reads=0 must be at least 1"),
-    ],
-)
-def test_bad_reader_settings_are_named(override, message):
+def numeric_keys(schema: type = Config, prefix: str = "") -> dict[str, type]:
+    """Every int or float key of the config schema (optional ones too), and its number type."""
+    keys = {}
+    hints = typing.get_type_hints(schema)
+    for field in dataclasses.fields(schema):
+        kind = hints[field.name]
+        if dataclasses.is_dataclass(kind):
+            keys |= numeric_keys(kind, f"{prefix}{field.name}.")
+            continue
+        optional = typing.get_args(kind) if type(None) in typing.get_args(kind) else ()
+        numbers = [t for t in (kind, *optional) if t in (int, float)]
+        if numbers:
+            keys[prefix + field.name] = numbers[0]
+    return keys
+
+
+def test_every_numeric_key_declares_its_range():
+    assert set(numeric_keys()) == set(RANGES)
+
+
+def outside(allowed: str, kind: type) -> int | float | None:
+    """A value just outside the interval of a RANGES entry (None: the interval has no outside)."""
+    interval = allowed.split(" or ")[0]
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    step = 1 if kind is int else 0.5
+    if math.isfinite(low):
+        value = low if interval[0] == "(" else low - step
+    elif math.isfinite(high):
+        value = high if interval[-1] == ")" else high + step
+    else:
+        return None
+    if f" or {kind(value)}" in allowed:  # a sentinel such as -1: one step further out
+        value -= step
+    return kind(value)
+
+
+@pytest.mark.parametrize(("key", "kind"), sorted(numeric_keys().items()))
+def test_a_numeric_key_outside_its_range_is_refused_naming_it(key, kind):
+    value = outside(RANGES[key], kind)
+    if value is None:
+        pytest.skip(f"{key} takes any number ({RANGES[key]})")
+    assert value not in Range(RANGES[key])
+    message = f"config key {key}={value} is outside its range {re.escape(RANGES[key])}"
     with pytest.raises(ValueError, match=message):
-        compose_config(override)
+        compose_config(f"{key}={value}")
 
 
 @pytest.mark.slow

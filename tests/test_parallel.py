@@ -275,7 +275,7 @@ def test_a_bucket_the_ring_cannot_split_fails_before_any_process_group(
             ["packing.sequence_tokens=256", "packing.max_tokens_per_sample=512"],
             "packing.max_tokens_per_sample=512 is above packing.sequence_tokens=256",
         ),
-        (["packing.max_frames=0"], "packing.max_frames=0 rounds to zero tokens"),
+        (["packing.max_frames=0"], r"packing.max_frames=0 is outside its range \[1, inf\)"),
         (
             ["packing.max_frames=65", "packing.max_tokens_per_sample=8"],
             r"packing.max_tokens_per_sample=8 rounds a clip of packing.max_frames=65",

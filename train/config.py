@@ -185,9 +185,123 @@ def config_to_dict(config: Config) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
 
 
+# The range of every numeric config key: an interval, and values allowed outside it ("or -1",
+# "or None"). to_config checks them before any work, naming the key; tests/test_config.py fails
+# for a numeric key without one, and sets every key out of its range.
+RANGES: dict[str, str] = {
+    "model.depth": "[1, inf)",
+    "model.width": "[1, inf)",
+    "model.num_heads": "[1, inf)",
+    "model.mlp_ratio": "(0, inf)",
+    "model.rope_theta": "(0, inf)",
+    "autoencoder.latent_channels": "[1, inf)",
+    "autoencoder.base_channels": "[1, inf)",
+    "autoencoder.num_res_blocks": "[1, inf)",
+    "autoencoder.spatial_compression": "[1, inf)",
+    "autoencoder.temporal_compression": "[1, inf)",
+    "autoencoder.kl_weight": "[0, inf)",
+    "autoencoder.chunk_latent_frames": "[0, inf)",
+    "autoencoder.tile_latents": "[0, inf)",
+    "autoencoder.tile_overlap_latents": "[0, inf)",
+    "text_encoder.max_length": "[1, inf)",
+    "flow.logit_mean": "(-inf, inf)",
+    "flow.logit_std": "(0, inf)",
+    "flow.shift_base_tokens": "[1, inf)",
+    "flow.caption_dropout": "[0, 1]",
+    "flow.sample_steps": "[1, inf)",
+    "flow.cfg_scale": "[0, inf)",
+    "conditioning.t2v": "[0, inf)",
+    "conditioning.i2v": "[0, inf)",
+    "conditioning.extend_forward": "[0, inf)",
+    "conditioning.extend_backward": "[0, inf)",
+    "conditioning.connect": "[0, inf)",
+    "conditioning.random_frames": "[0, inf)",
+    "data.fps": "(0, 240]",
+    "data.recaption_prob": "[0, 1]",
+    "data.num_workers": "[0, inf)",
+    "data.seed": "[0, inf)",
+    "data.image_share": "[0, 1] or None",
+    "data.cache_mb": "[0, inf)",
+    "data.read_ahead": "[1, inf)",
+    "data.read_retries": "[0, inf)",
+    "data.read_backoff_s": "[0, inf)",
+    "data.max_failed_reads": "[1, inf)",
+    "data.decoded_cache_mb": "[0, inf)",
+    "buckets.token_budget": "[1, inf)",
+    "buckets.max_aspect_change": "[0, inf)",
+    "packing.sequence_tokens": "[1, inf)",
+    "packing.max_tokens_per_sample": "[1, inf)",
+    "packing.max_frames": "[1, inf)",
+    "packing.max_aspect_change": "[0, inf)",
+    "packing.packs_per_rank": "[1, inf)",
+    "optim.lr": "(0, inf)",
+    "optim.weight_decay": "[0, inf)",
+    "optim.eps": "(0, inf)",
+    "optim.warmup_steps": "[0, inf)",
+    "optim.min_lr_ratio": "[0, 1]",
+    "optim.grad_clip": "[0, inf)",
+    "train.steps": "[1, inf)",
+    "train.budget_flops": "[0, inf)",
+    "train.grad_accum": "[1, inf)",
+    "train.seed": "[0, inf)",
+    "train.ema_decay": "[0, 1)",
+    "train.max_bad_steps": "[1, inf)",
+    "train.encoding_cache_mb": "[0, inf)",
+    "train.log_every": "[1, inf)",
+    "train.checkpoint_every": "[1, inf)",
+    "train.keep_last": "[0, inf)",
+    "train.keep_every": "[0, inf)",
+    "train.sample_every": "[0, inf)",
+    "train.sample_frames": "[1, inf)",
+    "train.sample_height": "[1, inf)",
+    "train.sample_width": "[1, inf)",
+    "train.sample_steps": "[1, inf)",
+    "train.sample_fps": "(0, 240]",
+    "eval.every": "[0, inf)",
+    "eval.samples": "[1, inf)",
+    "eval.timesteps": "[1, inf)",
+    "eval.seed": "[0, inf)",
+    "parallel.dp_replicate": "[1, inf) or -1",
+    "parallel.dp_shard": "[1, inf) or -1",
+    "parallel.cp": "[1, inf) or -1",
+    "parallel.sp": "[1, inf) or -1",
+    "parallel.checkpoint_every_k": "[1, inf)",
+    "lora.rank": "[0, inf)",
+    "lora.alpha": "[0, inf)",  # 0: alpha = rank
+}
+
+
+@dataclass(frozen=True)
+class Range:
+    """An interval as RANGES writes it, "[low, high)" with inf, and values allowed beside it."""
+
+    text: str
+
+    def __contains__(self, value) -> bool:
+        interval, *others = self.text.split(" or ")
+        if any(value == (None if other == "None" else float(other)) for other in others):
+            return True
+        if value is None:
+            return False
+        low, high = (float(bound) for bound in interval[1:-1].split(","))
+        above = value > low if interval[0] == "(" else value >= low
+        below = value < high if interval[-1] == ")" else value <= high
+        return above and below
+
+
+def check_ranges(config: Config) -> None:
+    """Every numeric key within its RANGES entry, or a ValueError naming it and the range."""
+    for key, allowed in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in Range(allowed):
+            raise ValueError(f"config key {key}={value} is outside its range {allowed}")
+
+
 def to_config(cfg: DictConfig) -> Config:
     """The typed, validated Config of a composed Hydra config."""
     config: Config = OmegaConf.to_object(cfg)
+    check_ranges(config)
     _choice("train.stage", config.train.stage, ("dit", "autoencoder"))
     _choice("train.precision", config.train.precision, ("auto", "fp32", "bf16"))
     _choice("train.device", config.train.device, ("auto", "cpu", "cuda"))
@@ -206,25 +320,12 @@ def to_config(cfg: DictConfig) -> Config:
     mode_probabilities(config.conditioning)
     _check_wan(config)
     _check_packing(config)
-    if config.train.steps < 1 or config.train.grad_accum < 1:
-        raise ValueError("config keys train.steps and train.grad_accum must be at least 1")
-    if config.train.budget_flops < 0:
-        raise ValueError(f"config key train.budget_flops={config.train.budget_flops} is negative")
     if config.train.budget_flops and config.train.stage != "dit":
         raise ValueError("config key train.budget_flops needs train.stage=dit (DiT FLOPs)")
-    _check_reads(config.data)
-    if config.data.decoded_cache_mb < 0:
-        raise ValueError(
-            f"config key data.decoded_cache_mb={config.data.decoded_cache_mb} is negative"
-        )
     if config.data.decoded_cache_mb and config.data.augment:
         raise ValueError(
             "config key data.decoded_cache_mb needs data.augment=false: an augmented sample "
             "decodes to new pixels every epoch"
-        )
-    if config.train.encoding_cache_mb < 0:
-        raise ValueError(
-            f"config key train.encoding_cache_mb={config.train.encoding_cache_mb} is negative"
         )
     if config.train.encoding_cache_mb and config.train.stage != "dit":
         raise ValueError(
@@ -235,25 +336,7 @@ def to_config(cfg: DictConfig) -> Config:
             "config keys train.sample_posterior and train.encoding_cache_mb exclude each other: "
             "the cache keeps only the posterior's mean"
         )
-    if config.eval.samples < 1 or config.eval.timesteps < 1 or config.eval.every < 0:
-        raise ValueError(
-            "config keys eval.samples and eval.timesteps must be at least 1, eval.every >= 0"
-        )
     return config
-
-
-def _check_reads(data: DataConfig) -> None:
-    """The sample reader's counts and sizes: none negative, at least one read in flight."""
-    least = {
-        "data.cache_mb": (data.cache_mb, 0),
-        "data.read_ahead": (data.read_ahead, 1),
-        "data.read_retries": (data.read_retries, 0),
-        "data.read_backoff_s": (data.read_backoff_s, 0),
-        "data.max_failed_reads": (data.max_failed_reads, 1),
-    }
-    for key, (value, minimum) in least.items():
-        if value < minimum:
-            raise ValueError(f"config key {key}={value} must be at least {minimum}")
 
 
 def _check_packing(config: Config) -> None:
@@ -290,10 +373,6 @@ def _check_wan(config: Config) -> None:
                 f"(conditioning.t2v={config.conditioning.t2v}, given modes {given_modes})"
             )
     _choice("lora.frozen_dtype", lora.frozen_dtype, ("auto", "fp32", "bf16"))
-    if lora.rank < 0 or lora.alpha < 0:
-        raise ValueError(
-            f"config keys lora.rank={lora.rank} and lora.alpha={lora.alpha} must be >= 0"
-        )
     if lora.rank and wan is None:
         raise ValueError("config key lora.rank > 0 needs a pretrained Wan model (model=wan2.*)")
     if lora.rank and not lora.target_modules:
