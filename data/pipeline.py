@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields, is_dataclass, replace
@@ -72,6 +72,12 @@ class DataConfig:
     read_retries: int = 3  # retries of a failed read, with exponential backoff
     read_backoff_s: float = 0.5  # the first retry's wait
     max_failed_reads: int = 64  # unreadable samples in a row that stop the run
+    # A loader process stops the run, naming the commonest reasons, when more than this share of
+    # its last `skipped_window` samples could not be read or decoded: a healthy web dataset
+    # loses a few percent; data that mostly fails (a wrong path, a codec the decoder lacks)
+    # would otherwise train on what is left without a word.
+    max_skipped_share: float = 0.25
+    skipped_window: int = 512
     # A random clip start and crop each epoch; false: the middle frames and the centre crop, so a
     # sample decodes to the same pixels every epoch (and train.encoding_cache_mb can keep its
     # latents).
@@ -193,6 +199,7 @@ class BatchStream(IterableDataset):
         )
         self._decoded = ByteLRU(cfg.decoded_cache_mb * 2**20)
         self._failed_reads = 0  # in a row
+        self.skips = SkipGuard(cfg.max_skipped_share, cfg.skipped_window)
         # A bad state fails here, in the trainer's process, not later inside a worker.
         plan.first_batch(state)
 
@@ -210,6 +217,7 @@ class BatchStream(IterableDataset):
         )
         for (epoch, index, after), planned, reads in self._read_ahead(mine):
             batch = self.load(planned, epoch, index, after, reads)
+            self.skips.observe(len(batch.keys), batch.skipped)
             yield one_block_per_dtype(batch) if worker else batch
 
     def _read_ahead(self, rows: Iterator[tuple[int, int, DataState]]):
@@ -334,7 +342,10 @@ class BatchStream(IterableDataset):
             if isinstance(item, LatentSample):
                 item = (item, _stored_field(item, field, key))
         except (DecodeError, SampleError, ReadError) as error:
-            log.warning("skipping sample %s of %s: %s", key, self.plan.shard(sample_id), error)
+            shard = self.plan.shard(sample_id)
+            log.warning("skipping sample %s of %s: %s", key, shard, error)
+            reason = str(error).replace(key, "<sample>").replace(shard, "<shard>")
+            self.skips.reasons[f"{type(error).__name__}: {reason}"] += 1
             return None
         frames, source_fps = int(columns["frames"][sample_id]), float(columns["fps"][sample_id])
         return _Loaded(
@@ -420,6 +431,36 @@ def _map_tensors(value, function):
         changed = {f.name: _map_tensors(getattr(value, f.name), function) for f in fields(value)}
         return replace(value, **changed)
     return value
+
+
+class SkippedTooMany(RuntimeError):
+    """Most of the data cannot be used: the run stops rather than train on the rest."""
+
+
+class SkipGuard:
+    """The share of samples skipped over a loader's last `window` samples (kept and skipped),
+    and why they were; past `max_share`, SkippedTooMany naming the commonest reasons."""
+
+    def __init__(self, max_share: float, window: int):
+        self.max_share, self.window = max_share, window
+        self.recent: deque[tuple[int, int]] = deque()  # (kept, skipped) of the latest batches
+        self.kept = self.skipped = 0
+        self.reasons: Counter[str] = Counter()
+
+    def observe(self, kept: int, skipped: int) -> None:
+        self.recent.append((kept, skipped))
+        self.kept, self.skipped = self.kept + kept, self.skipped + skipped
+        while self.kept + self.skipped - sum(self.recent[0]) >= self.window:
+            old_kept, old_skipped = self.recent.popleft()
+            self.kept, self.skipped = self.kept - old_kept, self.skipped - old_skipped
+        seen = self.kept + self.skipped
+        if seen >= self.window and self.skipped > self.max_share * seen:
+            commonest = "; ".join(f"{why} ({n}x)" for why, n in self.reasons.most_common(3))
+            raise SkippedTooMany(
+                f"{self.skipped} of the last {seen} samples could not be read or decoded, more "
+                f"than data.max_skipped_share={self.max_share} of data.skipped_window="
+                f"{self.window}; the commonest reasons: {commonest}"
+            )
 
 
 def _skip_empty(batches: Iterator[Batch]) -> Iterator[Batch]:

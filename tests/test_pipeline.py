@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from data.buckets import BucketConfig, BucketTable
 from data.manifest import SCHEMA
 from data.manifest import main as manifest_command
-from data.pipeline import DataConfig, build_loader, open_plan
+from data.pipeline import DataConfig, SkipGuard, SkippedTooMany, build_loader, open_plan
 from data.plan import DataPlan, DataState, assign_buckets, frames_at_fps
 from model.geometry import LatentGeometry
 
@@ -34,8 +34,8 @@ def table() -> BucketTable:
     return BucketTable(OmegaConf.to_object(values), LatentGeometry(4, 8, (1, 2, 2)))
 
 
-def take(shards: Path, table: BucketTable, rank: int, world: int, state: DataState, n: int):
-    cfg = DataConfig(shards=str(shards), num_workers=0)
+def take(shards: Path, table: BucketTable, rank: int, world: int, state: DataState, n: int, **data):
+    cfg = DataConfig(shards=str(shards), num_workers=0, **data)
     stream = build_loader(cfg, open_plan(cfg, table), rank, world, state)
     return [next(stream) for _ in range(n)]
 
@@ -134,21 +134,27 @@ def test_state_errors_are_clear(demo_shards, table):
         take(demo_shards, table, 0, 64, DataState(0, 0, 0), 1)
 
 
-def test_a_batch_that_fails_entirely_is_counted_in_the_next(demo_shards, table, tmp_path, caplog):
-    """With every mp4 in the shard garbage, only image batches come out, each counting the
-    video samples of the batches planned since the previous one."""
-    broken = tmp_path / "broken"
-    broken.mkdir()
+def broken_videos(demo_shards: Path, folder: Path) -> Path:
+    """The first demo shard with every mp4 garbage (zeros of the same size), indexed."""
+    folder.mkdir()
     with (
         tarfile.open(demo_shards / "shard-000000-00.tar") as tar_in,
-        tarfile.open(broken / "shard-000000-00.tar", "w") as tar_out,
+        tarfile.open(folder / "shard-000000-00.tar", "w") as tar_out,
     ):
         for member in tar_in:
             data = tar_in.extractfile(member).read()
             if member.name.endswith(".mp4"):
                 data = bytes(len(data))
             tar_out.addfile(member, io.BytesIO(data))
-    manifest_command(["index", str(broken)])
+    manifest_command(["index", str(folder)])
+    return folder
+
+
+def test_a_batch_that_fails_entirely_is_counted_in_the_next(demo_shards, table, tmp_path, caplog):
+    """With every mp4 in the shard garbage, only image batches come out, each counting the
+    video samples of the batches planned since the previous one (the guard against mostly
+    failing data switched off)."""
+    broken = broken_videos(demo_shards, tmp_path / "broken")
     plan = demo_plan(broken, table)
     expected, failed = [], 0
     for batch in (plan.batch(0, 0, i) for i in range(len(plan.epoch(0, 0)))):
@@ -159,9 +165,42 @@ def test_a_batch_that_fails_entirely_is_counted_in_the_next(demo_shards, table, 
             failed += len(batch.sample_ids)
     assert len(expected) >= 2 and failed > 0
     with caplog.at_level(logging.WARNING, logger="data.pipeline"):
-        batches = take(broken, table, 0, 1, DataState(0, 0, 0), len(expected))
+        state = DataState(0, 0, 0)
+        batches = take(broken, table, 0, 1, state, len(expected), max_skipped_share=1.0)
     assert [(b.bucket, b.skipped) for b in batches] == expected
     assert "skipping sample" in caplog.text and "shard-000000-00.tar" in caplog.text
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_data_that_mostly_fails_stops_the_stream_naming_the_reason(
+    demo_shards, table, tmp_path, workers
+):
+    """Every video of the shard garbage: about half its samples fail, more than the default
+    data.max_skipped_share (0.25), and the stream stops once a window is seen, in the trainer's
+    process, with the decoder's reason."""
+    broken = broken_videos(demo_shards, tmp_path / "broken")
+    cfg = DataConfig(shards=str(broken), num_workers=workers, skipped_window=64)
+    stream = build_loader(cfg, open_plan(cfg, table), 0, 1, DataState(0, 0, 0))
+    taken = 0
+    with pytest.raises(
+        Exception, match=r"could not be read or decoded, more than data\.max_"
+    ) as error:
+        for _ in stream:
+            taken += 1
+    print(f"\nstopped after {taken} batches: {error.value}")
+    assert "data.max_skipped_share=0.25 of data.skipped_window=64" in str(error.value)
+    assert "DecodeError" in str(error.value) and "<sample>" in str(error.value)
+    assert taken < 20
+
+
+def test_a_few_failures_do_not_trip_the_guard():
+    guard = SkipGuard(max_share=0.25, window=100)
+    for _ in range(50):
+        guard.observe(kept=9, skipped=1)  # 10%
+    guard.observe(kept=0, skipped=15)  # a burst: 24 of the last 105
+    guard.observe(kept=0, skipped=3)  # 27 of the last 108: 25%, not more
+    with pytest.raises(SkippedTooMany, match="28 of the last 109 samples"):
+        guard.observe(kept=0, skipped=1)
 
 
 @pytest.mark.parametrize("share", [0.0, 0.25, 0.5, 1.0])

@@ -226,6 +226,8 @@ RANGES: dict[str, str] = {
     "data.read_retries": "[0, inf)",
     "data.read_backoff_s": "[0, inf)",
     "data.max_failed_reads": "[1, inf)",
+    "data.max_skipped_share": "[0, 1]",
+    "data.skipped_window": "[1, inf)",
     "data.decoded_cache_mb": "[0, inf)",
     "buckets.token_budget": "[1, inf)",
     "buckets.max_aspect_change": "[0, inf)",
