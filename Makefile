@@ -13,16 +13,23 @@ DEMO_EVAL_SHARDS := $(DEMO_DIR)/eval/shards/manifest.parquet
 SCALING_SWEEP := runs/sweeps/scaling-demo
 ARGS ?=
 
-.PHONY: setup train scaling test test-fast lint sample shards latents demo-data demo-autoencoder clean
+.PHONY: setup lock train scaling test test-fast lint sample shards latents demo-data demo-autoencoder clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt holds the versions the suite last passed with: a fresh clone installs exactly
+# those, so a new release upstream cannot break it overnight (pyproject.toml keeps the ranges
+# for people who install Tessera as a library). torch is TORCH_SPEC's, so it is not in it.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
+
+# Refresh constraints.txt from the environment after upgrading in it and passing `make test`.
+lock: $(VENV)/.installed
+	$(PY) -m pip freeze --exclude-editable | grep -v -E '^(torch|pip|setuptools|wheel)==' > constraints.txt
 
 demo-data: $(DEMO_SHARDS)
 $(DEMO_SHARDS): | $(VENV)/.installed
@@ -68,6 +75,7 @@ test-fast: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/deptry .
 
 clean:
 	rm -rf runs .cache outputs multirun

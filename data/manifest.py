@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import tarfile
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -30,6 +31,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from webdataset.shardlists import expand_urls
 
 from data.decode import IMAGE_EXTS, VIDEO_EXTS, DecodeError, probe
 from data.latents import LATENT_MEDIA
@@ -216,14 +218,23 @@ def _tars(entry: str) -> list[str]:
 
 def resolve_sources(spec: str) -> list[ManifestSource]:
     """The manifests behind `data.shards`: comma-separated shard folders or URL prefixes (their
-    `manifest.parquet`), manifest files (`*.parquet`), and tars or globs of tars (the rows of
-    those shards in their folder's manifest)."""
-    entries = [checked_url(entry.strip()) for entry in spec.split(",") if entry.strip()]
+    `manifest.parquet`), manifest files (`*.parquet`), tars or globs of tars, and brace lists of
+    tars in webdataset's notation, `shard-{000000..000999}.tar` (the rows of those shards in
+    their folder's manifest). The tars of a brace list are not looked up one by one: the plan's
+    shard check on rank 0 names any that are missing, before training."""
+    entries = [
+        checked_url(entry.strip()) for entry in re.split(BETWEEN_ENTRIES, spec) if entry.strip()
+    ]
     if not entries:
         raise FileNotFoundError("data.shards is empty: give a shard folder, a manifest or tars")
     sources = []
     for entry in entries:
-        if entry.endswith(".parquet"):
+        if "{" in entry:
+            tars = expand_urls(entry)
+            if not all(tar.endswith(".tar") for tar in tars):
+                raise FileNotFoundError(f"data.shards={spec!r}: {entry!r} names files not .tar")
+            sources += _sources_of_tars(tars)
+        elif entry.endswith(".parquet"):
             if not exists(entry):
                 raise FileNotFoundError(f"data.shards={spec!r}: no manifest {redact(entry)}")
             sources.append(ManifestSource(entry))
@@ -231,9 +242,7 @@ def resolve_sources(spec: str) -> list[ManifestSource]:
             tars = _tars(entry)
             if not tars:
                 raise FileNotFoundError(f"data.shards={spec!r}: {entry!r} matches no .tar file")
-            for folder in dict.fromkeys(parent(t) for t in tars):
-                chosen = tuple(t for t in tars if parent(t) == folder)
-                sources.append(ManifestSource(manifest_of(folder), chosen))
+            sources += _sources_of_tars(tars)
         else:
             is_folder = exists(entry) and (is_remote(entry) or os.path.isdir(local_path(entry)))
             if not is_folder:
@@ -242,6 +251,18 @@ def resolve_sources(spec: str) -> list[ManifestSource]:
                 )
             sources.append(ManifestSource(manifest_of(entry)))
     return sources
+
+
+BETWEEN_ENTRIES = r",(?![^{]*\})"  # a comma that is not inside a brace list
+
+
+def _sources_of_tars(tars: list[str]) -> list[ManifestSource]:
+    """The tars' rows of their folders' manifests, a folder at a time."""
+    local = [t if is_remote(t) else os.path.normpath(local_path(t)) for t in tars]
+    return [
+        ManifestSource(manifest_of(folder), tuple(t for t in local if parent(t) == folder))
+        for folder in dict.fromkeys(parent(t) for t in local)
+    ]
 
 
 def manifest_batches(source: ManifestSource, rows: int = 1 << 20) -> Iterator[pa.RecordBatch]:

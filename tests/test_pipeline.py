@@ -44,7 +44,7 @@ def demo_plan(shards: Path, table: BucketTable, image_share: float | None = None
     return DataPlan.open(str(shards), table, 8.0, image_share)
 
 
-def test_every_form_of_shard_spec_finds_the_same_samples(demo_shards):
+def test_every_form_of_shard_spec_finds_the_same_samples(demo_shards, tmp_path):
     tars = sorted(demo_shards.glob("*.tar"))
     by_folder = manifest_rows(str(demo_shards))
     as_list = manifest_rows(",".join(str(t) for t in tars))
@@ -53,6 +53,17 @@ def test_every_form_of_shard_spec_finds_the_same_samples(demo_shards):
     as_manifest = manifest_rows(str(demo_shards / "manifest.parquet"))
     assert as_list == as_glob == as_urls == as_manifest == by_folder
     assert len(by_folder) == 320 and {row["shard"] for row in by_folder} == {str(t) for t in tars}
+    # webdataset's brace lists, a comma inside the braces too, over a folder of three shards
+    three = tmp_path / "three"
+    three.mkdir()
+    for index in range(3):
+        (three / f"shard-{index:06d}.tar").symlink_to(tars[0])
+    manifest_command(["index", str(three)])
+    everything = manifest_rows(str(three))
+    assert manifest_rows(f"{three}/shard-{{000000..000002}}.tar") == everything
+    first_and_last = manifest_rows(f"{three}/shard-{{000000,000002}}.tar,{three}/shard-000001.tar")
+    assert sorted(map(str, first_and_last)) == sorted(map(str, everything))
+    assert len(everything) == 3 * 320
 
 
 @pytest.mark.parametrize(
