@@ -98,6 +98,11 @@ def test_a_numeric_key_outside_its_range_is_refused_naming_it(key, kind):
         compose_config(f"{key}={value}")
 
 
+def test_asynchronous_checkpoints_are_refused_with_zero_naming_why():
+    with pytest.raises(ValueError, match="train.checkpoint_async=true cannot be used with paral"):
+        compose_config("parallel=zero2", "train.checkpoint_async=true")
+
+
 @pytest.mark.slow
 def test_typo_inside_a_preset_fails_before_work(tmp_path):
     """A misspelt key in a user's experiment file stops `python -m train` at once."""

@@ -6,6 +6,9 @@
   latest checkpoint and ends with the uninterrupted run's weights;
 - a crash halfway through writing a checkpoint leaves the previous one as the latest;
 - a checkpoint at cp=2 resumes at cp=1, and the reverse, with the same samples and losses;
+- asynchronous saves write the checkpoints blocking saves write, bit for bit (one process and
+  FSDP2); a kill while the background writer writes and SIGUSR1 during a save are handled as
+  with blocking saves;
 - an FSDP checkpoint of 2 ranks resumes on 1, and one of 1 rank on 2, consuming exactly the
   samples an uninterrupted run would, none twice and none skipped;
 - SIGUSR1 checkpoints the current step and exits with the preemption code;
@@ -27,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from hydra import compose, initialize_config_dir
 from launching import (
     PACKED,
@@ -134,11 +138,56 @@ def test_killed_rank_restarts_and_ends_with_the_same_weights(straight_runs, demo
     assert same_weights(straight_runs["fsdp"], tmp_path), replay
 
 
+def same_checkpoints(blocking: Path, asynchronous: Path) -> None:
+    """Every checkpoint of two runs holds the same bytes, but for what names the run: the
+    config in trainer.json (so the sizes in the manifest) and DCP's save ids and paths."""
+    names = sorted(p.name for p in (blocking / "checkpoints").glob("step_*"))
+    assert names == sorted(p.name for p in (asynchronous / "checkpoints").glob("step_*"))
+    for name in names:
+        first, second = blocking / "checkpoints" / name, asynchronous / "checkpoints" / name
+        files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+        assert files == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
+        for file in files:
+            a, b = first / file, second / file
+            if file.name == "trainer.json":
+                a, b = (json.loads(x.read_text()) for x in (a, b))
+                assert {**a, "config": None} == {**b, "config": None}, file
+            elif file.name == ".metadata":
+                a, b = (dcp.FileSystemReader(x.parent).read_metadata() for x in (a, b))
+                assert a.state_dict_metadata == b.state_dict_metadata, file
+                assert a.storage_data == b.storage_data, file
+            elif file.name != "manifest.json":
+                assert a.read_bytes() == b.read_bytes(), f"{name}/{file}"
+
+
 @pytest.mark.multiprocess
-def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(
-    straight_runs, demo_shards, tmp_path
+@pytest.mark.parametrize("backend", ["none", "fsdp"])
+def test_asynchronous_saves_write_what_blocking_saves_write(
+    backend, straight_runs, demo_shards, tmp_path
 ):
-    args = overrides(demo_shards, tmp_path, "parallel=fsdp")
+    """The same run with asynchronous saves: the same checkpoints, bit for bit, and the same
+    final weights (one process, and FSDP2 on 2 ranks against the straight run)."""
+    blocking = straight_runs["fsdp"] if backend == "fsdp" else tmp_path / "blocking"
+    ranks = 2 if backend == "fsdp" else 1
+    if backend == "none":
+        launch_training(*overrides(demo_shards, blocking), nproc=1)
+    asynchronous = tmp_path / "asynchronous"
+    settings = (f"parallel={backend}", "train.checkpoint_async=true")
+    launch_training(*overrides(demo_shards, asynchronous, *settings), nproc=ranks)
+    same_checkpoints(blocking, asynchronous)
+    assert same_weights(blocking, asynchronous)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("saving", ["blocking", "asynchronous"])
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(
+    saving, straight_runs, demo_shards, tmp_path
+):
+    """Killed with step 6's files written but not committed (asynchronous: by the background
+    writer, while training goes on): step 3 stays the latest, and the resumed run ends with the
+    uninterrupted run's weights."""
+    asynchronous = f"train.checkpoint_async={saving == 'asynchronous'}"
+    args = overrides(demo_shards, tmp_path, "parallel=fsdp", asynchronous)
     crashed = subprocess.run(
         torchrun_command("-m", "train", *args),
         cwd=ROOT,
@@ -256,8 +305,12 @@ def worker_pids(agent_pid: int) -> list[int]:
 
 
 @pytest.mark.multiprocess
-def test_sigusr1_checkpoints_the_current_step_and_exits(demo_shards, tmp_path):
-    args = overrides(demo_shards, tmp_path, "parallel=fsdp", "train.steps=500")
+@pytest.mark.parametrize("saving", ["blocking", "asynchronous"])
+def test_sigusr1_checkpoints_the_current_step_and_exits(saving, demo_shards, tmp_path):
+    """Asynchronous saves every 3 steps: the signal may come while one is being written; the
+    run waits for it, then saves and commits the step it stops at."""
+    asynchronous = f"train.checkpoint_async={saving == 'asynchronous'}"
+    args = overrides(demo_shards, tmp_path, "parallel=fsdp", "train.steps=500", asynchronous)
     agent = subprocess.Popen(
         torchrun_command("-m", "train", *args),
         cwd=ROOT,

@@ -59,7 +59,9 @@ def _checkpointer(config: Config, engine, ema, dims: ParallelDims, progress, dat
     """Every component of the run's state behind one save and load path."""
     stores = checkpoint_stores(engine, ema, progress, data, dims.layout(), config_to_dict(config))
     train = config.train
-    return Checkpointer(train.run_dir, stores, train.keep_last, train.keep_every)
+    return Checkpointer(
+        train.run_dir, stores, train.keep_last, train.keep_every, train.checkpoint_async
+    )
 
 
 def _start_logger(

@@ -16,9 +16,10 @@ model's weights are read back. No other module names these files.
     <run_dir>/export/model.safetensors      the final consolidated weights (the EMA's if any)
     <run_dir>/export/config.json            the run's config, with "weights": "ema" | "raw"
 
-Writing: a checkpoint folder is written under a temporary name and renamed once every file is on
-disk and listed with its size in `manifest.json`; `latest` is rewritten (atomically) only after
-that. A crash at any moment leaves the previous checkpoint as the latest complete one. What goes
+Writing: a checkpoint folder is written under a temporary name and renamed once every rank's
+files are on disk and listed with their sizes in `manifest.json`; `latest` is rewritten
+(atomically) only after that. A crash at any moment leaves the previous checkpoint as the latest
+complete one; so does a crash while an asynchronous save writes in the background. What goes
 into the folder is the training state's components, each written by its store (train/state.py).
 
 Reading weights back (`find_weights`, then `read_weights`): raw or EMA weights of a run
@@ -35,6 +36,7 @@ import os
 import re
 import shutil
 import signal
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,9 +157,9 @@ def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _barrier() -> None:
+def _barrier(group=None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group)
 
 
 class Checkpointer:
@@ -165,35 +167,69 @@ class Checkpointer:
 
     A checkpoint holds the training state as components (train/state.py), each written by its
     store: the stores are called in order, by every rank, for saving and for loading alike.
+
+    Asynchronous saves (`asynchronous`): the step stops only while the stores stage the state
+    in host memory; a background thread writes it, waits for every rank's writes (through a
+    gloo group of its own, so it never meets the training's collectives), and only then
+    commits. One save is in flight at most: the next, and `wait`, wait for it.
     """
 
-    def __init__(self, run_dir: str | Path, stores: list, keep_last: int = 3, keep_every: int = 0):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        stores: list,
+        keep_last: int = 3,
+        keep_every: int = 0,
+        asynchronous: bool = False,
+    ):
         self.root = Path(run_dir) / CHECKPOINTS
         self.stores = stores
         self.keep_last = keep_last
         self.keep_every = keep_every
+        self.asynchronous = asynchronous
+        # The background write's own group (made by every rank alike, as collectives are).
+        self.group = (
+            dist.new_group(backend="gloo") if asynchronous and dist.is_initialized() else None
+        )
+        self._writer = ThreadPoolExecutor(1, "checkpoint") if asynchronous else None
+        self._in_flight: Future | None = None
 
     def save(self, step: int) -> Path:
+        """Checkpoint the state as it is now; asynchronous: committed in the background."""
+        self.wait()
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f".tmp_step_{step:08d}"
-        main = _is_main()
-        if main:
+        if _is_main():
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        for store in self.stores:
-            store.save(tmp)
+        group = self.group if self.asynchronous else None
+        writes = [store.stage(tmp, group) for store in self.stores]
+        if self._writer is None:
+            self._commit(writes, tmp, final, step)
+        else:
+            self._in_flight = self._writer.submit(self._commit, writes, tmp, final, step)
+        return final
+
+    def wait(self) -> None:
+        """Until the save in flight, if any, is committed (its error, if it failed)."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            in_flight.result()
+
+    def _commit(self, writes: list, tmp: Path, final: Path, step: int) -> None:
+        for write in writes:
+            write()
         fault_point("checkpoint", step)
-        _barrier()
-        if main:
+        _barrier(self.group)
+        if _is_main():
             _write_manifest(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             fsync(self.root)
             write_atomic(self.root / LATEST, final.name, durable=True)
             self._apply_retention()
-        _barrier()
-        return final
+        _barrier(self.group)
 
     def complete_checkpoints(self) -> list[Path]:
         """Committed checkpoints, oldest first (temporary folders are never listed)."""

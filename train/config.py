@@ -87,6 +87,10 @@ class TrainConfig:
     sample_posterior: bool = False
     log_every: int = 10
     checkpoint_every: int = 500
+    # Save in the background: the step stops only to copy the state into host memory, and the
+    # checkpoint is committed once every rank has written it (not with ZeRO: DeepSpeed writes
+    # its own files)
+    checkpoint_async: bool = False
     keep_last: int = 3  # keep the newest K checkpoints ...
     keep_every: int = 0  # ... and every M-th step's checkpoint (0: none extra)
     sample_every: int = 0  # 0: sample only at the end of the run
@@ -322,6 +326,13 @@ def to_config(cfg: DictConfig) -> Config:
     mode_probabilities(config.conditioning)
     _check_wan(config)
     _check_packing(config)
+    if config.train.checkpoint_async and config.parallel.backend.startswith("zero"):
+        raise ValueError(
+            f"config key train.checkpoint_async=true cannot be used with parallel.backend="
+            f"{config.parallel.backend}: DeepSpeed writes a ZeRO checkpoint's files itself, and "
+            "its asynchronous engines (Nebula, FastPersist) need Azure storage or GPU direct "
+            "I/O; save blocking (train.checkpoint_async=false)"
+        )
     if config.train.budget_flops and config.train.stage != "dit":
         raise ValueError("config key train.budget_flops needs train.stage=dit (DiT FLOPs)")
     if config.data.decoded_cache_mb and config.data.augment:

@@ -28,7 +28,7 @@ import os
 import pickle
 import random
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -91,16 +91,51 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-class Store(Protocol):
-    """Writes its components into a checkpoint folder and restores them (both collective)."""
+Write = Callable[[], None]
 
-    def save(self, folder: Path) -> None: ...
+
+class Store(Protocol):
+    """Writes its components into a checkpoint folder and restores them (both collective).
+
+    `stage` runs on the training thread: it takes what the components hold now (the collective
+    gathers included) into host memory of its own, and returns the write of that copy into the
+    folder, which may run later on a background thread while training goes on; collectives the
+    write needs go through `group` (None: the default group, when the write is not deferred)."""
+
+    def stage(self, folder: Path, group) -> Write: ...
 
     def load(self, folder: Path) -> None: ...
 
 
+def to_host(value):
+    """A copy of `value`'s tensors (nested in dicts, lists and tuples) in host memory of its own,
+    pinned when they come from a GPU; plain values as they are."""
+    if isinstance(value, Tensor):
+        value = value.detach()
+        if value.is_cuda:
+            host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            return host.copy_(value, non_blocking=True)
+        return value.clone()
+    if isinstance(value, dict):
+        return {key: to_host(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(to_host(item) for item in value)
+    return value
+
+
+def _synchronized(write: Write) -> Write:
+    """`write`, once the copies to pinned host memory queued so far have landed."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return write
+
+
 def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _nothing() -> None:
+    """The write of a store with nothing left to write."""
 
 
 def _rank() -> int:
@@ -179,10 +214,11 @@ class JsonStore:
     def __init__(self, name: str, components: dict[str, Stateful], record: dict | None = None):
         self.name, self.components, self.record = name, components, record or {}
 
-    def save(self, folder: Path) -> None:
-        if _is_main():
-            values = {name: c.state_dict() for name, c in self.components.items()}
-            (folder / self.name).write_text(json.dumps(values | self.record, indent=2))
+    def stage(self, folder: Path, group) -> Write:
+        if not _is_main():
+            return _nothing
+        text = json.dumps({n: c.state_dict() for n, c in self.components.items()} | self.record)
+        return lambda: (folder / self.name).write_text(text)
 
     def load(self, folder: Path) -> None:
         path = folder / self.name
@@ -204,10 +240,12 @@ class FullTensorStore:
     def __init__(self, name: str, component: Stateful):
         self.name, self.component = name, component
 
-    def save(self, folder: Path) -> None:
+    def stage(self, folder: Path, group) -> Write:
         tensors = self.component.state_dict()
-        if _is_main():
-            save_tensors(tensors, folder / self.name)
+        if not _is_main():
+            return _nothing
+        copy = to_host(tensors)
+        return _synchronized(lambda: save_tensors(copy, folder / self.name))
 
     def load(self, folder: Path) -> None:
         self.component.load_state_dict(load_tensors(folder / self.name))
@@ -220,10 +258,12 @@ class TorchStore:
     def __init__(self, name: str, component: Stateful):
         self.name, self.component = name, component
 
-    def save(self, folder: Path) -> None:
+    def stage(self, folder: Path, group) -> Write:
         state = self.component.state_dict()
-        if _is_main():
-            torch.save(state, folder / self.name)
+        if not _is_main():
+            return _nothing
+        copy = to_host(state)
+        return _synchronized(lambda: torch.save(copy, folder / self.name))
 
     def load(self, folder: Path) -> None:
         self.component.load_state_dict(load_torch(folder / self.name))
@@ -239,8 +279,9 @@ class RankStore:
     def _path(self, folder: Path) -> Path:
         return folder / f"{self.prefix}_rank{_rank()}.pt"
 
-    def save(self, folder: Path) -> None:
-        torch.save(self.component.state_dict(), self._path(folder))
+    def stage(self, folder: Path, group) -> Write:
+        copy, path = to_host(self.component.state_dict()), self._path(folder)
+        return _synchronized(lambda: torch.save(copy, path))
 
     def load(self, folder: Path) -> None:
         path = self._path(folder)
@@ -300,9 +341,14 @@ class DCPStore:
     def __init__(self, name: str, components: dict[str, Stateful]):
         self.name, self.components = name, components
 
-    def save(self, folder: Path) -> None:
+    def stage(self, folder: Path, group) -> Write:
         state = {name: c.state_dict() for name, c in self.components.items()}
-        dcp.save(state, checkpoint_id=folder / self.name)
+        if group is None:
+            dcp.save(state, checkpoint_id=folder / self.name)
+            return _nothing
+        # DCP stages its shards in host memory now and writes them on a thread of its own,
+        # coordinating the ranks through `group`.
+        return dcp.async_save(state, checkpoint_id=folder / self.name, process_group=group).result
 
     def load(self, folder: Path) -> None:
         state = {name: c.state_dict() for name, c in self.components.items()}  # the shapes
@@ -388,6 +434,12 @@ class DeepSpeedStore:
 
     def __init__(self, ds_engine, tag: str):
         self.ds, self.tag = ds_engine, tag
+
+    def stage(self, folder: Path, group) -> Write:
+        """Written at once: the engine's files are DeepSpeed's to write (the config refuses
+        asynchronous checkpoints with ZeRO)."""
+        self.save(folder)
+        return _nothing
 
     def save(self, folder: Path) -> None:
         self.ds.save_checkpoint(

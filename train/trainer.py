@@ -192,6 +192,7 @@ class Trainer:
             ):
                 self.sample()
             self._stop_if_signalled(saved)
+        self.checkpointer.wait()  # the last checkpoint is committed before the run returns
         return self.losses
 
     def _stop_if_diverged(self) -> None:
@@ -211,6 +212,7 @@ class Trainer:
             return
         if not saved:
             self.save()
+        self.checkpointer.wait()  # the state is on disk before the process goes
         step = self.progress.step
         self.logger.print(f"stopping at step {step} on {received or 'a signal to another rank'}")
         raise Preempted(step, received or "")
