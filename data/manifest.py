@@ -31,7 +31,6 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from webdataset.shardlists import expand_urls
 
 from data.decode import IMAGE_EXTS, VIDEO_EXTS, DecodeError, probe
 from data.latents import LATENT_MEDIA
@@ -230,6 +229,9 @@ def resolve_sources(spec: str) -> list[ManifestSource]:
     sources = []
     for entry in entries:
         if "{" in entry:
+            # Imported here: webdataset is not on the GPU image, which only reads folders.
+            from webdataset.shardlists import expand_urls
+
             tars = expand_urls(entry)
             if not all(tar.endswith(".tar") for tar in tars):
                 raise FileNotFoundError(f"data.shards={spec!r}: {entry!r} names files not .tar")

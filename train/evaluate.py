@@ -187,9 +187,8 @@ class Evaluator:
         if dist.is_initialized():
             for values in (sums, samples):
                 dist.all_reduce(values)
-                values /= (
-                    self.dims.sequence_size
-                )  # each sequence group counted its batches once a rank
+                # Every rank of a sequence group scored the same batches.
+                values /= self.dims.sequence_size
         return sums, samples
 
     def __call__(self, model: nn.Module, progress: dict, final: bool) -> dict[str, float]:
