@@ -205,6 +205,8 @@ class Checkpointer:
         _barrier()
         group = self.group if self.asynchronous else None
         writes = [store.stage(tmp, group) for store in self.stores]
+        if torch.cuda.is_available():  # the stores' copies to pinned host memory have landed
+            torch.cuda.synchronize()
         if self._writer is None:
             self._commit(writes, tmp, final, step)
         else:

@@ -109,7 +109,8 @@ class Store(Protocol):
 
 def to_host(value):
     """A copy of `value`'s tensors (nested in dicts, lists and tuples) in host memory of its own,
-    pinned when they come from a GPU; plain values as they are."""
+    pinned when they come from a GPU (copied asynchronously: the Checkpointer synchronises once
+    after every store has staged); plain values as they are."""
     if isinstance(value, Tensor):
         value = value.detach()
         if value.is_cuda:
@@ -121,13 +122,6 @@ def to_host(value):
     if isinstance(value, list | tuple):
         return type(value)(to_host(item) for item in value)
     return value
-
-
-def _synchronized(write: Write) -> Write:
-    """`write`, once the copies to pinned host memory queued so far have landed."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return write
 
 
 def _is_main() -> bool:
@@ -245,7 +239,7 @@ class FullTensorStore:
         if not _is_main():
             return _nothing
         copy = to_host(tensors)
-        return _synchronized(lambda: save_tensors(copy, folder / self.name))
+        return lambda: save_tensors(copy, folder / self.name)
 
     def load(self, folder: Path) -> None:
         self.component.load_state_dict(load_tensors(folder / self.name))
@@ -263,7 +257,7 @@ class TorchStore:
         if not _is_main():
             return _nothing
         copy = to_host(state)
-        return _synchronized(lambda: torch.save(copy, folder / self.name))
+        return lambda: torch.save(copy, folder / self.name)
 
     def load(self, folder: Path) -> None:
         self.component.load_state_dict(load_torch(folder / self.name))
@@ -281,7 +275,7 @@ class RankStore:
 
     def stage(self, folder: Path, group) -> Write:
         copy, path = to_host(self.component.state_dict()), self._path(folder)
-        return _synchronized(lambda: torch.save(copy, path))
+        return lambda: torch.save(copy, path)
 
     def load(self, folder: Path) -> None:
         path = self._path(folder)
