@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -113,12 +112,9 @@ def launch(layout: str, args: argparse.Namespace, out: Path) -> dict:
     if nproc == 1:
         command = [sys.executable, *module]
     else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         command = [
             sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            "--master_addr=127.0.0.1", f"--master_port={port}", *module,
+            "--standalone", *module,
         ]  # fmt: skip
     threads = str(max(1, (os.cpu_count() or 1) // nproc))
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}

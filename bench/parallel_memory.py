@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -109,12 +108,9 @@ def worker(backend: str, size: str, tokens: int, steps: int, out: Path) -> None:
 
 
 def launch(backend: str, args: argparse.Namespace, out: Path) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "bench.parallel_memory",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+        "-m", "bench.parallel_memory",
         "--worker", backend, "--size", args.size, "--tokens", str(args.tokens),
         "--steps", str(args.steps), "--out", str(out),
     ]  # fmt: skip

@@ -1,4 +1,4 @@
-"""Starting real training processes from tests: torchrun on free local ports, plain runs; and
+"""Starting real training processes from tests: torchrun on one node, plain runs; and
 what tests of runs share: their metrics, a replayable seed, setup that CI must not skip."""
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ import secrets
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,28 +29,31 @@ PACKED = (
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@contextmanager
+def reserved_ports(count: int) -> Iterator[list[int]]:
+    """`count` free local ports, held bound until the block ends, so that no other process's
+    bind to port 0 takes one while the server they are meant for starts. The server binds them
+    too: Linux allows that where both sockets set SO_REUSEADDR and neither listens yet."""
+    with ExitStack() as held:
+        ports = []
+        for _ in range(count):
+            sock = held.enter_context(socket.socket())
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+        yield ports
 
 
-def torchrun_command(
-    *args: str, nproc: int = 2, torchrun_args: tuple[str, ...] = (), standalone: bool = False
-) -> list[str]:
-    """torchrun on this machine: a static rendezvous on a free port, or with `standalone` the
-    c10d rendezvous that `launch.local` uses on one node (a fresh round for every restart)."""
-    rendezvous = (
-        ["--standalone"]
-        if standalone
-        else ["--master_addr=127.0.0.1", f"--master_port={free_port()}"]
-    )
+def torchrun_command(*args: str, nproc: int = 2, torchrun_args: tuple[str, ...] = ()) -> list[str]:
+    """torchrun on this machine with the c10d rendezvous that `launch.local` uses on one node:
+    its store binds a port of the system's choosing (no port chosen here that another process
+    could take first), and every restart is a fresh round."""
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         f"--nproc_per_node={nproc}",
-        *rendezvous,
+        "--standalone",
         *torchrun_args,
         *args,
     ]

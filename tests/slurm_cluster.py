@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from launching import free_port
+from launching import reserved_ports
 
 
 class SlurmUnavailable(RuntimeError):
@@ -39,11 +39,11 @@ def munge_works() -> bool:
     )
 
 
-def slurm_conf(folder: Path, host: str, cpus: int) -> str:
+def slurm_conf(folder: Path, host: str, cpus: int, ports: list[int]) -> str:
     return f"""ClusterName=tessera-test
 SlurmctldHost={host}(127.0.0.1)
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
+SlurmctldPort={ports[0]}
+SlurmdPort={ports[1]}
 SlurmUser=root
 AuthType=auth/munge
 # Requeued jobs wait out the credential lifetime (default 120 s) before they run again.
@@ -83,13 +83,16 @@ class SlurmCluster:
         install()
         for sub in ("state", "spool"):
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
-        self.conf.write_text(slurm_conf(self.folder, socket.gethostname(), os.cpu_count() or 1))
         if not munge_works():
             self._start_munged()
-        for daemon in ("slurmctld", "slurmd"):
-            subprocess.run([f"/usr/sbin/{daemon}", "-f", str(self.conf)], env=self.env, check=True)
-            self._pid_files.append(self.folder / f"{daemon}.pid")
-        self._wait_idle()
+        with reserved_ports(2) as ports:  # held until the daemons listen on them
+            host, cpus = socket.gethostname(), os.cpu_count() or 1
+            self.conf.write_text(slurm_conf(self.folder, host, cpus, ports))
+            for daemon in ("slurmctld", "slurmd"):
+                command = [f"/usr/sbin/{daemon}", "-f", str(self.conf)]
+                subprocess.run(command, env=self.env, check=True)
+                self._pid_files.append(self.folder / f"{daemon}.pid")
+            self._wait_idle()
         return self
 
     def _start_munged(self) -> None:

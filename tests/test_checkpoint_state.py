@@ -46,7 +46,7 @@ def test_dcp_value_that_needs_unpickling_code_is_refused(tmp_path):
     # A Fraction is harmless, but rebuilding it runs a class the file names, as a malicious
     # pickle would: DCP alone reads it back; the store must refuse it.
     unsafe = Holder({"w": torch.ones(2), "extra": fractions.Fraction(1, 3)})
-    DCPStore("dcp", {"x": unsafe}).stage(tmp_path, group=None)()  # a blocking save
+    DCPStore("dcp", {"x": unsafe}).stage(tmp_path, background=None)  # a blocking save
     template = Holder({"w": torch.zeros(2), "extra": 0})
     with pytest.raises(CheckpointError, match="fractions.Fraction"):
         DCPStore("dcp", {"x": template}).load(tmp_path)

@@ -5,7 +5,8 @@
 - `kill -9` of one rank under `torchrun --max_restarts 1`: the run restarts, resumes from its
   latest checkpoint and ends with the uninterrupted run's weights;
 - a crash halfway through writing a checkpoint leaves the previous one as the latest;
-- a checkpoint at cp=2 resumes at cp=1, and the reverse, with the same samples and losses;
+- a checkpoint at cp=2 resumes at cp=1, and the reverse, with its state bit for bit, the same
+  samples, and the same losses to rounding;
 - asynchronous saves write the checkpoints blocking saves write, bit for bit (one process and
   FSDP2); a kill while the background writer writes and SIGUSR1 during a save are handled as
   with blocking saves;
@@ -45,6 +46,7 @@ from launching import (
 from safetensors.torch import load_file
 
 from train.__main__ import run
+from train.checkpoint import find_weights, read_weights
 from train.config import register_configs, to_config
 from train.objectives import FlowMatchingObjective
 from train.signals import PREEMPTED_EXIT_CODE
@@ -77,10 +79,13 @@ def copy_checkpoint(source: Path, step: int, run_dir: Path) -> None:
     shutil.copytree(source / "checkpoints" / name, run_dir / "checkpoints" / name)
 
 
+def same_tensors(first: dict, second: dict) -> bool:
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
 def same_weights(a: Path, b: Path) -> bool:
     """Exported (EMA) weights of two runs, compared bit for bit."""
-    first, second = (load_file(run / "export" / "model.safetensors") for run in (a, b))
-    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    return same_tensors(*(load_file(run / "export" / "model.safetensors") for run in (a, b)))
 
 
 @pytest.fixture(scope="module")
@@ -112,11 +117,11 @@ def test_killed_rank_restarts_and_ends_with_the_same_weights(straight_runs, demo
     kill_after = random.Random(seed).randint(4, 9)
     replay = f"replay with TESSERA_TEST_SEED={seed} (kill after step {kill_after})"
     print(f"\n{replay}")
-    # The c10d rendezvous, as launch.local runs one node. The restarted ranks must not read the
-    # first attempt's addresses from the agent's store (train.runtime._attempt_store).
+    # The restarted ranks must not read the first attempt's addresses from the agent's store
+    # (train.runtime._attempt_store).
     command = torchrun_command(
         "-m", "train", *overrides(demo_shards, tmp_path, "parallel=fsdp"),
-        torchrun_args=("--max_restarts=1",), standalone=True,
+        torchrun_args=("--max_restarts=1",),
     )  # fmt: skip
     agent = subprocess.Popen(
         command, cwd=ROOT, env=process_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -270,17 +275,23 @@ def test_a_run_resumes_on_another_context_parallel_degree(
     saved_cp, resumed_cp, demo_shards, tmp_path
 ):
     """cp=2 on 2 ranks and cp=1 on 1 train the same global batch. A checkpoint of either resumes
-    on the other, consuming the same samples, with losses that match the saved degree's own
+    on the other with its state bit for bit (resumed and exported at once, the EMA is the saved
+    one), then consumes the same samples, with losses that match the saved degree's own
     continuation to rounding: the ring merges its partial sums in another order."""
     extra = ("parallel=fsdp", "train.record_samples=true", "train.steps=6", *PACKED)
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    straight, resumed, carried = (tmp_path / name for name in ("straight", "resumed", "carried"))
     launch_training(
         *overrides(demo_shards, straight, *extra, f"parallel.cp={saved_cp}"), nproc=saved_cp
     )
-    copy_checkpoint(straight, 3, resumed)
-    result = launch_training(
-        *overrides(demo_shards, resumed, *extra, f"parallel.cp={resumed_cp}"), nproc=resumed_cp
+    at_new_degree = (*extra, f"parallel.cp={resumed_cp}")
+    copy_checkpoint(straight, 3, carried)
+    launch_training(
+        *overrides(demo_shards, carried, *at_new_degree, "train.steps=3"), nproc=resumed_cp
     )
+    saved = read_weights(find_weights(straight / "checkpoints" / "step_00000003"))
+    assert same_tensors(load_file(carried / "export" / "model.safetensors"), saved)
+    copy_checkpoint(straight, 3, resumed)
+    result = launch_training(*overrides(demo_shards, resumed, *at_new_degree), nproc=resumed_cp)
     assert "resumed from step 3" in result.stdout + result.stderr
     expected, losses = step_losses(straight)[3:], step_losses(resumed)
     print(f"\ncp={saved_cp} steps 4-6 {expected}\nresumed at cp={resumed_cp} {losses}")

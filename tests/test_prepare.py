@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from launching import reserved_ports
 from manifests import manifest_rows, span_members
 from media import encode, half_white, mixed_folder, source_frames
 from vlm import save_tiny_vlm
@@ -248,9 +249,6 @@ def ray_cluster(tmp_path):
     from object_store import S3Server
 
     s3 = S3Server()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     # The head's and the driver's token authentication must agree, as on any cluster.
     auth = {
         "RAY_AUTH_MODE": "token",
@@ -259,27 +257,28 @@ def ray_cluster(tmp_path):
     }
     env = os.environ | s3.env | auth | {"PYTHONPATH": str(ROOT)}
     log = tmp_path / "ray_head.log"
-    with open(log, "wb") as output:
-        head = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "ray"),
-                "start",
-                "--head",
-                "--block",
-                f"--port={port}",
-                "--num-cpus=2",
-                "--include-dashboard=false",
-            ],
-            env=env,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    head = None
     try:
-        _wait_for_head(head, port, log)
+        with reserved_ports(1) as (port,), open(log, "wb") as output:  # held till GCS listens
+            head = subprocess.Popen(
+                [
+                    str(Path(sys.executable).parent / "ray"),
+                    "start",
+                    "--head",
+                    "--block",
+                    f"--port={port}",
+                    "--num-cpus=2",
+                    "--include-dashboard=false",
+                ],
+                env=env,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            _wait_for_head(head, port, log)
         yield s3, f"127.0.0.1:{port}", auth
     finally:
-        if head.poll() is None:
+        if head is not None and head.poll() is None:
             os.killpg(head.pid, signal.SIGTERM)
             head.wait(timeout=60)
         s3.stop()

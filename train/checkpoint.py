@@ -7,9 +7,9 @@ model's weights are read back. No other module names these files.
         lr_schedule.json    }
         model.safetensors   } format "full" (one process, DDP): full tensors
         optimizer.pt        }
-        dcp/                format "sharded" (FSDP): model and optimizer, with lr_schedule.json
+        dcp/                format "sharded" (FSDP): model, optimizer and EMA, with lr_schedule.json
         deepspeed/          format "deepspeed" (ZeRO 1-3): DeepSpeed's own files
-        ema.safetensors     the EMA's full weights, whatever the format
+        ema.safetensors     formats "full" and "deepspeed": the EMA's full weights
         rng_rank<r>.pt      each rank's random generators
         manifest.json       every file's size, written last
     <run_dir>/checkpoints/latest            the newest committed checkpoint's folder name
@@ -45,7 +45,9 @@ import torch.distributed as dist
 from torch import nn
 
 from data.storage import atomic_path, fsync, write_atomic
+from train.ema import EMAShards
 from train.state import (
+    Background,
     CheckpointError,
     DCPStore,
     DeepSpeedStore,
@@ -60,8 +62,10 @@ from train.state import (
     TorchStore,
     load_tensors,
     read_sharded,
+    read_sharded_component,
     read_zero_weights,
     save_tensors,
+    sharded_components,
 )
 
 log = logging.getLogger(__name__)
@@ -76,6 +80,7 @@ OPTIMIZER = "optimizer.pt"
 SHARDED = "dcp"
 DEEPSPEED = "deepspeed"
 EMA = "ema.safetensors"
+SHARDED_EMA = "ema"  # the EMA's component in dcp/
 RNG = "rng"
 EXPORT_CONFIG = "config.json"
 WEIGHTS = ("ema", "raw")
@@ -92,24 +97,29 @@ def checkpoint_stores(engine, ema, progress, data, layout: dict, config: dict) -
     replicated = {"layout": Layout(layout, engine), "progress": progress, "data": data}
     return [
         JsonStore(TRAINER, replicated, record={"config": config}),
-        *_engine_stores(engine),
-        *([FullTensorStore(EMA, ema)] if ema is not None else []),
+        *_engine_stores(engine, ema),
         RankStore(RNG, RandomState()),
     ]
 
 
-def _engine_stores(engine) -> list[Store]:
-    """What only the engine holds (model, optimizer, LR schedule), in its checkpoint format."""
+def _engine_stores(engine, ema) -> list[Store]:
+    """What only the engine holds (model, optimizer, LR schedule) and the EMA, in the engine's
+    checkpoint format. A sharded EMA stays sharded: gathering it would put the whole average
+    on one rank, and stall an asynchronous save for the gather."""
+    full_ema = [FullTensorStore(EMA, ema)] if ema is not None else []
     if engine.checkpoint_format == "deepspeed":
-        return [DeepSpeedStore(engine.ds, DEEPSPEED)]
+        return [DeepSpeedStore(engine.ds, DEEPSPEED), *full_ema]
     schedule = JsonStore(LR_SCHEDULE, {"lr_schedule": engine.scheduler})
     if engine.checkpoint_format == "sharded":
-        model_and_optimizer = {"model": engine.model_state, "optimizer": engine.optimizer_state}
-        return [schedule, DCPStore(SHARDED, model_and_optimizer)]
+        components = {"model": engine.model_state, "optimizer": engine.optimizer_state}
+        if ema is not None:
+            components[SHARDED_EMA] = EMAShards(ema)
+        return [schedule, DCPStore(SHARDED, components)]
     return [
         schedule,
         FullTensorStore(MODEL, engine.model_state),
         TorchStore(OPTIMIZER, engine.optimizer_state),
+        *full_ema,
     ]
 
 
@@ -168,10 +178,11 @@ class Checkpointer:
     A checkpoint holds the training state as components (train/state.py), each written by its
     store: the stores are called in order, by every rank, for saving and for loading alike.
 
-    Asynchronous saves (`asynchronous`): the step stops only while the stores stage the state
-    in host memory; a background thread writes it, waits for every rank's writes (through a
-    gloo group of its own, so it never meets the training's collectives), and only then
-    commits. One save is in flight at most: the next, and `wait`, wait for it.
+    Asynchronous saves (`asynchronous`): the step stops only while the stores copy the state
+    into host memory (the copies are kept from save to save); a background thread writes it,
+    waits for every rank's writes (through a gloo group of its own, so it never meets the
+    training's collectives), and only then commits. One save is in flight at most: the next,
+    and `wait`, wait for it.
     """
 
     def __init__(
@@ -187,10 +198,11 @@ class Checkpointer:
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.asynchronous = asynchronous
-        # The background write's own group (made by every rank alike, as collectives are).
-        self.group = (
-            dist.new_group(backend="gloo") if asynchronous and dist.is_initialized() else None
-        )
+        self.background = None
+        if asynchronous:  # the group is made by every rank alike, as collectives are
+            self.background = Background(
+                dist.new_group(backend="gloo") if dist.is_initialized() else None
+            )
         self._writer = ThreadPoolExecutor(1, "checkpoint") if asynchronous else None
         self._in_flight: Future | None = None
 
@@ -203,15 +215,17 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        group = self.group if self.asynchronous else None
-        writes = [store.stage(tmp, group) for store in self.stores]
-        if torch.cuda.is_available():  # the stores' copies to pinned host memory have landed
-            torch.cuda.synchronize()
+        writes = [store.stage(tmp, self.background) for store in self.stores]
         if self._writer is None:
             self._commit(writes, tmp, final, step)
         else:
             self._in_flight = self._writer.submit(self._commit, writes, tmp, final, step)
         return final
+
+    @property
+    def writing(self) -> bool:
+        """Whether a save is in flight: staged, not yet committed."""
+        return self._in_flight is not None and not self._in_flight.done()
 
     def wait(self) -> None:
         """Until the save in flight, if any, is committed (its error, if it failed)."""
@@ -223,7 +237,8 @@ class Checkpointer:
         for write in writes:
             write()
         fault_point("checkpoint", step)
-        _barrier(self.group)
+        group = self.background.group if self.background else None
+        _barrier(group)
         if _is_main():
             _write_manifest(tmp)
             shutil.rmtree(final, ignore_errors=True)
@@ -231,7 +246,7 @@ class Checkpointer:
             fsync(self.root)
             write_atomic(self.root / LATEST, final.name, durable=True)
             self._apply_retention()
-        _barrier(self.group)
+        _barrier(group)
 
     def complete_checkpoints(self) -> list[Path]:
         """Committed checkpoints, oldest first (temporary folders are never listed)."""
@@ -308,6 +323,7 @@ class SavedWeights:
     kind: str  # "ema" | "raw": what `read_weights` gives
     format: str  # "export", or the checkpoint's: "full" | "sharded" | "deepspeed"
     config: dict  # the run's config
+    progress: dict  # the training progress they were saved at (step, tokens seen...); {}: unknown
 
 
 def find_weights(path: str | Path, weights: str = "ema") -> SavedWeights:
@@ -350,7 +366,11 @@ def _in_export(folder: Path, weights: str) -> SavedWeights:
             f"(checkpoint=<run>/{CHECKPOINTS}/step_XXXXXXXX weights=raw)"
         )
     _warn_if_raw(folder, weights, kind)
-    return SavedWeights(folder, kind, "export", values)
+    # A run's export is written at its end, as is its latest checkpoint: the same progress.
+    latest = folder.parent / CHECKPOINTS / LATEST
+    trainer = latest.parent / latest.read_text().strip() / TRAINER if latest.exists() else None
+    progress = _read_json(trainer).get("progress", {}) if trainer and trainer.exists() else {}
+    return SavedWeights(folder, kind, "export", values, progress)
 
 
 def _in_checkpoint(folder: Path, weights: str) -> SavedWeights:
@@ -361,9 +381,15 @@ def _in_checkpoint(folder: Path, weights: str) -> SavedWeights:
             f"{folder / TRAINER} records no checkpoint format: written by an "
             "older Tessera; sample from its export instead"
         )
-    kind = "ema" if weights == "ema" and (folder / EMA).exists() else "raw"
+    kind = "ema" if weights == "ema" and _holds_ema(folder, layout_format) else "raw"
     _warn_if_raw(folder, weights, kind)
-    return SavedWeights(folder, kind, layout_format, record["config"])
+    return SavedWeights(folder, kind, layout_format, record["config"], record.get("progress", {}))
+
+
+def _holds_ema(folder: Path, layout_format: str) -> bool:
+    if layout_format == "sharded":
+        return SHARDED_EMA in sharded_components(folder / SHARDED)
+    return (folder / EMA).exists()
 
 
 def _warn_if_raw(folder: Path, weights: str, kind: str) -> None:
@@ -377,6 +403,8 @@ def read_weights(saved: SavedWeights, model: nn.Module | None = None) -> dict[st
     model is never twice in memory."""
     if saved.format == "export":
         return load_tensors(saved.folder / MODEL)
+    if saved.kind == "ema" and saved.format == "sharded":
+        return read_sharded_component(saved.folder / SHARDED, SHARDED_EMA)
     if saved.kind == "ema":
         return load_tensors(saved.folder / EMA)
     if saved.format == "full":

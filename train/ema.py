@@ -2,8 +2,9 @@
 
 The average is kept over the engine's local pieces of each parameter (full tensors for one
 process, DDP and ZeRO 1-2, DTensor shards for FSDP, flat partitions for ZeRO-3), so it costs each
-rank what its share of the weights costs. The engine consolidates it for checkpoints, sampling and
-export: as a checkpoint component, its state is the full weights, whatever the sharding.
+rank what its share of the weights costs. As a checkpoint component, its state is the full
+weights, which the engine consolidates (collective); `EMAShards` is the component of a sharded
+checkpoint instead, which is never consolidated.
 """
 
 from __future__ import annotations
@@ -35,3 +36,24 @@ class EMA:
         if mismatch:
             raise KeyError(f"EMA state does not match the model: {sorted(mismatch)[:5]}")
         self.engine.load_full(self.shadow, full)
+
+
+class EMAShards:
+    """The EMA as a component of a sharded checkpoint: each rank's own pieces (DTensors), which
+    torch.distributed.checkpoint writes as they are and reshards on load, so no rank ever holds
+    the full average."""
+
+    def __init__(self, ema: EMA):
+        self.ema = ema
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return dict(self.ema.shadow)
+
+    @torch.no_grad()
+    def load_state_dict(self, pieces: dict[str, Tensor]) -> None:
+        mismatch = set(self.ema.shadow) ^ set(pieces)
+        if mismatch:
+            raise KeyError(f"EMA state does not match the model: {sorted(mismatch)[:5]}")
+        for name, piece in pieces.items():
+            if piece is not self.ema.shadow[name]:
+                self.ema.shadow[name].copy_(piece)

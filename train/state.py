@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -94,34 +95,49 @@ class Stateful(Protocol):
 Write = Callable[[], None]
 
 
+class Background:
+    """How a deferred write is prepared: `copy` takes a state into host memory of its own
+    (pinned on a GPU), kept from save to save so that only the first save allocates it; the
+    write's collectives go through `group`, the background writer's own (None: no group)."""
+
+    def __init__(self, group):
+        self.group = group
+        cuda = torch.cuda.is_available()
+        self.stager = DefaultStager(
+            StagingOptions(
+                use_pinned_memory=cuda,
+                use_shared_memory=False,
+                use_async_staging=False,
+                use_non_blocking_copy=cuda,
+            )
+        )
+
+    def copy(self, state):
+        return self.stager.stage(state)
+
+    def close(self) -> None:
+        self.stager.close()
+
+
 class Store(Protocol):
     """Writes its components into a checkpoint folder and restores them (both collective).
 
-    `stage` runs on the training thread: it takes what the components hold now (the collective
-    gathers included) into host memory of its own, and returns the write of that copy into the
-    folder, which may run later on a background thread while training goes on; collectives the
-    write needs go through `group` (None: the default group, when the write is not deferred)."""
+    `stage` runs on the training thread. Without `background` it writes at once; with it, it
+    takes what the components hold now (the collective gathers included) into host memory
+    through `background.copy`, and returns the write of that copy into the folder, which runs
+    later on a background thread while training goes on."""
 
-    def stage(self, folder: Path, group) -> Write: ...
+    def stage(self, folder: Path, background: Background | None) -> Write: ...
 
     def load(self, folder: Path) -> None: ...
 
 
-def to_host(value):
-    """A copy of `value`'s tensors (nested in dicts, lists and tuples) in host memory of its own,
-    pinned when they come from a GPU (copied asynchronously: the Checkpointer synchronises once
-    after every store has staged); plain values as they are."""
-    if isinstance(value, Tensor):
-        value = value.detach()
-        if value.is_cuda:
-            host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-            return host.copy_(value, non_blocking=True)
-        return value.clone()
-    if isinstance(value, dict):
-        return {key: to_host(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(to_host(item) for item in value)
-    return value
+def _written(write: Write, background: Background | None) -> Write:
+    """`write` deferred to the background, or done now."""
+    if background is not None:
+        return write
+    write()
+    return _nothing
 
 
 def _is_main() -> bool:
@@ -208,11 +224,11 @@ class JsonStore:
     def __init__(self, name: str, components: dict[str, Stateful], record: dict | None = None):
         self.name, self.components, self.record = name, components, record or {}
 
-    def stage(self, folder: Path, group) -> Write:
+    def stage(self, folder: Path, background: Background | None) -> Write:
         if not _is_main():
             return _nothing
         text = json.dumps({n: c.state_dict() for n, c in self.components.items()} | self.record)
-        return lambda: (folder / self.name).write_text(text)
+        return _written(lambda: (folder / self.name).write_text(text), background)
 
     def load(self, folder: Path) -> None:
         path = folder / self.name
@@ -234,12 +250,12 @@ class FullTensorStore:
     def __init__(self, name: str, component: Stateful):
         self.name, self.component = name, component
 
-    def stage(self, folder: Path, group) -> Write:
+    def stage(self, folder: Path, background: Background | None) -> Write:
         tensors = self.component.state_dict()
         if not _is_main():
             return _nothing
-        copy = to_host(tensors)
-        return lambda: save_tensors(copy, folder / self.name)
+        tensors = background.copy(tensors) if background else tensors
+        return _written(lambda: save_tensors(tensors, folder / self.name), background)
 
     def load(self, folder: Path) -> None:
         self.component.load_state_dict(load_tensors(folder / self.name))
@@ -252,12 +268,12 @@ class TorchStore:
     def __init__(self, name: str, component: Stateful):
         self.name, self.component = name, component
 
-    def stage(self, folder: Path, group) -> Write:
+    def stage(self, folder: Path, background: Background | None) -> Write:
         state = self.component.state_dict()
         if not _is_main():
             return _nothing
-        copy = to_host(state)
-        return lambda: torch.save(copy, folder / self.name)
+        state = background.copy(state) if background else state
+        return _written(lambda: torch.save(state, folder / self.name), background)
 
     def load(self, folder: Path) -> None:
         self.component.load_state_dict(load_torch(folder / self.name))
@@ -273,9 +289,10 @@ class RankStore:
     def _path(self, folder: Path) -> Path:
         return folder / f"{self.prefix}_rank{_rank()}.pt"
 
-    def stage(self, folder: Path, group) -> Write:
-        copy, path = to_host(self.component.state_dict()), self._path(folder)
-        return lambda: torch.save(copy, path)
+    def stage(self, folder: Path, background: Background | None) -> Write:
+        state, path = self.component.state_dict(), self._path(folder)
+        state = background.copy(state) if background else state
+        return _written(lambda: torch.save(state, path), background)
 
     def load(self, folder: Path) -> None:
         path = self._path(folder)
@@ -335,14 +352,19 @@ class DCPStore:
     def __init__(self, name: str, components: dict[str, Stateful]):
         self.name, self.components = name, components
 
-    def stage(self, folder: Path, group) -> Write:
+    def stage(self, folder: Path, background: Background | None) -> Write:
         state = {name: c.state_dict() for name, c in self.components.items()}
-        if group is None:
+        if background is None:
             dcp.save(state, checkpoint_id=folder / self.name)
             return _nothing
-        # DCP stages its shards in host memory now and writes them on a thread of its own,
-        # coordinating the ranks through `group`.
-        return dcp.async_save(state, checkpoint_id=folder / self.name, process_group=group).result
+        # DCP stages the shards through the background's copies now and writes them on a thread
+        # of its own, coordinating the ranks through the background's group.
+        return dcp.async_save(
+            state,
+            checkpoint_id=folder / self.name,
+            process_group=background.group,
+            async_stager=background.stager,
+        ).result
 
     def load(self, folder: Path) -> None:
         state = {name: c.state_dict() for name, c in self.components.items()}  # the shapes
@@ -374,6 +396,38 @@ def read_sharded(path: Path, state: dict, one_process: bool) -> None:
         dcp.CheckpointException,  # a BaseException: what a rank's read raised, gathered
     ) as error:
         raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+
+
+def _sharded_metadata(path: Path) -> Metadata:
+    try:
+        return SafeFileSystemReader(path).read_metadata()
+    except (OSError, pickle.UnpicklingError, EOFError) as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+
+
+def sharded_components(path: Path) -> set[str]:
+    """The components a DCP folder holds (the first part of every saved name)."""
+    return {name.split(".", 1)[0] for name in _sharded_metadata(path).state_dict_metadata}
+
+
+def read_sharded_component(path: Path, component: str) -> dict[str, Tensor]:
+    """One component's full tensors from a DCP folder, read in this process, shaped as saved."""
+    prefix = f"{component}."
+    saved = {
+        name.removeprefix(prefix): entry
+        for name, entry in _sharded_metadata(path).state_dict_metadata.items()
+        if name.startswith(prefix)
+    }
+    if not saved:
+        raise CheckpointError(f"checkpoint {path} holds no {component}")
+    state = {
+        component: {
+            name: torch.empty(entry.size, dtype=entry.properties.dtype)
+            for name, entry in saved.items()
+        }
+    }
+    read_sharded(path, state, one_process=True)
+    return state[component]
 
 
 def has_frozen_params(module: nn.Module) -> bool:
@@ -429,7 +483,7 @@ class DeepSpeedStore:
     def __init__(self, ds_engine, tag: str):
         self.ds, self.tag = ds_engine, tag
 
-    def stage(self, folder: Path, group) -> Write:
+    def stage(self, folder: Path, background: Background | None) -> Write:
         """Written at once: the engine's files are DeepSpeed's to write (the config refuses
         asynchronous checkpoints with ZeRO)."""
         self.save(folder)
