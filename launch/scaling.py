@@ -2,9 +2,10 @@
 
 A sweep is a Hydra multirun over model sizes N and budgets C (`train.budget_flops`; the runs
 derive their steps from it), e.g. `python -m train -m experiment=scaling_demo`. Every run
-leaves `eval/final.json` with its fixed evaluation loss, parameters N, the FLOPs it spent
-and the latent tokens it trained on, D. This module reads them and fits, as in Chinchilla's
-IsoFLOP approach:
+leaves `eval/final.json` with its fixed evaluation loss (and its loss at fixed flow times),
+parameters N, the FLOPs it spent and the latent tokens it trained on, D. This module reads them
+and fits the loss, or with `--metric loss_at_time/<t>` the loss at one time, as in
+Chinchilla's IsoFLOP approach:
 
 - per budget, a parabola of the loss in ln N; its vertex is that budget's optimal N*, and
   D* is read off the budget's near-linear ln D against ln N at the vertex;
@@ -63,8 +64,8 @@ class IsoFlop:
     interior: bool  # the vertex lies within the budget's sizes (not extrapolated)
 
 
-def collect_runs(sweep_dir: Path) -> list[Run]:
-    """Every run under `sweep_dir` with an eval/final.json."""
+def collect_runs(sweep_dir: Path, metric: str = "loss") -> list[Run]:
+    """Every run under `sweep_dir` with an eval/final.json; its loss is `metric`'s."""
     runs = []
     for path in sorted(sweep_dir.glob("**/eval/final.json")):
         values = json.loads(path.read_text())
@@ -78,6 +79,7 @@ def collect_runs(sweep_dir: Path) -> list[Run]:
                 f"{path}: budget_flops is {values['budget_flops']}: the run had no compute "
                 "budget (train.budget_flops), so it belongs to no IsoFLOP curve"
             )
+        loss, loss_se, sample_losses = _metric(values, metric, path)
         runs.append(
             Run(
                 values["model"],
@@ -85,10 +87,10 @@ def collect_runs(sweep_dir: Path) -> list[Run]:
                 values["budget_flops"],
                 values["flops_seen"],
                 values["tokens_seen"],
-                values["loss"],
-                values.get("loss_se", 0.0),
+                loss,
+                loss_se,
                 str(path.parent.parent),
-                values.get("sample_losses"),
+                sample_losses,
             )
         )
     if not runs:
@@ -328,6 +330,20 @@ def plot_isoflops(runs: list[Run], fit: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _metric(values: dict, metric: str, path: Path) -> tuple[float, float, dict | None]:
+    """(loss, its standard error, per-sample losses or None) of `metric`: "loss", the fixed
+    evaluation loss, or "loss_at_time/<t>", the loss at one of its fixed times (no per-sample
+    losses: its bootstrap is the parametric one)."""
+    if metric == "loss":
+        return values["loss"], values.get("loss_se", 0.0), values.get("sample_losses")
+    kind, _, time = metric.partition("/")
+    at_time = values.get("loss_at_time", {})
+    if kind != "loss_at_time" or time not in at_time:
+        known = ", ".join(["loss", *(f"loss_at_time/{t}" for t in at_time)])
+        raise ValueError(f"--metric {metric}: {path} has no such loss; it has {known}")
+    return at_time[time]["loss"], at_time[time]["loss_se"], None
+
+
 def plot_compute_optimal(fit: dict, path: Path) -> None:
     optimal = [c for c in fit["isoflops"] if c["n_opt"] is not None and c["interior"]]
     budgets = np.array([c["budget"] for c in optimal])
@@ -362,10 +378,16 @@ def plot_compute_optimal(fit: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def fit_sweep(sweep_dir: Path, out: Path | None = None, draws: int = 1000, seed: int = 0) -> dict:
-    """Collect, fit, and write fit.json and the plots; returns the fit."""
-    runs = collect_runs(sweep_dir)
-    fit = fit_scaling(runs, draws, seed)
+def fit_sweep(
+    sweep_dir: Path,
+    out: Path | None = None,
+    draws: int = 1000,
+    seed: int = 0,
+    metric: str = "loss",
+) -> dict:
+    """Collect, fit `metric`, and write fit.json and the plots; returns the fit."""
+    runs = collect_runs(sweep_dir, metric)
+    fit = {"metric": metric, **fit_scaling(runs, draws, seed)}
     out = out or sweep_dir / "scaling"
     out.mkdir(parents=True, exist_ok=True)
     (out / "fit.json").write_text(json.dumps(fit, indent=2) + "\n")
@@ -386,10 +408,16 @@ def main(argv: list[str] | None = None) -> None:
     fit.add_argument("--out", type=Path, help="where to write (default: <sweep_dir>/scaling)")
     fit.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws")
     fit.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
+    fit.add_argument(
+        "--metric",
+        default="loss",
+        help="what to fit: loss (the fixed evaluation loss) or loss_at_time/<t>, the loss at "
+        "one of eval.times' fixed times, as eval/final.json names it (e.g. loss_at_time/0.5)",
+    )
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         parser.error(f"sweep_dir {args.sweep_dir}: no such directory")
-    result = fit_sweep(args.sweep_dir, args.out, args.bootstrap, args.seed)
+    result = fit_sweep(args.sweep_dir, args.out, args.bootstrap, args.seed, args.metric)
     out = args.out or args.sweep_dir / "scaling"
     if result["n_opt"] is None:
         print(f"no compute-optimal fit: {result['note']}; wrote {out}/fit.json and 2 plots")

@@ -26,6 +26,14 @@ def demo_shards(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def held_out(tmp_path_factory) -> Path:
+    """A small held-out set: other clips (seed 1) of the same source videos."""
+    return build_demo(
+        tmp_path_factory.mktemp("held_out"), clips_per_source=3, images_per_source=2, seed=1
+    )
+
+
+@pytest.fixture(scope="session")
 def autoencoder(demo_shards, tmp_path_factory) -> Path:
     """The demo autoencoder stage, short: it trains, calibrates and exports (shared by the
     training and generation tests)."""

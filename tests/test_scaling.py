@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -15,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
 from launching import PACKED
 from models import online_source
 
-from data.demo import build_demo
 from data.pipeline import BatchStream, open_plan
 from data.plan import DataState
 from launch.scaling import Run, fit_scaling, fit_sweep
@@ -57,14 +56,6 @@ def sample_flops(cfg):
         )
 
     return flops
-
-
-@pytest.fixture(scope="module")
-def held_out(tmp_path_factory) -> Path:
-    """A small held-out set: other clips (seed 1) of the same source videos."""
-    return build_demo(
-        tmp_path_factory.mktemp("held_out"), clips_per_source=3, images_per_source=2, seed=1
-    )
 
 
 @pytest.mark.parametrize(
@@ -117,6 +108,7 @@ def eval_parts(demo_shards: Path, held_out: Path, run_dir: Path, samples: int = 
         f"eval.shards={held_out}",
         f"eval.samples={samples}",
         "eval.timesteps=3",
+        "eval.times=3",
     )
     runtime = init_runtime("cpu", "fp32")
     torch.manual_seed(0)
@@ -152,6 +144,14 @@ def test_evaluation_is_fixed_and_deterministic(demo_shards, held_out, tmp_path):
     assert overall == pytest.approx(result["loss"], rel=1e-12)
     assert len(result["sample_losses"]) == 6  # each held-out sample's own loss, by key
     assert np.mean(list(result["sample_losses"].values())) == pytest.approx(result["loss"])
+    at_time = result["loss_at_time"]  # eval.times=3: 1/6, 1/2, 5/6
+    assert list(at_time) == ["0.167", "0.5", "0.833"]
+    assert all(metrics[f"eval/loss_at_time/{t}"] == at_time[t]["loss"] for t in at_time)
+    for time, values in at_time.items():
+        per_bucket = [b["loss_at_time"][time] for b in result["buckets"].values()]
+        mean = sum(v["loss"] * v["samples"] for v in per_bucket) / 6
+        assert values["samples"] == 6 and mean == pytest.approx(values["loss"], rel=1e-12)
+    assert len(set(round(v["loss"], 6) for v in at_time.values())) == 3  # the times differ
     assert (tmp_path / "a" / "eval" / "step_00000004.json").exists()
 
     # Weights that change: a random nudge (a constant one added to patch_embed's weight would
@@ -178,10 +178,10 @@ def test_evaluation_is_fixed_and_deterministic(demo_shards, held_out, tmp_path):
         )
 
 
-def _evaluate_as_rank(rank: int, world: int, port: int, demo_shards, held_out, run_dir) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
-    )
+def _evaluate_as_rank(rank: int, world: int, store: Path, demo_shards, held_out, run_dir) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
+    # A store in a file: no port to choose, which another process could take first.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     model, evaluator, *_ = eval_parts(demo_shards, held_out, run_dir, samples=7)
     evaluator(model, {"step": 1}, final=True)
@@ -192,10 +192,8 @@ def _evaluate_as_rank(rank: int, world: int, port: int, demo_shards, held_out, r
 def test_two_ranks_share_the_set_and_reduce_to_the_single_process_loss(
     demo_shards, held_out, tmp_path
 ):
-    with socket.socket() as s:  # a free port for the process group
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_evaluate_as_rank, args=(2, port, demo_shards, held_out, tmp_path / "two"), nprocs=2)
+    ranks = (2, tmp_path / "store", demo_shards, held_out, tmp_path / "two")
+    mp.spawn(_evaluate_as_rank, args=ranks, nprocs=2)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank: a matmul's rounding may depend on its threads
     try:
@@ -209,6 +207,8 @@ def test_two_ranks_share_the_set_and_reduce_to_the_single_process_loss(
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-12)  # only the sums' order differs
     assert two["buckets"].keys() == one["buckets"].keys()
     assert two["sample_losses"] == pytest.approx(one["sample_losses"], rel=1e-12)
+    for time, values in one["loss_at_time"].items():
+        assert two["loss_at_time"][time]["loss"] == pytest.approx(values["loss"], rel=1e-12)
 
 
 # --- the fit --------------------------------------------------------------------------------
@@ -301,10 +301,15 @@ def test_fit_sweep_writes_json_and_labelled_plots(tmp_path):
                     "tokens_seen": run.tokens,
                     "loss": run.loss,
                     "loss_se": run.loss_se,
+                    "loss_at_time": {"0.5": {"loss": 2 * run.loss, "loss_se": run.loss_se}},
                 }
             )
         )
     fit = fit_sweep(tmp_path, draws=50)
+    at_time = fit_sweep(tmp_path, tmp_path / "at_time", draws=50, metric="loss_at_time/0.5")
+    assert [r["loss"] for r in at_time["runs"]] == [2 * r["loss"] for r in fit["runs"]]
+    with pytest.raises(ValueError, match=r"loss_at_time/0.9: .* it has loss, loss_at_time/0.5"):
+        fit_sweep(tmp_path, draws=50, metric="loss_at_time/0.9")
     out = tmp_path / "scaling"
     assert (
         json.loads((out / "fit.json").read_text())["n_opt"]["exponent"] == fit["n_opt"]["exponent"]
@@ -360,3 +365,19 @@ def test_sweep_runs_as_a_hydra_multirun_and_fits(demo_shards, held_out, tmp_path
     assert len(fit["runs"]) == 4 and "fit.json" in fitted.stdout
     for plot in ("loss_vs_compute.png", "isoflops.png"):
         assert (sweep / "scaling" / plot).read_bytes()[:4] == b"\x89PNG"
+
+    # The same runs fitted on their loss at one fixed time.
+    time = list(json.loads(results[0].read_text())["loss_at_time"])[1]
+    metric = ["--metric", f"loss_at_time/{time}", "--out", str(tmp_path / "at_time")]
+    subprocess.run(
+        [sys.executable, "-m", "launch.scaling", "fit", str(sweep), "--bootstrap", "20", *metric],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    at_time = json.loads((tmp_path / "at_time" / "fit.json").read_text())
+    assert at_time["metric"] == f"loss_at_time/{time}" and fit["metric"] == "loss"
+    losses = {r["path"]: r["loss"] for r in at_time["runs"]}
+    for path in results:
+        expected = json.loads(path.read_text())["loss_at_time"][time]["loss"]
+        assert losses[str(path.parent.parent)] == expected

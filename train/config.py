@@ -10,6 +10,7 @@ work starts.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -113,7 +114,15 @@ class EvalConfig:
     every: int = 0  # evaluate every N steps; 0: only at the end of the run
     samples: int = 64  # at least this many held-out samples (whole batches)
     timesteps: int = 8  # fixed flow times per sample: quantiles of the training distribution
+    times: int = 10  # and the loss at this many evenly spaced times, (k + 1/2) / times; 0: none
     seed: int = 0  # the fixed noise, and the held-out clips' crops and captions
+    # Generated videos (train/eval_videos.py), scored by FVD and CLIP score; 0: none.
+    videos: int = 0
+    prompts: str = ""  # a prompt file, one per line; empty: the held-out clips' captions
+    video_shape: list[int] = field(default_factory=lambda: [17, 64, 64])  # frames, height, width
+    sample_steps: int = 20  # sampling steps per video
+    fvd_model: str = ""  # a local I3D TorchScript file or VideoMAE folder; empty: no FVD
+    clip_model: str = ""  # a local CLIP folder (transformers); empty: no CLIP score
 
 
 @dataclass
@@ -266,6 +275,9 @@ RANGES: dict[str, str] = {
     "eval.every": "[0, inf)",
     "eval.samples": "[1, inf)",
     "eval.timesteps": "[1, inf)",
+    "eval.times": "[0, inf)",
+    "eval.videos": "[0, inf)",
+    "eval.sample_steps": "[1, inf)",
     "eval.seed": "[0, inf)",
     "parallel.dp_replicate": "[1, inf) or -1",
     "parallel.dp_shard": "[1, inf) or -1",
@@ -326,6 +338,7 @@ def to_config(cfg: DictConfig) -> Config:
     mode_probabilities(config.conditioning)
     _check_wan(config)
     _check_packing(config)
+    _check_eval(config.eval)
     if config.train.checkpoint_async and config.parallel.backend.startswith("zero"):
         raise ValueError(
             f"config key train.checkpoint_async=true cannot be used with parallel.backend="
@@ -350,6 +363,24 @@ def to_config(cfg: DictConfig) -> Config:
             "the cache keeps only the posterior's mean"
         )
     return config
+
+
+def _check_eval(cfg: EvalConfig) -> None:
+    """The evaluation's models and prompts are local files: a wrong path fails here, before
+    any process starts, not when the first evaluation runs."""
+    for key in ("fvd_model", "clip_model", "prompts"):
+        path = getattr(cfg, key)
+        if path and not Path(path).exists():
+            raise ValueError(f"config key eval.{key}={path!r}: no such file or folder")
+        if path and not cfg.videos:
+            raise ValueError(f"config key eval.{key}={path!r} needs eval.videos > 0")
+    if cfg.videos and not cfg.shards:
+        raise ValueError("config key eval.videos needs eval.shards (the held-out clips)")
+    if len(cfg.video_shape) != 3 or min(cfg.video_shape) < 1:
+        raise ValueError(
+            f"config key eval.video_shape={cfg.video_shape}: expected [frames, height, width], "
+            "each at least 1"
+        )
 
 
 def _check_packing(config: Config) -> None:

@@ -5,7 +5,9 @@ batches are random. Here every sample of a fixed held-out set is scored at the s
 times, the quantiles (k + 1/2) / K of the training time distribution (so the mean estimates
 the training objective, without caption dropout), against noise drawn from a generator seeded
 by (eval.seed, sample key). The same weights give the same loss bit for bit, and two runs of a
-sweep differ only by their weights.
+sweep differ only by their weights. Beside it, the loss at eval.times evenly spaced flow times
+(the same times for every bucket, with noise of their own), per bucket and overall: where in
+the denoising a run gains or loses, comparable across runs, steps and resolutions.
 
 The set is a seeded choice of eval.samples held-out samples, cut into batches of one bucket
 each (partial batches too: a small held-out set still covers its buckets), the same batches
@@ -37,6 +39,7 @@ from data.plan import DataPlan, DataState, PlannedBatch
 from data.storage import write_atomic
 from model.flow import FlowConfig, time_shift, training_loss
 from train.config import EvalConfig
+from train.eval_videos import EvalVideos, gathered, read_prompts, write_grid
 from train.latent_source import LatentSource
 from train.parallel import ParallelDims
 from train.runtime import Runtime
@@ -51,6 +54,7 @@ class EncodedBatch:
     micro: dict[str, Tensor]  # the model's micro-conditions: frame rate and native size
     bucket: int  # index into Evaluator.buckets
     counted: bool  # False: a padding batch, run only to match the other ranks' forwards
+    captions: list[str]
 
 
 def eval_times(timesteps: int, num_tokens: int, flow: FlowConfig) -> Tensor:
@@ -58,6 +62,12 @@ def eval_times(timesteps: int, num_tokens: int, flow: FlowConfig) -> Tensor:
     quantiles = (torch.arange(timesteps, dtype=torch.float64) + 0.5) / timesteps
     logits = flow.logit_mean + flow.logit_std * torch.special.ndtri(quantiles)
     return time_shift(torch.sigmoid(logits), num_tokens, flow).float()
+
+
+def fixed_times(count: int) -> Tensor:
+    """(count,) evenly spaced flow times, (k + 1/2) / count: the same for every bucket, run
+    and step, so that the loss at each is comparable across them (as Open-Sora tracks it)."""
+    return (torch.arange(count, dtype=torch.float64) + 0.5) / count
 
 
 def sample_noise(key: str, seed: int, timesteps: int, shape: tuple[int, ...]) -> Tensor:
@@ -122,12 +132,18 @@ class Evaluator:
         padding = -(-len(chosen) // dims.dp_size) - len(mine)
         plan = [(b, True) for b in mine] + [(chosen[0], False)] * padding
         # The encoders are frozen, so the held-out latents and captions are encoded once.
-        with source.encoders():
+        self.source, real = source, []
+        with source.encoders() as encoders:
             self.geometry = source.geometry  # tokens of a latent batch, as training counts them
-            self.batches = [
-                self._encode(stream.load(planned, 0, index, state), source, counted)
-                for index, (planned, counted) in enumerate(plan)
-            ]
+            self.batches = []
+            for index, (planned, counted) in enumerate(plan):
+                batch = stream.load(planned, 0, index, state)
+                self.batches.append(self._encode(batch, source, counted))
+                if cfg.videos and counted and batch.bucket[0] > 1:  # videos, not images
+                    real.append(self._real_clips(batch, self.batches[-1], encoders))
+        self.videos = self._videos(cfg, data, flow, real) if cfg.videos else None
+        self.result: dict = {}  # the latest evaluation's, on every rank
+        self.images: dict[str, Path] = {}  # and its grid image, on rank 0, for the logger
 
     @torch.no_grad()
     def _encode(self, batch: Batch, source: LatentSource, counted: bool) -> EncodedBatch:
@@ -139,72 +155,116 @@ class Evaluator:
         device = self.runtime.device
         micro = {"fps": batch.fps.to(device), "native_size": batch.native_size.to(device)}
         return EncodedBatch(
-            encoded.latents, encoded.text, encoded.mask, batch.keys, micro, bucket, counted
+            encoded.latents,
+            encoded.text,
+            encoded.mask,
+            batch.keys,
+            micro,
+            bucket,
+            counted,
+            batch.captions,
         )
 
     @torch.no_grad()
-    def _sums(self, model: nn.Module) -> tuple[Tensor, Tensor]:
-        """(buckets, 3) float64 sums of per-sample loss, its square and the sample count, and
-        (samples, 2) every held-out sample's loss and whether it was scored (1) or not (0)."""
-        sums = torch.zeros(len(self.buckets), 3, dtype=torch.float64, device=self.runtime.device)
-        samples = torch.zeros(len(self.sample_index), 2, dtype=torch.float64, device=sums.device)
+    def _real_clips(self, batch: Batch, encoded: EncodedBatch, encoders) -> tuple[list, Tensor]:
+        """The held-out clips' pixels, (B, 3, T, H, W) in [-1, 1]: decoded from latent shards."""
+        if batch.video is not None:
+            pixels = batch.video.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+        else:
+            with self.runtime.autocast():
+                pixels = encoders.autoencoder.decode(encoded.latents).float().clamp(-1, 1)
+        return [self.sample_index[key] for key in batch.keys], pixels.cpu()
+
+    def _videos(self, cfg: EvalConfig, data: DataConfig, flow: FlowConfig, real) -> EvalVideos:
+        """The evaluation videos: prompted by eval.prompts, or by the held-out captions."""
+        if cfg.prompts:
+            prompts = read_prompts(cfg.prompts)
+        else:
+            mine = {
+                self.sample_index[key]: caption
+                for batch in self.batches
+                if batch.counted
+                for key, caption in zip(batch.keys, batch.captions, strict=True)
+            }
+            captions = gathered(mine)
+            prompts = [captions[i] for i in sorted(captions)]
+        return EvalVideos(cfg, prompts, real, flow, data.fps, self.runtime, self.dims)
+
+    @torch.no_grad()
+    def _sums(self, model: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+        """(buckets, 3) float64 sums of per-sample loss, its square and the sample count;
+        (buckets, eval.times, 3) the same at each fixed time; and (samples, 2) every held-out
+        sample's loss and whether it was scored (1) or not (0)."""
+        device = self.runtime.device
+        sums = torch.zeros(len(self.buckets), 3, dtype=torch.float64, device=device)
+        at_times = torch.zeros(
+            len(self.buckets), self.cfg.times, 3, dtype=torch.float64, device=device
+        )
+        samples = torch.zeros(len(self.sample_index), 2, dtype=torch.float64, device=device)
         for batch in self.batches:
             tokens = self.geometry.latent_tokens(batch.latents.shape[2:])
-            times = eval_times(self.cfg.timesteps, tokens, self.flow)
-            noise = torch.stack(
-                [
-                    sample_noise(key, self.cfg.seed, len(times), batch.latents.shape[1:])
-                    for key in batch.keys
-                ],
-                dim=1,
-            ).to(self.runtime.device)  # (timesteps, B, C, T, H, W)
-            per_sample = torch.zeros(len(batch.keys), dtype=torch.float64, device=sums.device)
-            for k, time in enumerate(times.tolist()):
-                t_batch = torch.full((len(batch.keys),), time, device=self.runtime.device)
-                with self.runtime.autocast():
-                    loss = training_loss(
-                        model,
-                        batch.latents,
-                        batch.text,
-                        batch.mask,
-                        t_batch,
-                        noise[k],
-                        model_kwargs=batch.micro,
-                    )
-                per_sample += loss.double()
-            per_sample /= len(times)
+            per_time = self._losses(
+                model, batch, eval_times(self.cfg.timesteps, tokens, self.flow), ""
+            )
+            fixed = self._losses(model, batch, fixed_times(self.cfg.times), "fixed")
             if not batch.counted:
                 continue
+            per_sample = per_time.mean(dim=0)
             rows = [self.sample_index[key] for key in batch.keys]
             samples[rows] = torch.stack([per_sample, torch.ones_like(per_sample)], dim=1)
-            sums[batch.bucket] += torch.stack(
-                [
-                    per_sample.sum(),
-                    per_sample.square().sum(),
-                    per_sample.new_tensor(len(per_sample)),
-                ]
-            )
+            sums[batch.bucket] += _moments(per_sample)
+            for k, losses in enumerate(fixed):
+                at_times[batch.bucket, k] += _moments(losses)
         if dist.is_initialized():
-            for values in (sums, samples):
+            for values in (sums, at_times, samples):
                 dist.all_reduce(values)
                 # Every rank of a sequence group scored the same batches.
                 values /= self.dims.sequence_size
-        return sums, samples
+        return sums, at_times, samples
+
+    def _losses(
+        self, model: nn.Module, batch: EncodedBatch, times: Tensor, noise_kind: str
+    ) -> Tensor:
+        """(len(times), B) float64 losses of the batch's samples at `times`, against each
+        sample's own noise (of `noise_kind`: each set of times draws its own)."""
+        device = self.runtime.device
+        noise = torch.stack(
+            [
+                sample_noise(key + noise_kind, self.cfg.seed, len(times), batch.latents.shape[1:])
+                for key in batch.keys
+            ],
+            dim=1,
+        ).to(device)  # (times, B, C, T, H, W)
+        losses = torch.zeros(len(times), len(batch.keys), dtype=torch.float64, device=device)
+        for k, time in enumerate(times.tolist()):
+            t_batch = torch.full((len(batch.keys),), time, device=device)
+            with self.runtime.autocast():
+                loss = training_loss(
+                    model, batch.latents, batch.text, batch.mask, t_batch, noise[k],
+                    model_kwargs=batch.micro,
+                )  # fmt: skip
+            losses[k] = loss.double()
+        return losses
 
     def __call__(self, model: nn.Module, progress: dict, final: bool) -> dict[str, float]:
         """Evaluate on every rank; returns the metrics to log, and writes the JSON on rank 0."""
         was_training = model.training
         model.eval()
-        sums, samples = (values.cpu() for values in self._sums(model))
+        sums, at_times, samples = (values.cpu() for values in self._sums(model))
+        generated, grid = self._generate(model) if self.videos else ({}, None)
         model.train(was_training)
+        times = [f"{t:.3g}" for t in fixed_times(self.cfg.times).tolist()]
         result = {
             **self.run_facts,
             **progress,
             **summarise(sums.sum(dim=0)),
+            "loss_at_time": _by_time(times, at_times.sum(dim=0)),
             "buckets": {
-                "x".join(map(str, shape)): summarise(row)
-                for shape, row in zip(self.buckets, sums, strict=True)
+                "x".join(map(str, shape)): {**summarise(row), "loss_at_time": _by_time(times, rows)}
+                for shape, row, rows in zip(self.buckets, sums, at_times, strict=True)
             },
+            **{name.removeprefix("eval/"): value for name, value in generated.items()},
+            **({"feature_models": self.videos.models()} if self.videos else {}),
             # Per sample, so a sweep's fit can resample the held-out set for all runs at once.
             "sample_losses": {
                 key: samples[i, 0].item()
@@ -212,18 +272,37 @@ class Evaluator:
                 if samples[i, 1] > 0
             },
         }
+        self.result = result
         if self.runtime.is_main:
             self._write(f"step_{progress['step']:08d}.json", result)
             if final:
                 self._write("final.json", result)
-        metrics = {"eval/loss": result["loss"], "eval/loss_se": result["loss_se"]}
+            if grid is not None:
+                path = write_grid(grid, self.out / f"step_{progress['step']:08d}.png")
+                self.images = {"eval/samples": path}
+        metrics = {"eval/loss": result["loss"], "eval/loss_se": result["loss_se"], **generated}
+        for time, values in result["loss_at_time"].items():
+            metrics[f"eval/loss_at_time/{time}"] = values["loss"]
         for name, values in result["buckets"].items():
             metrics[f"eval/loss/{name}"] = values["loss"]
         return metrics
 
+    def _generate(self, model: nn.Module) -> tuple[dict[str, float], np.ndarray | None]:
+        with self.source.encoders() as encoders:
+            return self.videos(model, encoders.autoencoder, encoders.text_encoder)
+
     def _write(self, name: str, result: dict) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         write_atomic(self.out / name, json.dumps(result, indent=2) + "\n")
+
+
+def _moments(losses: Tensor) -> Tensor:
+    """(3,) the sum of `losses`, of their squares, and their count: what `summarise` reads."""
+    return torch.stack([losses.sum(), losses.square().sum(), losses.new_tensor(len(losses))])
+
+
+def _by_time(times: list[str], rows: Tensor) -> dict:
+    return {time: summarise(row) for time, row in zip(times, rows, strict=True)}
 
 
 def summarise(row: Tensor) -> dict:
@@ -232,3 +311,71 @@ def summarise(row: Tensor) -> dict:
     mean = total / count
     variance = max(squares - count * mean * mean, 0.0) / max(count - 1, 1)
     return {"loss": mean, "loss_se": math.sqrt(variance / count), "samples": int(count)}
+
+
+# --- python -m train.evaluate ------------------------------------------------------------------
+
+
+USAGE = (
+    "python -m train.evaluate checkpoint=<run dir, export or checkpoint folder> "
+    "[weights=ema|raw] [out=<run dir>] [key=value ...]"
+)
+
+
+def evaluate_checkpoint(argv: list[str]) -> dict:
+    """Evaluate a trained model as its run would have, on the run's config with `key=value`
+    overrides (eval.* usually): one process, or the ranks torchrun starts, sharing the set.
+    Writes `<out>/eval/step_XXXXXXXX.json` (and `.png` with eval.videos); returns the result."""
+    from omegaconf import OmegaConf
+
+    from train.build import load_trained
+    from train.checkpoint import find_weights, read_weights
+    from train.config import Config, ParallelConfig, to_config
+    from train.runtime import init_runtime, launch_env, seed_everything
+    from train.stages import stage_type
+
+    args = dict(item.split("=", 1) for item in argv if item.split("=", 1)[0] in COMMAND_KEYS)
+    overrides = [item for item in argv if item.split("=", 1)[0] not in COMMAND_KEYS]
+    if "checkpoint" not in args:
+        raise SystemExit(f"usage: {USAGE}")
+    saved = find_weights(args["checkpoint"], args.get("weights", "ema"))
+    merged = OmegaConf.merge(
+        OmegaConf.structured(Config), saved.config, OmegaConf.from_dotlist(overrides)
+    )
+    config = to_config(merged)
+    if not config.eval.shards:
+        raise ValueError("train.evaluate needs eval.shards: the run had no held-out set")
+    runtime = init_runtime(config.train.device, config.train.precision, launch_env()[1] > 1)
+    dims = ParallelDims.resolve(ParallelConfig(backend="ddp"), runtime.world_size, runtime.rank)
+    seed_everything(config.train.seed)  # as the run did: anything random is built alike
+    stage = stage_type(config)(config, runtime)
+    load_trained(stage.model, read_weights(saved, stage.model), saved.folder)
+    run_dir = Path(args.get("out") or _run_dir_of(saved.folder))
+    evaluator = stage.evaluator(config, dims, run_dir)
+    progress = saved.progress or {"step": 0}
+    evaluator(stage.model, progress, final=False)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return evaluator.result
+
+
+COMMAND_KEYS = ("checkpoint", "weights", "out")
+
+
+def _run_dir_of(folder: Path) -> Path:
+    """The run directory of an export or checkpoint folder (or the folder, if it is one)."""
+    if folder.name == "export":
+        return folder.parent
+    if folder.parent.name == "checkpoints":
+        return folder.parent.parent
+    return folder
+
+
+if __name__ == "__main__":
+    import os
+    import sys
+
+    result = evaluate_checkpoint(sys.argv[1:])
+    if int(os.environ.get("RANK", 0)) == 0:
+        summary = {k: v for k, v in result.items() if k not in ("sample_losses", "buckets")}
+        print(json.dumps(summary, indent=2))

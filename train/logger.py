@@ -92,6 +92,13 @@ class RunLogger:
             step=step,
         )
 
+    def log_images(self, step: int, images: dict[str, Path]) -> None:
+        if self.run is None or not images:
+            return
+        import wandb
+
+        self.run.log({name: wandb.Image(str(path)) for name, path in images.items()}, step=step)
+
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(steps)

@@ -26,6 +26,7 @@ import torch
 from data.pipeline import Batch
 from train.checkpoint import Checkpointer
 from train.config import Config
+from train.evaluate import Evaluator
 from train.logger import RunLogger
 from train.objectives import Objective
 from train.parallel import ParallelDims
@@ -72,7 +73,7 @@ class Trainer:
         sampler: Callable | None = None,
         peak_flops: float | None = None,
         stop_signals: StopSignals | None = None,
-        evaluator: Callable | None = None,
+        evaluator: Evaluator | None = None,
     ):
         self.config = config
         self.runtime = runtime
@@ -233,6 +234,7 @@ class Trainer:
     def evaluate(self, final: bool) -> None:
         progress = self.progress.state_dict()
         self.logger.log(self.progress.step, self.evaluator(self.engine.model, progress, final))
+        self.logger.log_images(self.progress.step, self.evaluator.images)
 
     def sample(self) -> None:
         """Sample the fixed prompts with the consolidated weights (on rank 0) and log them."""
