@@ -48,9 +48,11 @@ $(DEMO_EVAL_SHARDS): | $(VENV)/.installed
 	$(PY) -m data.demo --out $(DEMO_DIR)/eval --clips-per-source 12 --images-per-source 6 --seed 1
 
 # The CPU scaling-law demo: 3 budgets x 3 sizes as a Hydra multirun, then the fit and plots.
+# FIT_ARGS="--metric loss_at_time/0.55" fits the loss at one fixed time instead.
+FIT_ARGS ?=
 scaling: $(DEMO_AUTOENCODER) $(DEMO_EVAL_SHARDS)
 	$(PY) -m train -m experiment=scaling_demo $(ARGS)
-	$(PY) -m launch.scaling fit $(SCALING_SWEEP)
+	$(PY) -m launch.scaling fit $(SCALING_SWEEP) $(FIT_ARGS)
 
 # Generate from the latest demo run: make sample ARGS='prompt="a rabbit in a meadow"'
 sample: | $(VENV)/.installed

@@ -5,6 +5,7 @@ an offline W&B run, and afterwards by `python -m train.evaluate` on one or two r
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -40,21 +41,28 @@ def eval_overrides(held_out: Path, feature_models: tuple[Path, Path]) -> list[st
     ]
 
 
-@pytest.fixture(scope="module")
-def trained(demo_shards, held_out, autoencoder, feature_models, tmp_path_factory) -> Path:
-    """4 steps of the micro DiT, evaluated at steps 2 and 4, logged to an offline W&B run."""
-    run = tmp_path_factory.mktemp("evaluated")
-    launch_training(
+def training_overrides(demo_shards, autoencoder, run: Path) -> list[str]:
+    """4 steps of the micro DiT, checkpointed and evaluated at steps 2 and 4."""
+    return [
         f"data.shards={demo_shards}",
         f"train.run_dir={run}",
         "model=micro",
         f"autoencoder.checkpoint={autoencoder}",
         "train.steps=4",
         "train.log_every=1",
-        "train.checkpoint_every=4",
+        "train.checkpoint_every=2",
         "train.sample_prompts=[]",
         "eval.every=2",
         "data.num_workers=0",
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(demo_shards, held_out, autoencoder, feature_models, tmp_path_factory) -> Path:
+    """The run, logged to an offline W&B run."""
+    run = tmp_path_factory.mktemp("evaluated")
+    launch_training(
+        *training_overrides(demo_shards, autoencoder, run),
         "logger=wandb",
         "logger.mode=offline",
         *eval_overrides(held_out, feature_models),
@@ -103,6 +111,50 @@ def test_evaluate_command_repeats_the_training_evaluation_on_one_and_two_ranks(t
         assert result["fvd"] == pytest.approx(at_step_4["fvd"], rel=1e-6)
         assert result["clip_score"] == pytest.approx(at_step_4["clip_score"], rel=1e-6)
         assert result["feature_models"] == at_step_4["feature_models"]
+
+
+def test_a_resumed_run_evaluates_as_the_uninterrupted_one(
+    trained, demo_shards, held_out, autoencoder, feature_models, tmp_path
+):
+    """Resumed from step 2, the run evaluates at step 4 with the same prompts, seeds and noise:
+    the same numbers, bit for bit."""
+    shutil.copytree(
+        trained / "checkpoints" / "step_00000002", tmp_path / "checkpoints" / "step_00000002"
+    )
+    launch_training(
+        *training_overrides(demo_shards, autoencoder, tmp_path),
+        "logger=none",
+        *eval_overrides(held_out, feature_models),
+        nproc=1,
+    )
+    resumed, straight = (
+        json.loads((run / "eval" / "step_00000004.json").read_text()) for run in (tmp_path, trained)
+    )
+    for key in ("loss", "loss_at_time", "fvd", "clip_score", "sample_losses"):
+        assert resumed[key] == straight[key], key
+    assert not (tmp_path / "eval" / "step_00000002.json").exists()  # evaluated before the copy
+
+
+@pytest.mark.multiprocess
+def test_fsdp_ranks_share_the_evaluation_and_agree_with_one_process(
+    trained, demo_shards, held_out, autoencoder, feature_models, tmp_path
+):
+    """On 2 FSDP ranks every forward is collective: the ranks split the held-out batches and
+    the videos, padding to the same count, and reach the single process's numbers (the
+    training itself agrees to rounding)."""
+    launch_training(
+        *training_overrides(demo_shards, autoencoder, tmp_path),
+        "parallel=fsdp",
+        "logger=none",
+        *eval_overrides(held_out, feature_models),
+        nproc=2,
+    )
+    two, one = (
+        json.loads((run / "eval" / "step_00000004.json").read_text()) for run in (tmp_path, trained)
+    )
+    assert two["samples"] == one["samples"] and two["loss"] == pytest.approx(one["loss"], rel=1e-4)
+    assert two["fvd"] == pytest.approx(one["fvd"], rel=1e-3)
+    assert two["clip_score"] == pytest.approx(one["clip_score"], rel=1e-3)
 
 
 @pytest.mark.parametrize(

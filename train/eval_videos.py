@@ -13,6 +13,7 @@ are gathered by index on every rank, so every rank computes the same numbers.
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,9 @@ def gathered(mine: dict[int, object]) -> dict[int, object]:
 
 
 class EvalVideos:
+    """The evaluation videos of one rank, and the scores of all of them; see the module
+    docstring."""
+
     def __init__(
         self,
         cfg: EvalConfig,
@@ -79,9 +83,10 @@ class EvalVideos:
         batch (one shape each)."""
         self.cfg, self.flow, self.fps, self.runtime = cfg, flow, fps, runtime
         self.prompts = (prompts * -(-cfg.videos // len(prompts)))[: cfg.videos]
-        mine = list(range(dims.dp_rank, cfg.videos, dims.dp_size))
-        padding = -(-cfg.videos // dims.dp_size) - len(mine)
-        self.plan = [(i, True) for i in mine] + [(0, False)] * padding
+        share = list(range(dims.dp_rank, cfg.videos, dims.dp_size))
+        padding = -(-cfg.videos // dims.dp_size) - len(share)
+        self.plan = [(i, True) for i in share] + [(0, False)] * padding
+        self.seconds: dict[str, float] = {}  # the latest evaluation's, on this rank
         device = runtime.device
         self.features = VideoFeatures(cfg.fvd_model, device) if cfg.fvd_model else None
         self.clip = ClipScorer(cfg.clip_model, device) if cfg.clip_model else None
@@ -98,12 +103,10 @@ class EvalVideos:
                     f"among the eval.samples={cfg.samples} chosen, found {len(every)}"
                 )
             self.real_features = np.stack([every[i] for i in sorted(every)])
-
-    def models(self) -> dict[str, str]:
-        """The feature models' fingerprints, for the evaluation record."""
+        # The feature models named with their fingerprints, for the evaluation record.
         scorers = {"fvd_model": self.features, "clip_model": self.clip}
-        return {
-            key: f"{getattr(self.cfg, key)} sha256:{scorer.fingerprint()}"
+        self.models = {
+            key: f"{getattr(cfg, key)} sha256:{scorer.fingerprint()}"
             for key, scorer in scorers.items()
             if scorer is not None
         }
@@ -111,10 +114,12 @@ class EvalVideos:
     @torch.no_grad()
     def __call__(self, model: nn.Module, autoencoder: nn.Module, text_encoder: nn.Module):
         """(metrics, grid): FVD and CLIP score of the generated set, and a uint8 image of a few
-        frames of its first videos (None where there is no video)."""
+        frames of its first videos (None where there is no video). `seconds` says where this
+        rank's time went: generating its videos, and scoring them."""
         frames, height, width = self.cfg.video_shape
-        mine = {}
+        mine, self.seconds = {}, {"generate": 0.0, "score": 0.0}
         for index, counted in self.plan:
+            start = time.perf_counter()
             generator = VideoGenerator(
                 model,
                 autoencoder,
@@ -126,8 +131,11 @@ class EvalVideos:
                 autocast=self.runtime.autocast,
             )
             video = generator.window(self.prompts[index], frames, height, width)
+            scored = time.perf_counter()
             if counted:
                 mine[index] = self._score(index, to_pixels(video)) | {"frames": _thumbs(video)}
+            self.seconds["generate"] += scored - start
+            self.seconds["score"] += time.perf_counter() - scored
         scored = gathered(mine)
         ordered = [scored[i] for i in range(self.cfg.videos)]
         metrics = {}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -236,8 +237,8 @@ class Evaluator:
             dim=1,
         ).to(device)  # (times, B, C, T, H, W)
         losses = torch.zeros(len(times), len(batch.keys), dtype=torch.float64, device=device)
-        for k, time in enumerate(times.tolist()):
-            t_batch = torch.full((len(batch.keys),), time, device=device)
+        for k, t in enumerate(times.tolist()):
+            t_batch = torch.full((len(batch.keys),), t, device=device)
             with self.runtime.autocast():
                 loss = training_loss(
                     model, batch.latents, batch.text, batch.mask, t_batch, noise[k],
@@ -250,8 +251,12 @@ class Evaluator:
         """Evaluate on every rank; returns the metrics to log, and writes the JSON on rank 0."""
         was_training = model.training
         model.eval()
+        start = time.perf_counter()
         sums, at_times, samples = (values.cpu() for values in self._sums(model))
+        seconds = {"loss": time.perf_counter() - start}
         generated, grid = self._generate(model) if self.videos else ({}, None)
+        seconds |= self.videos.seconds if self.videos else {}
+        seconds["total"] = time.perf_counter() - start
         model.train(was_training)
         times = [f"{t:.3g}" for t in fixed_times(self.cfg.times).tolist()]
         result = {
@@ -264,7 +269,8 @@ class Evaluator:
                 for shape, row, rows in zip(self.buckets, sums, at_times, strict=True)
             },
             **{name.removeprefix("eval/"): value for name, value in generated.items()},
-            **({"feature_models": self.videos.models()} if self.videos else {}),
+            **({"feature_models": self.videos.models} if self.videos else {}),
+            "seconds": seconds,  # rank 0's: where the evaluation's time went
             # Per sample, so a sweep's fit can resample the held-out set for all runs at once.
             "sample_losses": {
                 key: samples[i, 0].item()
@@ -281,8 +287,8 @@ class Evaluator:
                 path = write_grid(grid, self.out / f"step_{progress['step']:08d}.png")
                 self.images = {"eval/samples": path}
         metrics = {"eval/loss": result["loss"], "eval/loss_se": result["loss_se"], **generated}
-        for time, values in result["loss_at_time"].items():
-            metrics[f"eval/loss_at_time/{time}"] = values["loss"]
+        for t, values in result["loss_at_time"].items():
+            metrics[f"eval/loss_at_time/{t}"] = values["loss"]
         for name, values in result["buckets"].items():
             metrics[f"eval/loss/{name}"] = values["loss"]
         return metrics

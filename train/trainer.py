@@ -136,6 +136,7 @@ class Trainer:
             "train/loss": sums["loss_sum"] / sums["samples"],
             "train/lr": self.engine.lr,
             "train/grad_norm": grad_norm,
+            "perf/step_s": step_time,
             "perf/tokens_per_s": sums["tokens"] / step_time,
             "perf/samples_per_s": sums["samples"] / step_time,
             "perf/data_wait_share": data_wait / step_time,
