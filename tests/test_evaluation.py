@@ -71,6 +71,7 @@ def trained(demo_shards, held_out, autoencoder, feature_models, tmp_path_factory
     return run
 
 
+@pytest.mark.slow
 def test_training_evaluates_generated_videos_and_logs_them(trained):
     for step in (2, 4):
         result = json.loads((trained / "eval" / f"step_{step:08d}.json").read_text())
@@ -113,6 +114,7 @@ def test_evaluate_command_repeats_the_training_evaluation_on_one_and_two_ranks(t
         assert result["feature_models"] == at_step_4["feature_models"]
 
 
+@pytest.mark.slow
 def test_a_resumed_run_evaluates_as_the_uninterrupted_one(
     trained, demo_shards, held_out, autoencoder, feature_models, tmp_path
 ):

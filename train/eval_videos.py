@@ -31,6 +31,7 @@ from train.sample import VideoGenerator
 
 GRID_FRAMES = 4  # frames of each video in the grid image, evenly spaced
 GRID_VIDEOS = 8  # rows of the grid image at most
+FEATURE_BATCH = 8  # held-out clips through the FVD network at a time
 
 
 def read_prompts(path: str) -> list[str]:
@@ -93,9 +94,11 @@ class EvalVideos:
         self.real_features = None
         if self.features is not None:
             mine = {}
-            for indices, clips in real:
-                rows = self.features(clips.to(device)).cpu().numpy()
-                mine |= dict(zip(indices, rows, strict=True))
+            for indices, clips in real:  # a few clips at a time: a network's activations are large
+                rows = torch.cat(
+                    [self.features(part.to(device)) for part in clips.split(FEATURE_BATCH)]
+                )
+                mine |= dict(zip(indices, rows.numpy(), strict=True))
             every = gathered(mine)
             if len(every) < 2:
                 raise ValueError(

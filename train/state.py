@@ -115,9 +115,6 @@ class Background:
     def copy(self, state):
         return self.stager.stage(state)
 
-    def close(self) -> None:
-        self.stager.close()
-
 
 class Store(Protocol):
     """Writes its components into a checkpoint folder and restores them (both collective).
