@@ -127,6 +127,9 @@ class Evaluator:
         self.buckets = list(dict.fromkeys(b.bucket.shape for b in chosen))  # most tokens first
         keys = [plan.key(i) for batch in chosen for i in batch.sample_ids]
         self.sample_index = {key: i for i, key in enumerate(keys)}
+        self.sample_bucket = torch.tensor(
+            [self.buckets.index(b.bucket.shape) for b in chosen for _ in b.sample_ids]
+        )
         # Split by data-parallel rank: the ranks of a sequence-parallel group share batches.
         mine = chosen[dims.dp_rank :: dims.dp_size]
         # Ranks with a batch fewer run one more, uncounted, so all run as many forwards.
@@ -195,33 +198,40 @@ class Evaluator:
     def _sums(self, model: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
         """(buckets, 3) float64 sums of per-sample loss, its square and the sample count;
         (buckets, eval.times, 3) the same at each fixed time; and (samples, 2) every held-out
-        sample's loss and whether it was scored (1) or not (0)."""
+        sample's loss and whether it was scored (1) or not (0).
+
+        Each sample's losses come from the one rank that scored it; the sums are then taken on
+        every rank in the set's order, so they do not depend on the number of ranks, bit for
+        bit (a sample's loss does not either: its batch is the same on any number of ranks)."""
         device = self.runtime.device
-        sums = torch.zeros(len(self.buckets), 3, dtype=torch.float64, device=device)
-        at_times = torch.zeros(
-            len(self.buckets), self.cfg.times, 3, dtype=torch.float64, device=device
-        )
-        samples = torch.zeros(len(self.sample_index), 2, dtype=torch.float64, device=device)
+        # Per sample: its loss, whether it was scored, and its losses at the fixed times.
+        losses = torch.zeros(len(self.sample_index), 2 + self.cfg.times, dtype=torch.float64)
+        losses = losses.to(device)
         for batch in self.batches:
             tokens = self.geometry.latent_tokens(batch.latents.shape[2:])
             per_time = self._losses(
                 model, batch, eval_times(self.cfg.timesteps, tokens, self.flow), ""
             )
             fixed = self._losses(model, batch, fixed_times(self.cfg.times), "fixed")
-            if not batch.counted:
-                continue
-            per_sample = per_time.mean(dim=0)
-            rows = [self.sample_index[key] for key in batch.keys]
-            samples[rows] = torch.stack([per_sample, torch.ones_like(per_sample)], dim=1)
-            sums[batch.bucket] += _moments(per_sample)
-            for k, losses in enumerate(fixed):
-                at_times[batch.bucket, k] += _moments(losses)
+            # A sequence group's ranks scored the same batch: its first rank reports it.
+            if batch.counted and self.dims.sequence_rank == 0:
+                rows = [self.sample_index[key] for key in batch.keys]
+                scored = torch.ones_like(per_time[0])
+                losses[rows] = torch.cat(
+                    [per_time.mean(dim=0)[:, None], scored[:, None], fixed.T], 1
+                )
         if dist.is_initialized():
-            for values in (sums, at_times, samples):
-                dist.all_reduce(values)
-                # Every rank of a sequence group scored the same batches.
-                values /= self.dims.sequence_size
-        return sums, at_times, samples
+            dist.all_reduce(losses)  # each row is one rank's, the others' zeros: exact
+        losses = losses.cpu()
+        sums = torch.zeros(len(self.buckets), 3, dtype=torch.float64)
+        at_times = torch.zeros(len(self.buckets), self.cfg.times, 3, dtype=torch.float64)
+        scored = losses[:, 1] > 0
+        for bucket in range(len(self.buckets)):
+            mine = losses[(self.sample_bucket == bucket) & scored]
+            sums[bucket] = _moments(mine[:, 0])
+            for k in range(self.cfg.times):
+                at_times[bucket, k] = _moments(mine[:, 2 + k])
+        return sums, at_times, losses[:, :2]
 
     def _losses(
         self, model: nn.Module, batch: EncodedBatch, times: Tensor, noise_kind: str
