@@ -13,10 +13,12 @@ The set is a seeded choice of eval.samples held-out samples, cut into batches of
 each (partial batches too: a small held-out set still covers its buckets), the same batches
 on any number of ranks. Data-parallel rank r scores batches r, r + world, ...; a rank with a
 batch fewer runs one uncounted padding batch (under FSDP every rank must run the same number of
-forwards). The per-bucket sums are all-reduced, and only rank 0 writes `eval/step_XXXXXXXX.json`
-and, at the end of the run, `eval/final.json`; both hold every sample's loss as well, so that a
-sweep's fit can resample the held-out set for all its runs at once.
-
+forwards). Every sample's losses are gathered from the rank that scored it and summed in the
+set's order on every rank, so the results do not depend on the number of ranks, bit for bit.
+Only rank 0 writes `eval/step_XXXXXXXX.json` and, at the end of the run, `eval/final.json`;
+both hold every sample's loss as well, so that a sweep's fit can resample the held-out set for
+all its runs at once. With eval.videos, generated videos are scored too (train/eval_videos.py),
+and `python -m train.evaluate` evaluates a finished run the same way (at the end of this file).
 """
 
 from __future__ import annotations
