@@ -325,6 +325,15 @@ class SavedWeights:
     config: dict  # the run's config
     progress: dict  # the training progress they were saved at (step, tokens seen...); {}: unknown
 
+    @property
+    def run_dir(self) -> Path:
+        """The run directory the weights belong to (the folder itself when it is not in one)."""
+        if self.folder.name == EXPORT:
+            return self.folder.parent
+        if self.folder.parent.name == CHECKPOINTS:
+            return self.folder.parent.parent
+        return self.folder
+
 
 def find_weights(path: str | Path, weights: str = "ema") -> SavedWeights:
     """The `weights` ("ema" or "raw") of a run directory (its export when that holds them,

@@ -264,7 +264,7 @@ class Evaluator:
         was_training = model.training
         model.eval()
         start = time.perf_counter()
-        sums, at_times, samples = (values.cpu() for values in self._sums(model))
+        sums, at_times, samples = self._sums(model)
         seconds = {"loss": time.perf_counter() - start}
         generated, grid = self._generate(model) if self.videos else ({}, None)
         seconds |= self.videos.seconds if self.videos else {}
@@ -368,7 +368,7 @@ def evaluate_checkpoint(argv: list[str]) -> dict:
     seed_everything(config.train.seed)  # as the run did: anything random is built alike
     stage = stage_type(config)(config, runtime)
     load_trained(stage.model, read_weights(saved, stage.model), saved.folder)
-    run_dir = Path(args.get("out") or _run_dir_of(saved.folder))
+    run_dir = Path(args.get("out") or saved.run_dir)
     evaluator = stage.evaluator(config, dims, run_dir)
     progress = saved.progress or {"step": 0}
     evaluator(stage.model, progress, final=False)
@@ -378,15 +378,6 @@ def evaluate_checkpoint(argv: list[str]) -> dict:
 
 
 COMMAND_KEYS = ("checkpoint", "weights", "out")
-
-
-def _run_dir_of(folder: Path) -> Path:
-    """The run directory of an export or checkpoint folder (or the folder, if it is one)."""
-    if folder.name == "export":
-        return folder.parent
-    if folder.parent.name == "checkpoints":
-        return folder.parent.parent
-    return folder
 
 
 if __name__ == "__main__":
