@@ -1,10 +1,11 @@
 """Data preparation (`python -m data.prepare`): real files of many codecs and containers,
 images, audio-only and corrupt files, through a real local Ray and inline; shot splitting,
-filters, recaptioning with a real (tiny, random) vision-language model, and resume after
-SIGKILL."""
+filters, recaptioning with a real (tiny, random) vision-language model, resume after
+SIGKILL, and the dataset lists of other video trainers."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -27,6 +28,7 @@ from vlm import save_tiny_vlm
 from data.decode import decode_clip
 from data.prepare import load_config, prepare
 from data.prepare.__main__ import main as prepare_command
+from data.prepare.source import list_source
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -236,9 +238,148 @@ def test_bad_options_and_outputs_fail_before_any_work(mixed, tmp_path, capsys):
     prepare(str(folder), out, load_config(["shard_size_mb=0.05"]), runner="inline")
     with pytest.raises(ValueError, match=r"another source or config \(differs in \['config'\]\)"):
         prepare(str(folder), out, load_config(["shard_size_mb=0.05", "seed=1"]), runner="inline")
-    (tmp_path / "list.csv").write_text("path,caption\nx.mp4,a clip\n")
-    with pytest.raises(ValueError, match=r"list.csv: no 'file' column"):
-        prepare(str(tmp_path / "list.csv"), tmp_path / "o2", load_config([]), runner="inline")
+
+
+@pytest.fixture(scope="module")
+def listed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A list's folder and {file as a list names it: caption}: tiny clips by a relative path,
+    in a subfolder, by an absolute path outside the folder, and one without a caption."""
+    folder, elsewhere = tmp_path_factory.mktemp("listed"), tmp_path_factory.mktemp("elsewhere")
+    (folder / "sub").mkdir()
+    rabbit = source_frames("bigbuckbunny.mp4", 8, height=32)
+    bikes = source_frames("bikes.mp4", 8, height=32)
+    encode(folder / "rabbit.mp4", rabbit, "libx264", "yuv420p")
+    encode(folder / "sub" / "bikes.mp4", bikes, "libx264", "yuv420p")
+    encode(folder / "uncaptioned.mp4", bikes[::-1], "libx264", "yuv420p")
+    far = encode(elsewhere / "far.mp4", rabbit[::-1], "libx264", "yuv420p")
+    captions = {
+        "rabbit.mp4": "a cartoon rabbit",
+        "sub/bikes.mp4": 'bikes, "fast", on a track',  # a comma and quotes: CSV quoting
+        str(far): "a rabbit, given by an absolute path",
+        "uncaptioned.mp4": "",  # empty, or null: no caption, dropped as for a `file` list
+    }
+    return folder, captions
+
+
+@pytest.fixture(scope="module")
+def file_list_prepared(listed, tmp_path_factory) -> tuple[list[dict], dict, dict[str, bytes]]:
+    """Tessera's own `file` + `caption` list of the clips, listed and prepared once: the
+    reference the other trainers' lists must equal."""
+    folder, captions = listed
+    source = folder / "tessera.csv"
+    write_csv(source, ["file", "caption"], [[file, text] for file, text in captions.items()])
+    out = tmp_path_factory.mktemp("file_list")
+    report = prepare(str(source), out, load_config([]), runner="inline", progress=False)
+    assert report["dropped"] == [{"file": "uncaptioned.mp4", "reason": "no caption"}]
+    found = samples(out)
+    assert {file: sample["meta"]["caption"] for file, (sample,) in found.items()} == {
+        file: text for file, text in captions.items() if text
+    }
+    files = output_files(out)
+    del files["report.json"]  # it names the source list
+    return list_source(str(source)), report, files
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+
+
+def open_sora(folder: Path, captions: dict[str, str]) -> Path:
+    """Open-Sora's CSV: `path`, `text`, and the columns its tools add (ignored)."""
+    header = ["path", "text", "num_frames", "height", "width", "aspect_ratio", "fps"]
+    rows = [[file, text, 8, 32, 56, 0.57, 24] for file, text in captions.items()]
+    write_csv(folder / "open_sora.csv", header, rows)
+    return folder / "open_sora.csv"
+
+
+def diffsynth(folder: Path, captions: dict[str, str], column: str = "video") -> Path:
+    """DiffSynth-Studio's `metadata.csv`: `video` (or, for images, `image`) and `prompt`."""
+    path = folder / ("metadata.csv" if column == "video" else f"metadata_{column}.csv")
+    write_csv(path, [column, "prompt"], [[file, text] for file, text in captions.items()])
+    return path
+
+
+def ltx_video_trainer(folder: Path, captions: dict[str, str]) -> Path:
+    """LTX-Video-Trainer's `dataset.json`: an array of {media_path, caption}, no caption null."""
+    rows = [{"caption": text or None, "media_path": file} for file, text in captions.items()]
+    (folder / "dataset.json").write_text(json.dumps(rows, indent=2))
+    return folder / "dataset.json"
+
+
+def musubi_tuner(folder: Path, captions: dict[str, str], column: str = "video_path") -> Path:
+    """musubi-tuner's JSONL (`video_jsonl_file`, or `image_jsonl_file` with `image_path`): a
+    row without a caption has none."""
+    path = folder / f"musubi_{column}.jsonl"
+    rows = [{column: file} | ({"caption": text} if text else {}) for file, text in captions.items()]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.mark.parametrize(
+    "write_list",
+    [
+        open_sora,
+        diffsynth,
+        lambda folder, captions: diffsynth(folder, captions, column="image"),
+        ltx_video_trainer,
+        musubi_tuner,
+        lambda folder, captions: musubi_tuner(folder, captions, column="image_path"),
+    ],
+    ids=[
+        "open-sora",
+        "diffsynth",
+        "diffsynth-image",
+        "ltx-video-trainer",
+        "musubi",
+        "musubi-image",
+    ],
+)
+def test_other_trainers_lists_prepare_as_a_file_list(
+    write_list, listed, file_list_prepared, tmp_path
+):
+    """Each trainer's list, in its own form, of the same clips and captions: the same listing
+    (files, sizes, captions) and, prepared, the same shards and manifest, byte for byte, as
+    Tessera's `file` + `caption` list."""
+    folder, captions = listed
+    rows, report, files = file_list_prepared
+    source = str(write_list(folder, captions))
+    assert list_source(source) == rows
+    out = tmp_path / "out"
+    assert prepare(source, out, load_config([]), runner="inline", progress=False) == report | {
+        "source": source
+    }
+    assert output_files(out) == files | {"report.json": (out / "report.json").read_bytes()}
+
+
+def test_a_list_of_unknown_columns_fails_naming_the_list_and_its_columns(tmp_path):
+    """Before any work: the list, the columns it has, and the column pairs a list may have."""
+    source = tmp_path / "clips.csv"  # Open-Sora's `path`, another trainer's `caption`
+    write_csv(source, ["path", "caption", "fps"], [["x.mp4", "a clip", 24]])
+    with pytest.raises(ValueError) as failed:
+        prepare(str(source), tmp_path / "out", load_config([]), runner="inline")
+    message = str(failed.value)
+    assert message.startswith(f"{source}: its columns ['path', 'caption', 'fps'] are no known")
+    for accepted in (
+        "file [+ caption]",
+        "path + text (Open-Sora)",
+        "video + prompt (DiffSynth-Studio)",
+        "media_path + caption (LTX-Video-Trainer)",
+        "video_path + caption (musubi-tuner)",
+    ):
+        assert accepted in message
+    assert not list((tmp_path / "out").glob("*.tar"))
+    # A row without a file is named with the list's own column; a .json list is an array.
+    (tmp_path / "musubi.jsonl").write_text(
+        '{"video_path": "x.mp4", "caption": "a"}\n{"caption": "b"}\n'
+    )
+    with pytest.raises(
+        ValueError, match=r"musubi.jsonl: row 2 has an empty or missing 'video_path'"
+    ):
+        list_source(str(tmp_path / "musubi.jsonl"))
+    (tmp_path / "dataset.json").write_text('{"media_path": "x.mp4", "caption": "a clip"}')
+    with pytest.raises(ValueError, match=r"dataset.json: a .json list must be an array of objects"):
+        list_source(str(tmp_path / "dataset.json"))
 
 
 @pytest.fixture

@@ -30,7 +30,13 @@ def main(argv: list[str] | None = None) -> dict:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("source", help="folder, s3:// or gs:// prefix, or CSV/JSONL/Parquet list")
+    parser.add_argument(
+        "source",
+        help="folder, s3:// or gs:// prefix, or CSV/JSON/JSONL/Parquet list: Tessera's (file "
+        "[+ caption]), Open-Sora's (path + text), DiffSynth-Studio's (video or image + prompt), "
+        "LTX-Video-Trainer's (media_path + caption) or musubi-tuner's (video_path or "
+        "image_path + caption)",
+    )
     parser.add_argument("--out", required=True, help="folder for the shards, manifest and report")
     parser.add_argument(
         "--address", help="a Ray cluster to run on (default: $RAY_ADDRESS, else local)"
