@@ -31,7 +31,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from model.wan import WanConfig, expected_config
+from model.pretrained import PretrainedConfig, expected_config, family_of
 
 GIB = 2**30
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -47,14 +47,16 @@ def preset(name: str):
     return OmegaConf.to_object(values)
 
 
-def meta_transformer(geometry, wan: WanConfig) -> nn.Module:
-    """diffusers' Wan transformer of the preset's sizes, with no storage behind its weights."""
-    from diffusers import WanTransformer3DModel
+def meta_transformer(geometry, pretrained: PretrainedConfig) -> nn.Module:
+    """The family's diffusers transformer at the preset's sizes (one expert), with no storage
+    behind its weights."""
+    import diffusers
 
-    sizes = expected_config(geometry, wan)
-    sizes["patch_size"] = tuple(sizes["patch_size"])
+    sizes = expected_config(geometry, pretrained)
+    if isinstance(sizes["patch_size"], list):
+        sizes["patch_size"] = tuple(sizes["patch_size"])
     with torch.device("meta"):
-        return WanTransformer3DModel(**sizes)
+        return getattr(diffusers, family_of(pretrained).transformer)(**sizes)
 
 
 def lora_param_count(transformer: nn.Module, rank: int, targets: list[str]) -> int:
@@ -117,15 +119,15 @@ def main() -> None:
     from train.config import LoraConfig
 
     geometry = preset(args.model)
-    transformer = meta_transformer(geometry, geometry.wan)
-    spatial = 16 if geometry.wan.in_channels == 48 else 8  # the Wan 2.2 VAE is 16x16
+    transformer = meta_transformer(geometry, geometry.pretrained)
+    spatial = 16 if geometry.pretrained.in_channels == 48 else 8  # the Wan 2.2 VAE is 16x16
     latent_geometry = LatentGeometry(4, spatial, tuple(geometry.patch_size))
     tokens = latent_geometry.tokens(args.frames, args.height, args.width) // args.sp
     counts = {
         "total": sum(p.numel() for p in transformer.parameters()),
         "lora": lora_param_count(transformer, args.lora_rank, LoraConfig().target_modules),
         "width": geometry.width,
-        "ffn": geometry.wan.ffn_dim,
+        "ffn": geometry.pretrained.config["ffn_dim"],
         "depth": geometry.depth,
     }
     print(

@@ -9,7 +9,7 @@ the trainer's normalisation, and writes both gradients' differences to OUT/rank{
 CHECK is `buckets` (the ranks hold batches of different buckets and sizes) or `sequence` (all
 ranks split one sample's tokens, over the sequence LAYOUT: `sp=2` (the default), `cp=2`, or
 `cp=2,sp=2` on 4 ranks, and further ParallelConfig settings such as
-`activation_checkpointing=full`); `sequence_wan_t2v` and `sequence_wan_ti2v` are
+`activation_checkpointing=full`); `sequence_wan2.1` and `sequence_wan2.2_ti2v` are
 `sequence` for a tiny Wan 2.1 T2V (one time per sample) and Wan 2.2 TI2V (a given first frame,
 one time per token) model; `sequence_packed` splits a padded pack of three samples of different
 shapes (one with a given frame), where a sample straddles the ranks' chunks.
@@ -128,8 +128,8 @@ def main(check: str, backend: str, out: Path, layout: str) -> None:
     parallel = ParallelConfig(backend=backend, **degrees)
     dims = ParallelDims.resolve(parallel, runtime.world_size, runtime.rank)
     dims.build_mesh("cpu")
-    if check.startswith("sequence_wan_"):
-        model = tiny_wan_model(check.removeprefix("sequence_wan_"), 3, TEXT_DIM)
+    if check.startswith("sequence_wan"):
+        model = tiny_wan_model(check.removeprefix("sequence_"), 3, TEXT_DIM)
     else:
         model = perturbed_tiny_dit(in_channels=3, text_dim=TEXT_DIM, scale=0.02)
 
@@ -140,7 +140,7 @@ def main(check: str, backend: str, out: Path, layout: str) -> None:
         size = 3 if check == "sequence_packed" else 1
         batches = mine = [make_batch(4, 8, 8, size, plan_index=0)]
     objective = LatentObjective(
-        per_frame_times=check in ("sequence", "sequence_wan_ti2v"),
+        per_frame_times=check in ("sequence", "sequence_wan2.2_ti2v"),
         packed=check == "sequence_packed",
     )
     ref_loss, ref_grads = reference_gradients(model, objective, batches)

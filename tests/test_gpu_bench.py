@@ -79,7 +79,7 @@ class Missing(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in {blocked!r}:
             raise ImportError(f"{{name}} is not on the GPU image")
 sys.meta_path.insert(0, Missing())
-import model.dit, model.flops, model.attention, model.autoencoder, model.text, model.flow, model.wan, model.conditioning
+import model.dit, model.flops, model.attention, model.autoencoder, model.text, model.flow, model.pretrained, model.conditioning
 import bench.gpu.mfu, bench.gpu.trainer_check, bench.gpu.half_text_encoder, bench.gpu.latent_check
 """
     result = subprocess.run(

@@ -1,4 +1,4 @@
-"""Pretrained Wan models (model/wan.py, train/wan.py) against diffusers' own classes, on tiny
+"""Pretrained Wan models (model/pretrained.py, train/pretrained.py) against diffusers' own classes, on tiny
 random Wan models saved with `save_pretrained` (nothing is downloaded):
 
 - the loaded model gives diffusers' velocity (Wan 2.1 T2V and 2.2 TI2V, fp32 CPU, 1e-5 relative),
@@ -22,28 +22,34 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 from wan_models import TINY_WAN, save_tiny_pipeline, tiny_transformer, wan_overrides
 
-from model.wan import (
-    WanConfig,
-    WanFolderError,
-    WanVideoModel,
+from model.pretrained import (
+    FAMILIES,
+    PretrainedConfig,
+    PretrainedFolderError,
+    PretrainedVideoModel,
     add_lora,
-    load_wan,
+    load_pretrained,
     save_lora,
-    save_wan,
+    save_pretrained,
 )
 from train.config import ModelConfig, OptimConfig, register_configs, to_config
-from train.wan import export_wan
+from train.pretrained import export_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()
 
 
-def geometry(variant: str = "t2v", path: Path | None = None) -> tuple[ModelConfig, WanConfig]:
-    wan = WanConfig(
-        path=str(path), variant=variant, text_dim=TINY_WAN["text_dim"], ffn_dim=TINY_WAN["ffn_dim"]
+def geometry(
+    family: str = "wan2.1", path: Path | None = None
+) -> tuple[ModelConfig, PretrainedConfig]:
+    wan = PretrainedConfig(
+        family=family,
+        path=str(path),
+        text_dim=TINY_WAN["text_dim"],
+        config={"ffn_dim": TINY_WAN["ffn_dim"]},
     )
     heads, head_dim = TINY_WAN["num_attention_heads"], TINY_WAN["attention_head_dim"]
-    return ModelConfig(depth=2, width=heads * head_dim, num_heads=heads, wan=wan), wan
+    return ModelConfig(depth=2, width=heads * head_dim, num_heads=heads, pretrained=wan), wan
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +76,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def test_wan21_t2v_gives_the_velocity_of_diffusers(folder):
-    model = load_wan(*geometry("t2v", folder))
+    model = load_pretrained(*geometry("wan2.1", folder))
     reference = WanTransformer3DModel.from_pretrained(folder).eval()
     x, t, text, mask = inputs()
     ours = model(x, t, text, mask)
@@ -81,13 +87,13 @@ def test_wan21_t2v_gives_the_velocity_of_diffusers(folder):
     # Per-frame times without given frames (how the trainer calls it) are the same call.
     frames = torch.zeros(2, 3, dtype=torch.bool)
     assert torch.equal(model(x, t[:, None].expand(2, 3), text, mask, given=frames), ours)
-    with pytest.raises(ValueError, match="Wan 2.1 T2V has one time per sample"):
+    with pytest.raises(ValueError, match="family=wan2.1 has one time per sample"):
         model(x, t, text, mask, given=frames | torch.tensor([True, False, False]))
 
 
 @torch.no_grad()
 def test_wan22_ti2v_gives_the_per_token_velocity_of_diffusers(folder):
-    model = load_wan(*geometry("ti2v", folder))
+    model = load_pretrained(*geometry("wan2.2_ti2v", folder))
     reference = WanTransformer3DModel.from_pretrained(folder).eval()
     x, t, text, mask = inputs()
     given = torch.tensor([[True, False, False], [False, False, False]])
@@ -104,58 +110,59 @@ def test_wan22_ti2v_gives_the_per_token_velocity_of_diffusers(folder):
 
 
 def test_saving_back_loads_in_diffusers_with_identical_tensors(folder, tmp_path):
-    model = load_wan(*geometry("t2v", folder))
-    save_wan(model, tmp_path / "saved")
-    reloaded = WanTransformer3DModel.from_pretrained(tmp_path / "saved").state_dict()
+    model = load_pretrained(*geometry("wan2.1", folder))
+    assert save_pretrained(model, tmp_path / "saved") == [tmp_path / "saved" / "transformer"]
+    reloaded = WanTransformer3DModel.from_pretrained(tmp_path / "saved" / "transformer")
+    reloaded = reloaded.state_dict()
     original = WanTransformer3DModel.from_pretrained(folder).state_dict()
     assert reloaded.keys() == original.keys()
     assert all(torch.equal(reloaded[k], original[k]) for k in original)
     # Sharded: an index and several files, which load the same.
-    save_wan(model, tmp_path / "sharded", max_shard_size="20KB")
-    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
-    resharded = load_wan(*geometry("t2v", tmp_path / "sharded")).transformer.state_dict()
+    save_pretrained(model, tmp_path / "sharded", max_shard_size="20KB")
+    assert len(list((tmp_path / "sharded" / "transformer").glob("*.safetensors"))) > 1
+    resharded = load_pretrained(*geometry("wan2.1", tmp_path / "sharded")).transformer.state_dict()
     assert all(torch.equal(resharded[k], original[k]) for k in original)
 
 
 def test_a_wrong_or_partial_folder_fails_naming_the_file(folder, tmp_path):
-    sharded = tmp_path / "sharded"
-    save_wan(load_wan(*geometry("t2v", folder)), sharded, max_shard_size="20KB")
+    save_pretrained(load_pretrained(*geometry("wan2.1", folder)), tmp_path, max_shard_size="20KB")
+    sharded = tmp_path / "transformer"
     missing = sorted(sharded.glob("*-of-*.safetensors"))[1]
     missing.unlink()
-    with pytest.raises(WanFolderError, match=f"Wan weight file {missing} is missing"):
-        load_wan(*geometry("t2v", sharded))
+    with pytest.raises(PretrainedFolderError, match=f"weight file {missing} is missing"):
+        load_pretrained(*geometry("wan2.1", sharded))
 
     other = tmp_path / "other"
     shutil.copytree(folder, other)
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "num_layers": 4}))
     with pytest.raises(
-        WanFolderError, match=f"{other / 'config.json'} is another model.*num_layers=4"
+        PretrainedFolderError, match=f"{other / 'config.json'} is another model.*num_layers=4"
     ):
-        load_wan(*geometry("t2v", other))
+        load_pretrained(*geometry("wan2.1", other))
     (other / "config.json").write_text(json.dumps({**config, "_class_name": "UNet2DModel"}))
-    with pytest.raises(WanFolderError, match="config of a 'UNet2DModel'"):
-        load_wan(*geometry("t2v", other))
+    with pytest.raises(PretrainedFolderError, match="config of a 'UNet2DModel', not of the Wan"):
+        load_pretrained(*geometry("wan2.1", other))
     (other / "config.json").unlink()
-    with pytest.raises(WanFolderError, match=f"neither {other / 'config.json'}"):
-        load_wan(*geometry("t2v", other))
+    with pytest.raises(PretrainedFolderError, match=f"none of {other / 'config.json'}"):
+        load_pretrained(*geometry("wan2.1", other))
     (other / "config.json").write_text(json.dumps(config))
     (other / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(WanFolderError, match=f"cannot load the Wan transformer in {other}"):
-        load_wan(*geometry("t2v", other))
+    with pytest.raises(PretrainedFolderError, match=f"cannot load the transformer in {other}"):
+        load_pretrained(*geometry("wan2.1", other))
 
 
 # --- LoRA -----------------------------------------------------------------------------------
 
 
-def lora_model(folder: Path, rank: int = 4) -> WanVideoModel:
-    model = load_wan(*geometry("t2v", folder))
+def lora_model(folder: Path, rank: int = 4) -> PretrainedVideoModel:
+    model = load_pretrained(*geometry("wan2.1", folder))
     torch.manual_seed(3)
     add_lora(model, rank, 2.0 * rank, ["to_q", "to_k", "to_v", "to_out.0"])
     return model
 
 
-def train_adapter(model: WanVideoModel, steps: int = 3) -> None:
+def train_adapter(model: PretrainedVideoModel, steps: int = 3) -> None:
     """A few optimiser steps through the trainer's engine on a flow-matching-like loss."""
     from train.config import ParallelConfig
     from train.parallel import ParallelDims, build_engine
@@ -227,7 +234,7 @@ def test_exported_lora_loads_in_the_wan_pipeline_and_merges_to_base_plus_adapter
             )
         )
     copy = lora_model(transformer_folder)
-    written = export_wan(config, copy, trained, tmp_path / "export")
+    written = export_pretrained(config, copy, trained, tmp_path / "export")
     assert [p.name for p in written] == ["lora", "transformer"]
     merged = WanTransformer3DModel.from_pretrained(tmp_path / "export" / "transformer").state_dict()
     base = load_file(transformer_folder / "diffusion_pytorch_model.safetensors")
@@ -250,17 +257,19 @@ def test_exported_lora_loads_in_the_wan_pipeline_and_merges_to_base_plus_adapter
 def test_memory_arithmetic_counts_the_parameters_peft_and_diffusers_make():
     from bench.wan_memory import lora_param_count, meta_transformer, preset
 
-    tiny, wan = geometry("t2v", None)
+    tiny, wan = geometry("wan2.1", None)
     counted = sum(p.numel() for p in meta_transformer(tiny, wan).parameters())
     real = tiny_transformer()
     assert counted == sum(p.numel() for p in real.parameters())
     targets = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
     adapters = lora_param_count(real, 4, targets)
-    model = WanVideoModel(real, tiny, "t2v")
+    model = PretrainedVideoModel(FAMILIES["wan2.1"], [real], tiny, wan)
     add_lora(model, 4, 4.0, targets)
     assert adapters == sum(p.numel() for p in model.parameters() if p.requires_grad)
     big = preset("wan2.1_t2v_14b")
-    assert 14.0e9 < sum(p.numel() for p in meta_transformer(big, big.wan).parameters()) < 14.5e9
+    assert (
+        14.0e9 < sum(p.numel() for p in meta_transformer(big, big.pretrained).parameters()) < 14.5e9
+    )
 
 
 def test_presets_compose_and_refuse_what_wan_21_cannot_do():
@@ -268,19 +277,20 @@ def test_presets_compose_and_refuse_what_wan_21_cannot_do():
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
             return to_config(compose("config", overrides=list(overrides)))
 
-    for name, heads, variant in [
-        ("wan2.1_t2v_1.3b", 12, "t2v"),
-        ("wan2.1_t2v_14b", 40, "t2v"),
-        ("wan2.2_ti2v_5b", 24, "ti2v"),
+    for name, heads, family in [
+        ("wan2.1_t2v_1.3b", 12, "wan2.1"),
+        ("wan2.1_t2v_14b", 40, "wan2.1"),
+        ("wan2.2_ti2v_5b", 24, "wan2.2_ti2v"),
+        ("wan2.2_t2v_a14b", 40, "wan2.2_a14b"),
     ]:
-        composed = config("experiment=wan_lora", f"model={name}", "model.wan.path=/data/wan")
-        assert composed.model.num_heads == heads and composed.model.wan.variant == variant
+        composed = config("experiment=wan_lora", f"model={name}", "model.pretrained.path=/data/wan")
+        assert composed.model.num_heads == heads and composed.model.pretrained.family == family
         assert composed.autoencoder.pretrained_path == "/data/wan"
         assert composed.text_encoder.tokenizer_path == "/data/wan/tokenizer"
         assert composed.lora.rank == 32
-    with pytest.raises(ValueError, match="Wan 2.1 T2V model .* cannot keep given frames"):
+    with pytest.raises(ValueError, match="family=wan2.1 has one time per sample .* given frames"):
         config("experiment=wan_finetune", "conditioning=mixed")
-    with pytest.raises(ValueError, match="lora.rank > 0 needs a pretrained Wan model"):
+    with pytest.raises(ValueError, match="lora.rank > 0 needs a pretrained model"):
         config("lora.rank=4")
     with pytest.raises(Exception, match="rnak"):
         config("experiment=wan_lora", "lora.rnak=4")

@@ -141,13 +141,13 @@ def test_lora_stop_and_resume_is_bitwise_identical(fine_tunes, pipeline, demo_sh
     ("layout", "nproc"),
     [("sp=2", 2), ("cp=2", 2), ("cp=2,activation_checkpointing=full", 2), ("cp=2,sp=2", 4)],
 )
-@pytest.mark.parametrize("variant", ["t2v", "ti2v"])
-def test_sequence_parallel_matches_one_rank(variant, layout, nproc, tmp_path):
+@pytest.mark.parametrize("family", ["wan2.1", "wan2.2_ti2v"])
+def test_sequence_parallel_matches_one_rank(family, layout, nproc, tmp_path):
     worker = str(ROOT / "tests" / "parallel_worker.py")
-    torchrun(worker, f"sequence_wan_{variant}", "fsdp", str(tmp_path), layout, nproc=nproc)
+    torchrun(worker, f"sequence_{family}", "fsdp", str(tmp_path), layout, nproc=nproc)
     for rank in range(nproc):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        print(f"Wan {variant} {layout} rank {rank}", result)
+        print(f"{family} {layout} rank {rank}", result)
         assert result["loss"] == pytest.approx(result["reference_loss"], rel=1e-6)
         assert result["engine_vs_reference"] <= 1e-5 * result["max_grad"]
 
@@ -164,7 +164,10 @@ def test_the_sampler_makes_videos_from_a_fine_tuned_tiny_wan(demo_shards, tmp_pa
     args = overrides(
         "wan_lora", pipeline, demo_shards, tmp_path / "run", "lora.rank=4", "train.steps=2"
     )
-    args = [a.replace("model.wan.variant=t2v", "model.wan.variant=ti2v") for a in args]
+    args = [
+        a.replace("model.pretrained.family=wan2.1", "model.pretrained.family=wan2.2_ti2v")
+        for a in args
+    ]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         losses = run(to_config(compose("config", overrides=args + ["conditioning=mixed"])))
     assert len(losses) == 2 and all(np.isfinite(losses))

@@ -15,8 +15,8 @@ from diffusers import (
     WanTransformer3DModel,
 )
 
+from model.pretrained import FAMILIES, PretrainedConfig, PretrainedVideoModel
 from model.text import default_text_encoder_path
-from model.wan import WanConfig, WanVideoModel
 from train.config import ModelConfig
 
 # Two heads of 12 (Ulysses sp=2 splits them), umT5 states of 32.
@@ -47,16 +47,21 @@ def tiny_transformer(seed: int = 0, **changes) -> WanTransformer3DModel:
     return transformer.eval()
 
 
-def tiny_wan_model(variant: str, in_channels: int, text_dim: int) -> WanVideoModel:
+def tiny_wan_model(family: str, in_channels: int, text_dim: int) -> PretrainedVideoModel:
     """The tiny transformer behind Tessera's call, built in memory."""
     transformer = tiny_transformer(
         in_channels=in_channels, out_channels=in_channels, text_dim=text_dim
     )
     heads, head_dim = TINY_WAN["num_attention_heads"], TINY_WAN["attention_head_dim"]
     geometry = ModelConfig(
-        depth=TINY_WAN["num_layers"], width=heads * head_dim, num_heads=heads, wan=WanConfig()
+        depth=TINY_WAN["num_layers"],
+        width=heads * head_dim,
+        num_heads=heads,
+        pretrained=PretrainedConfig(family=family),
     )
-    return WanVideoModel(transformer.train(), geometry, variant)
+    return PretrainedVideoModel(
+        FAMILIES[family], [transformer.train()], geometry, geometry.pretrained
+    )
 
 
 def tiny_pipeline(seed: int = 0) -> WanPipeline:
@@ -87,17 +92,17 @@ def save_tiny_pipeline(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def wan_overrides(folder: Path, variant: str = "t2v") -> list[str]:
+def wan_overrides(folder: Path, family: str = "wan2.1") -> list[str]:
     """Hydra overrides that make the tiny pipeline in `folder` the run's model and encoders."""
     width = TINY_WAN["num_attention_heads"] * TINY_WAN["attention_head_dim"]
     return [
-        f"model.size=tiny_wan_{variant}",
+        f"model.size=tiny_{family}",
         f"model.depth={TINY_WAN['num_layers']}",
         f"model.width={width}",
         f"model.num_heads={TINY_WAN['num_attention_heads']}",
-        f"model.wan.path={folder}",
-        f"model.wan.variant={variant}",
-        f"model.wan.text_dim={TINY_WAN['text_dim']}",
-        f"model.wan.ffn_dim={TINY_WAN['ffn_dim']}",
+        f"model.pretrained.path={folder}",
+        f"model.pretrained.family={family}",
+        f"model.pretrained.text_dim={TINY_WAN['text_dim']}",
+        f"model.pretrained.config={{ffn_dim: {TINY_WAN['ffn_dim']}}}",
         "text_encoder.max_length=16",
     ]

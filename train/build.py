@@ -14,7 +14,12 @@ from data.buckets import BucketTable
 from data.packing import PackingTable, check_packing
 from model.dit import DiT
 from model.geometry import LatentGeometry
-from model.wan import WanVideoModel, add_lora, load_wan
+from model.pretrained import (
+    PretrainedVideoModel,
+    add_lora,
+    freeze_untrained_experts,
+    load_pretrained,
+)
 from train.config import Config, to_config
 
 if TYPE_CHECKING:  # the parallel package brings DeepSpeed with it
@@ -27,30 +32,35 @@ def frozen(module: nn.Module, device: torch.device) -> nn.Module:
 
 
 def build_dit(config: Config, latent_channels: int, text_dim: int) -> nn.Module:
-    """Tessera's DiT from scratch, or the pretrained Wan model of config.model.wan."""
-    if config.model.wan is not None:
-        return build_wan_model(config, latent_channels, text_dim)
+    """Tessera's DiT from scratch, or the pretrained model of config.model.pretrained."""
+    if config.model.pretrained is not None:
+        return build_pretrained_model(config, latent_channels, text_dim)
     return DiT(config.model, latent_channels, text_dim)
 
 
-def build_wan_model(config: Config, latent_channels: int, text_dim: int) -> WanVideoModel:
-    """The run's pretrained Wan model, with the LoRA adapter of config.lora. The encoders must be
-    the ones it was trained on."""
-    wan = config.model.wan
-    model = load_wan(config.model, wan)
+def build_pretrained_model(
+    config: Config, latent_channels: int, text_dim: int
+) -> PretrainedVideoModel:
+    """The run's pretrained model, with the LoRA adapter of config.lora, or with only the experts
+    of model.pretrained.train_experts trainable. The encoders must be the ones it was trained on."""
+    pretrained = config.model.pretrained
+    model = load_pretrained(config.model, pretrained)
     if model.in_channels != latent_channels:
         raise ValueError(
-            f"model.wan.path={wan.path}: the transformer takes {model.in_channels} latent channels "
-            f"but the autoencoder makes {latent_channels} (autoencoder.pretrained_path)"
+            f"model.pretrained.path={pretrained.path}: the transformer takes {model.in_channels} "
+            f"latent channels but the autoencoder makes {latent_channels} "
+            "(autoencoder.pretrained_path)"
         )
     if model.text_dim != text_dim:
         raise ValueError(
-            f"model.wan.path={wan.path}: the transformer reads {model.text_dim}-d captions but the "
-            f"text encoder makes {text_dim}-d ones (text_encoder.path)"
+            f"model.pretrained.path={pretrained.path}: the transformer reads {model.text_dim}-d "
+            f"captions but the text encoder makes {text_dim}-d ones (text_encoder.path)"
         )
     if config.lora.rank:
         lora = config.lora
         add_lora(model, lora.rank, lora.alpha or lora.rank, lora.target_modules)
+    else:
+        freeze_untrained_experts(model)
     return model
 
 
@@ -69,8 +79,9 @@ def load_trained(model: nn.Module, weights: dict[str, torch.Tensor], source) -> 
 
 def model_name(config: Config) -> str:
     """How samples' provenance names the model."""
-    if config.model.wan is not None:
-        return f"Wan {config.model.size} from {config.model.wan.path}"
+    if config.model.pretrained is not None:
+        pretrained = config.model.pretrained
+        return f"{pretrained.family} {config.model.size} from {pretrained.path}"
     return f"tessera DiT {config.model.size}"
 
 
@@ -105,7 +116,7 @@ def check_sequence_layout(config: Config, dims: ParallelDims) -> None:
         check_packing(config.packing, geometry)
         tokens = config.packing.sequence_tokens
         dims.check_sequence(tokens, f"config key packing.sequence_tokens={tokens}")
-    elif dims.sequence_size > 1 and config.model.wan is None:
+    elif dims.sequence_size > 1 and config.model.pretrained is None:
         for bucket in BucketTable(config.buckets, geometry).buckets:
             dims.check_sequence(bucket.tokens_per_sample, f"bucket {list(bucket.shape)}")
 

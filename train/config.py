@@ -22,24 +22,25 @@ from model.autoencoder import AutoencoderConfig
 from model.conditioning import ConditioningConfig, mode_probabilities
 from model.dit import DIT_SIZES, DiTConfig
 from model.flow import FlowConfig
+from model.pretrained import FAMILIES, PretrainedConfig
 from model.text import TextEncoderConfig
-from model.wan import WAN_VARIANTS, WanConfig
 
 SAMPLE_MODES = ("t2v", "t2i", "i2v", "extend", "connect", "edit")
 
 
 @dataclass
 class ModelConfig(DiTConfig):
-    """The DiT's geometry (model/dit.py). With `wan` set, the model is that pretrained Wan
-    transformer (model/wan.py) and the geometry holds its published sizes, which its folder's
-    config.json must match; FLOP counts, sequence-parallel checks and buckets read them."""
+    """The DiT's geometry (model/dit.py). With `pretrained` set, the model is that pretrained
+    diffusers transformer (model/pretrained.py) and the geometry holds its published sizes, which
+    its folder's config.json must match; FLOP counts, sequence-parallel checks and buckets read
+    them."""
 
-    wan: WanConfig | None = None
+    pretrained: PretrainedConfig | None = None
 
 
 @dataclass
 class LoraConfig:
-    """LoRA fine-tuning of a Wan model through peft: only the adapters train, shard, checkpoint
+    """LoRA fine-tuning of a pretrained model through peft: only the adapters train, shard, checkpoint
     and export (diffusers' LoRA format, and merged into full weights with `merge_on_export`)."""
 
     rank: int = 0  # 0: no adapter, every weight trains
@@ -336,7 +337,7 @@ def to_config(cfg: DictConfig) -> Config:
     for mode in config.train.sample_modes:
         _choice("train.sample_modes[]", mode, SAMPLE_MODES)
     mode_probabilities(config.conditioning)
-    _check_wan(config)
+    _check_pretrained(config)
     _check_packing(config)
     _check_eval(config.eval)
     if config.train.checkpoint_async and config.parallel.backend.startswith("zero"):
@@ -391,8 +392,9 @@ def _check_packing(config: Config) -> None:
         return
     refused = {
         "train.stage=autoencoder": config.train.stage != "dit",
-        "a pretrained Wan model (model.wan): its attention processors attend over one sample "
-        "with one rotary table, not over packed samples": config.model.wan is not None,
+        "a pretrained model (model.pretrained): its attention processors attend over one "
+        "sample with one rotary table, not over packed samples": config.model.pretrained
+        is not None,
         "data.image_share: images and videos share packs in the data's own mix": (
             config.data.image_share is not None
         ),
@@ -404,20 +406,41 @@ def _check_packing(config: Config) -> None:
             raise ValueError(f"config key packing.enabled=true cannot be combined with {what}")
 
 
-def _check_wan(config: Config) -> None:
-    wan, lora = config.model.wan, config.lora
-    if wan is not None:
-        _choice("model.wan.variant", wan.variant, WAN_VARIANTS)
-    if wan is not None and wan.variant == "t2v":  # one time per sample: no frame stays clean
+def _check_pretrained(config: Config) -> None:
+    pretrained, lora = config.model.pretrained, config.lora
+    _choice("lora.frozen_dtype", lora.frozen_dtype, ("auto", "fp32", "bf16"))
+    if lora.rank and pretrained is None:
+        raise ValueError(
+            "config key lora.rank > 0 needs a pretrained model (model=wan2.*, model=ltx_video_2b)"
+        )
+    if pretrained is None:
+        return
+    _choice("model.pretrained.family", pretrained.family, tuple(FAMILIES))
+    family = FAMILIES[pretrained.family]
+    if family.time == "sample":  # one time per sample: no frame stays clean
         given_modes = [m for m in config.train.sample_modes if m not in ("t2v", "t2i")]
         if config.conditioning.t2v != 1.0 or given_modes:
             raise ValueError(
-                "a Wan 2.1 T2V model (model.wan.variant=t2v) cannot keep given frames clean: "
-                "use conditioning=t2v and train.sample_modes of t2v/t2i only "
+                f"model.pretrained.family={family.name} has one time per sample and cannot keep "
+                "given frames clean: use conditioning=t2v and train.sample_modes of t2v/t2i only "
                 f"(conditioning.t2v={config.conditioning.t2v}, given modes {given_modes})"
             )
-    _choice("lora.frozen_dtype", lora.frozen_dtype, ("auto", "fp32", "bf16"))
-    if lora.rank and wan is None:
-        raise ValueError("config key lora.rank > 0 needs a pretrained Wan model (model=wan2.*)")
+    if len(family.experts) > 1:
+        unknown = sorted(set(pretrained.train_experts) - set(family.experts))
+        if unknown or not pretrained.train_experts:
+            raise ValueError(
+                f"config key model.pretrained.train_experts={list(pretrained.train_experts)}: "
+                f"name one or more of {', '.join(family.experts)}"
+            )
+        if not 0.0 < pretrained.boundary < 1.0:
+            raise ValueError(
+                f"config key model.pretrained.boundary={pretrained.boundary} must be in (0, 1)"
+            )
+    if not family.splits_sequence and (config.parallel.sp != 1 or config.parallel.cp != 1):
+        raise ValueError(
+            f"model.pretrained.family={family.name} cannot split its sequence "
+            f"(parallel.sp={config.parallel.sp}, parallel.cp={config.parallel.cp}): its "
+            "attention processor has no sequence-parallel counterpart yet; use sp=1 and cp=1"
+        )
     if lora.rank and not lora.target_modules:
         raise ValueError("config key lora.target_modules is empty: name the layers to adapt")

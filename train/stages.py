@@ -6,7 +6,8 @@ any of them the same way (train/__main__.py):
 
 - `DiTStage`: flow matching of Tessera's DiT on the latents of a frozen autoencoder, from its
   latent source (train/latent_source.py): encoded every step, or read from latent shards;
-- `WanStage`: the same for a pretrained Wan transformer (model.wan set), fully or with LoRA;
+- `PretrainedStage`: the same for a pretrained diffusers transformer (model.pretrained set), fully
+  or with LoRA;
 - `AutoencoderStage`: the video autoencoder itself (reconstruction plus KL).
 """
 
@@ -51,9 +52,9 @@ from train.objectives import (
     PackedFlowMatchingObjective,
 )
 from train.parallel import ParallelDims
+from train.pretrained import cast_frozen, export_pretrained
 from train.runtime import Runtime
 from train.sample import VideoGenerator, training_samples
-from train.wan import cast_frozen, export_wan
 
 Sampler = Callable[[dict, int], dict[str, Path]]  # (consolidated weights, step) -> videos
 
@@ -89,7 +90,7 @@ class Stage(Protocol):
 def stage_type(config: Config) -> type[Stage]:
     if config.train.stage == "autoencoder":
         return AutoencoderStage
-    return WanStage if config.model.wan is not None else DiTStage
+    return PretrainedStage if config.model.pretrained is not None else DiTStage
 
 
 class DiTStage:
@@ -223,7 +224,7 @@ class DiTStage:
         return export(run_dir, weights, config_to_dict(config), kind)
 
 
-class WanStage(DiTStage):
+class PretrainedStage(DiTStage):
     def __init__(self, config: Config, runtime: Runtime):
         super().__init__(config, runtime)
         cast_frozen(self.model, config.lora, runtime.autocast_dtype)
@@ -232,7 +233,7 @@ class WanStage(DiTStage):
         """Also in the layouts diffusers and others read."""
         out = super().export_weights(config, weights, run_dir, kind)
         unsharded = build_dit(config, self.source.latent_channels, self.source.text_dim)
-        export_wan(config, unsharded, weights, out)
+        export_pretrained(config, unsharded, weights, out)
         return out
 
 

@@ -22,7 +22,7 @@ from torch.distributed.fsdp import (
 )
 from torch.nn.parallel import DistributedDataParallel
 
-from model.wan import WanVideoModel
+from model.pretrained import PretrainedVideoModel
 from train.compile import compile_blocks
 from train.config import ParallelConfig
 from train.parallel.dims import ParallelDims
@@ -66,7 +66,9 @@ def split_sequences(model: nn.Module, dims: ParallelDims) -> None:
     else:
         tokens_group = groups["cp"] or groups["sp"]
     split = (
-        apply_wan_sequence_parallel if isinstance(model, WanVideoModel) else apply_sequence_parallel
+        apply_wan_sequence_parallel
+        if isinstance(model, PretrainedVideoModel)
+        else apply_sequence_parallel
     )
     split(model, tokens_group, attend)
 

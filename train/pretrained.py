@@ -1,4 +1,4 @@
-"""Pretrained Wan models in a run: the dtype of their frozen weights, and their export in the
+"""Pretrained models in a run: the dtype of their frozen weights, and their export in the
 diffusers layouts that other tools read (train/build.py builds them and loads trained weights)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model.wan import WanVideoModel, merge_lora, save_lora, save_wan
+from model.pretrained import PretrainedVideoModel, merge_lora, save_lora, save_pretrained
 from train.build import load_trained
 from train.config import Config, LoraConfig
 
@@ -27,10 +27,13 @@ def cast_frozen(model: nn.Module, cfg: LoraConfig, compute_dtype: torch.dtype | 
                 param.data = param.data.to(torch.bfloat16)
 
 
-def export_wan(config: Config, model: WanVideoModel, weights: dict, out: Path) -> list[Path]:
-    """Write the trained model as others read it: `out/transformer/` (diffusers layout) for a
-    full fine-tune, `out/lora/` (diffusers LoRA format) for an adapter, and with
-    lora.merge_on_export the merged transformer too. `model` is an unsharded copy it may change."""
+def export_pretrained(
+    config: Config, model: PretrainedVideoModel, weights: dict, out: Path
+) -> list[Path]:
+    """Write the trained model as others read it: `out/transformer/` (and `out/transformer_2/`
+    for a second expert; diffusers layout) for a full fine-tune, `out/lora/` (the family
+    pipeline's LoRA format) for an adapter, and with lora.merge_on_export the merged
+    transformer(s) too. `model` is an unsharded copy it may change."""
     load_trained(model, weights, "the trained weights")
     written = []
     if config.lora.rank:
@@ -38,5 +41,4 @@ def export_wan(config: Config, model: WanVideoModel, weights: dict, out: Path) -
         if not config.lora.merge_on_export:
             return written
         merge_lora(model)
-    written.append(save_wan(model, out / "transformer"))
-    return written
+    return [*written, *save_pretrained(model, out)]

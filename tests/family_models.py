@@ -1,0 +1,116 @@
+"""Tiny random pretrained models of the families beside Wan 2.1/2.2 TI2V (tests/wan_models.py),
+made with diffusers' own classes and saved with `save_pretrained` in the layout their publishers
+use: LTX-Video (transformer/, vae/, text_encoder/, tokenizer/, scheduler/) and Wan 2.2 A14B (two
+experts, transformer/ and transformer_2/, with the pipeline's boundary_ratio)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+from diffusers import (
+    AutoencoderKLLTXVideo,
+    FlowMatchEulerDiscreteScheduler,
+    LTXPipeline,
+    LTXVideoTransformer3DModel,
+)
+from wan_models import TINY_WAN, tiny_pipeline, tiny_transformer
+
+from model.text import default_text_encoder_path
+
+TEXT_DIM = 32
+TINY_LTX = {
+    "in_channels": 8,
+    "out_channels": 8,
+    "patch_size": 1,
+    "patch_size_t": 1,
+    "num_attention_heads": 2,
+    "attention_head_dim": 12,
+    "cross_attention_dim": 24,
+    "num_layers": 2,
+    "caption_channels": TEXT_DIM,
+}
+LTX_STRIDE = (8, 32, 32)  # the tiny VAE's (time, height, width) compression, as the real one's
+
+
+def randomised(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every weight random, so that no zero-initialised branch hides a wrong input."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(0.2 * torch.randn_like(param))
+    return module.eval()
+
+
+def tiny_ltx_transformer(seed: int = 0) -> LTXVideoTransformer3DModel:
+    return randomised(LTXVideoTransformer3DModel(**TINY_LTX), seed)
+
+
+def tiny_ltx_pipeline(seed: int = 0) -> LTXPipeline:
+    """A whole LTX-Video pipeline: the tiny transformer, a tiny LTX VAE (8x32x32, 8 channels), a
+    tiny T5 encoder over the MiniLM tokenizer (which ships in a package)."""
+    torch.manual_seed(seed)
+    vae = AutoencoderKLLTXVideo(
+        latent_channels=8, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
+    )  # fmt: skip
+    tokenizer = transformers.AutoTokenizer.from_pretrained(default_text_encoder_path())
+    text_config = transformers.T5Config(
+        vocab_size=len(tokenizer), d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    return LTXPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae.eval(),
+        text_encoder=transformers.T5EncoderModel(text_config).eval(),
+        tokenizer=tokenizer,
+        transformer=tiny_ltx_transformer(seed),
+    )
+
+
+def ltx_overrides(folder: Path) -> list[str]:
+    """Hydra overrides that make the tiny LTX pipeline in `folder` the run's model and encoders."""
+    width = TINY_LTX["num_attention_heads"] * TINY_LTX["attention_head_dim"]
+    return [
+        "experiment=ltx_finetune",
+        "model.size=tiny_ltx_video",
+        f"model.depth={TINY_LTX['num_layers']}",
+        f"model.width={width}",
+        f"model.num_heads={TINY_LTX['num_attention_heads']}",
+        f"model.pretrained.path={folder}",
+        f"model.pretrained.in_channels={TINY_LTX['in_channels']}",
+        f"model.pretrained.text_dim={TEXT_DIM}",
+        f"model.pretrained.config={{cross_attention_dim: {TINY_LTX['cross_attention_dim']}}}",
+        "text_encoder.max_length=16",
+        # Buckets for a 32x spatial stride, two samples of 8 tokens a batch.
+        "buckets.buckets=[[9,64,64],[9,64,96],[9,96,64],[1,64,64]]",
+        "buckets.token_budget=16",
+        "buckets.max_aspect_change=0.3",
+    ]
+
+
+def save_tiny_a14b(folder: Path) -> Path:
+    """Wan 2.2 A14B's layout: the tiny Wan pipeline with a second expert (other weights) and
+    the boundary between them."""
+    pipeline = tiny_pipeline()
+    pipeline.register_modules(transformer_2=tiny_transformer(seed=1))
+    pipeline.register_to_config(boundary_ratio=0.875)
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+def a14b_overrides(folder: Path) -> list[str]:
+    heads, head_dim = TINY_WAN["num_attention_heads"], TINY_WAN["attention_head_dim"]
+    return [
+        "experiment=wan_finetune",
+        "model=wan2.2_t2v_a14b",
+        "model.size=tiny_wan2.2_a14b",
+        f"model.depth={TINY_WAN['num_layers']}",
+        f"model.width={heads * head_dim}",
+        f"model.num_heads={heads}",
+        f"model.pretrained.path={folder}",
+        f"model.pretrained.text_dim={TINY_WAN['text_dim']}",
+        f"model.pretrained.config={{ffn_dim: {TINY_WAN['ffn_dim']}}}",
+        "text_encoder.max_length=16",
+    ]

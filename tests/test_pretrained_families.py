@@ -1,0 +1,238 @@
+"""LTX-Video and Wan 2.2 A14B through the one adapter for diffusers video transformers
+(model/pretrained.py), against diffusers' own classes on tiny random models saved with
+`save_pretrained` (Wan 2.1 and 2.2 TI2V: tests/test_wan.py):
+
+- LTX-Video gives the velocity of its transformer called as LTXPipeline calls it (tokens, caption
+  mask, rotary scale from the frame rate), and as its image-to-video pipeline does for a given
+  first frame (time 0 on its tokens);
+- Wan 2.2 A14B sends each sample to the expert of its noise level, on both sides of the
+  boundary in one batch, and an expert without samples still takes part in the backward;
+- each saves back to tensors diffusers loads bitwise; a folder of another family or without an
+  expert fails naming the file;
+- LTX-Video's exported LoRA loads with LTXPipeline.load_lora_weights and changes its video.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import LTXPipeline, LTXVideoTransformer3DModel, WanTransformer3DModel
+from family_models import (
+    LTX_STRIDE,
+    TEXT_DIM,
+    TINY_LTX,
+    save_tiny_a14b,
+    tiny_ltx_pipeline,
+)
+from wan_models import TINY_WAN
+
+from model.pretrained import (
+    PretrainedConfig,
+    PretrainedFolderError,
+    add_lora,
+    load_pretrained,
+    save_lora,
+    save_pretrained,
+)
+from train.config import ModelConfig
+
+
+def ltx_geometry(path: Path) -> tuple[ModelConfig, PretrainedConfig]:
+    ltx = PretrainedConfig(
+        family="ltx_video",
+        path=str(path),
+        in_channels=TINY_LTX["in_channels"],
+        text_dim=TEXT_DIM,
+        config={"cross_attention_dim": TINY_LTX["cross_attention_dim"]},
+        latent_stride=list(LTX_STRIDE),
+    )
+    heads, head_dim = TINY_LTX["num_attention_heads"], TINY_LTX["attention_head_dim"]
+    geometry = ModelConfig(
+        depth=TINY_LTX["num_layers"],
+        width=heads * head_dim,
+        num_heads=heads,
+        patch_size=[1, 1, 1],
+        pretrained=ltx,
+    )
+    return geometry, ltx
+
+
+def a14b_geometry(path: Path) -> tuple[ModelConfig, PretrainedConfig]:
+    wan = PretrainedConfig(
+        family="wan2.2_a14b",
+        path=str(path),
+        text_dim=TINY_WAN["text_dim"],
+        config={"ffn_dim": TINY_WAN["ffn_dim"]},
+    )
+    heads, head_dim = TINY_WAN["num_attention_heads"], TINY_WAN["attention_head_dim"]
+    return ModelConfig(depth=2, width=heads * head_dim, num_heads=heads, pretrained=wan), wan
+
+
+@pytest.fixture(scope="module")
+def ltx_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ltx") / "pipeline"
+    tiny_ltx_pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def a14b_folder(tmp_path_factory) -> Path:
+    return save_tiny_a14b(tmp_path_factory.mktemp("a14b") / "pipeline")
+
+
+def inputs(channels: int, text_dim: int, batch: int = 2, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, 3, 4, 6, generator=generator)
+    t = torch.rand(batch, generator=generator)
+    text = torch.randn(batch, 7, text_dim, generator=generator)
+    mask = torch.ones(batch, 7, dtype=torch.bool)
+    mask[1, 4:] = False
+    return x, t, text, mask
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@torch.no_grad()
+def test_ltx_video_gives_the_velocity_of_its_pipelines_call(ltx_folder):
+    model = load_pretrained(*ltx_geometry(ltx_folder))
+    reference = LTXVideoTransformer3DModel.from_pretrained(ltx_folder / "transformer").eval()
+    x, t, text, mask = inputs(TINY_LTX["in_channels"], TEXT_DIM)
+    frames, height, width = x.shape[2:]
+
+    def theirs(timestep: torch.Tensor, frame_rate: float) -> torch.Tensor:
+        """LTXPipeline's call: packed tokens, the 0..1000 step, the caption mask, rotary
+        positions scaled by the autoencoder's stride over the frame rate."""
+        out = reference(
+            hidden_states=LTXPipeline._pack_latents(x, 1, 1),
+            encoder_hidden_states=text,
+            timestep=timestep,
+            encoder_attention_mask=mask,
+            num_frames=frames,
+            height=height,
+            width=width,
+            rope_interpolation_scale=(LTX_STRIDE[0] / frame_rate, *LTX_STRIDE[1:]),
+            return_dict=False,
+        )[0]
+        return LTXPipeline._unpack_latents(out, frames, height, width, 1, 1)
+
+    expected = theirs(t * 1000, 24.0)
+    ours = model(x, t, text, mask, fps=torch.full((2,), 24.0))
+    print(f"\nLTX-Video t2v: max relative difference {relative(ours, expected):.3g}")
+    assert relative(ours, expected) <= 1e-6 and expected.abs().max() > 0.1
+    # Without a frame rate, the pipeline's default of 25; the frame rate moves the rotary table.
+    assert relative(model(x, t, text, mask), theirs(t * 1000, 25.0)) <= 1e-6
+    assert relative(model(x, t, text, mask, fps=torch.full((2,), 12.0)), expected) > 1e-4
+
+    # LTXImageToVideoPipeline: the step times (1 - conditioning mask), 0 on the first frame.
+    given = torch.tensor([[True, False, False], [False, False, False]])
+    per_frame = t[:, None].expand(2, 3).masked_fill(given, 0.0)
+    tokens_per_frame = height * width
+    timestep = (per_frame * 1000).repeat_interleave(tokens_per_frame, dim=1)
+    ours = model(x, per_frame, text, mask, given=given, fps=torch.full((2,), 24.0))
+    print(f"LTX-Video i2v: max relative difference {relative(ours, theirs(timestep, 24.0)):.3g}")
+    assert relative(ours, theirs(timestep, 24.0)) <= 1e-6
+    assert relative(ours, expected) > 1e-4
+
+
+def test_a14b_sends_each_sample_to_the_expert_of_its_noise_level(a14b_folder):
+    model = load_pretrained(*a14b_geometry(a14b_folder))
+    high = WanTransformer3DModel.from_pretrained(a14b_folder / "transformer").eval()
+    low = WanTransformer3DModel.from_pretrained(a14b_folder / "transformer_2").eval()
+    x, _, text, mask = inputs(16, TINY_WAN["text_dim"], batch=4)
+    t = torch.tensor([0.95, 0.3, 0.875, 0.5])  # the pipeline: t >= boundary is `transformer`'s
+    context = text * mask[..., None]
+    with torch.no_grad():
+        ours = model(x, t, text, mask)
+        for expert, rows in ((high, [0, 2]), (low, [1, 3])):
+            theirs = expert(x[rows], t[rows] * 1000, context[rows], return_dict=False)[0]
+            assert relative(ours[rows], theirs) <= 1e-6
+        other = low(x[:1], t[:1] * 1000, context[:1], return_dict=False)[0]
+        assert relative(ours[:1], other) > 1e-3, "the experts differ: the choice is seen"
+
+    # All samples at high noise: the low-noise expert still runs forward and backward (with a
+    # zero gradient), so sharded experts gather and reduce alike on every rank.
+    model.train()
+    model(x[[0, 2]], t[[0, 2]], text[[0, 2]], mask[[0, 2]]).square().mean().backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    assert all(g is not None for g in grads.values())
+    assert all(not g.any() for n, g in grads.items() if n.startswith("transformer_2."))
+    assert any(g.abs().sum() > 0 for n, g in grads.items() if n.startswith("transformer."))
+
+
+def test_saving_back_loads_in_diffusers_with_identical_tensors(ltx_folder, a14b_folder, tmp_path):
+    for name, (geometry, folder, model_class) in {
+        "ltx": (ltx_geometry, ltx_folder, LTXVideoTransformer3DModel),
+        "a14b": (a14b_geometry, a14b_folder, WanTransformer3DModel),
+    }.items():
+        model = load_pretrained(*geometry(folder))
+        written = save_pretrained(model, tmp_path / name, max_shard_size="20KB")
+        assert [p.name for p in written] == list(model.family.experts)
+        for expert in written:
+            assert len(list(expert.glob("*.safetensors"))) > 1  # sharded, with an index
+            saved = model_class.from_pretrained(expert).state_dict()
+            original = model_class.from_pretrained(folder / expert.name).state_dict()
+            assert saved.keys() == original.keys()
+            assert all(torch.equal(saved[k], original[k]) for k in original)
+
+
+def test_a_folder_of_another_family_or_without_an_expert_fails_naming_the_file(
+    ltx_folder, a14b_folder, tmp_path
+):
+    with pytest.raises(
+        PretrainedFolderError,
+        match=f"{a14b_folder / 'transformer' / 'config.json'} is the config of a "
+        "'WanTransformer3DModel', not of the LTXVideoTransformer3DModel of "
+        "model.pretrained.family=ltx_video",
+    ):
+        load_pretrained(*ltx_geometry(a14b_folder))
+    one_expert = tmp_path / "one_expert"
+    shutil.copytree(a14b_folder, one_expert, ignore=shutil.ignore_patterns("transformer_2"))
+    with pytest.raises(PretrainedFolderError, match=f"no transformer_2 in {one_expert}"):
+        load_pretrained(*a14b_geometry(one_expert))
+    other = tmp_path / "other"
+    shutil.copytree(ltx_folder / "transformer", other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "caption_channels": 64}))
+    with pytest.raises(
+        PretrainedFolderError,
+        match=f"{other / 'config.json'} is another model .*caption_channels=64 "
+        f"\\(the preset has {TEXT_DIM}\\)",
+    ):
+        load_pretrained(*ltx_geometry(other))
+
+
+def pipeline_video(pipe: LTXPipeline) -> torch.Tensor:
+    return pipe(
+        prompt="a rabbit",
+        height=64,
+        width=64,
+        num_frames=9,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        max_sequence_length=16,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).frames
+
+
+def test_ltx_lora_export_loads_in_the_ltx_pipeline_and_changes_its_video(ltx_folder, tmp_path):
+    model = load_pretrained(*ltx_geometry(ltx_folder))
+    add_lora(model, 4, 8.0, ["to_q", "to_k", "to_v", "to_out.0"])
+    with torch.no_grad():  # a trained adapter: lora_B moved away from its zero start
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(0.0, 0.5)
+    save_lora(model, tmp_path / "lora")
+    pipe = LTXPipeline.from_pretrained(ltx_folder)
+    plain = pipeline_video(pipe)
+    assert plain.shape[1:3] == (9, 3) and torch.isfinite(plain).all()
+    pipe.load_lora_weights(tmp_path / "lora")
+    adapted = pipeline_video(pipe)
+    print(f"\nLoRA changes LTX-Video's video by up to {(adapted - plain).abs().max():.3g}")
+    assert (adapted - plain).abs().max() > 1e-3

@@ -1,0 +1,159 @@
+"""Fine-tuning LTX-Video and Wan 2.2 A14B with Tessera's trainer, on real process groups (torchrun,
+gloo, 2 CPU ranks), from tiny random pipeline folders saved with diffusers' `save_pretrained`
+(Wan 2.1 and 2.2 TI2V: tests/test_wan_training.py, which runs the same adapter):
+
+- LoRA on LTX-Video (with given frames: conditioning=mixed) and full fine-tuning of both A14B
+  experts, each with FSDP2 and ZeRO-2 on 2 ranks, match one process with the same global batch
+  step by step; an A14B run stopped and resumed (FSDP2) continues bit for bit;
+- the exports load in the families' own diffusers pipelines, which run on the CPU to a video:
+  LTX-Video's LoRA through LTXPipeline.load_lora_weights, A14B's two experts as WanPipeline's
+  transformer and transformer_2;
+- the sampling command makes an i2v mp4 from the fine-tuned LTX-Video.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import LTXPipeline, WanPipeline
+from family_models import a14b_overrides, ltx_overrides, save_tiny_a14b, tiny_ltx_pipeline
+from launching import launch_training, step_losses
+from PIL import Image
+from safetensors.torch import load_file
+
+from train.sample import main as sample_main
+
+STEPS = 6
+FAMILIES = {
+    # LoRA with given frames: LTX-Video takes one time per token.
+    "ltx_lora": (ltx_overrides, ["conditioning=mixed", "lora.rank=4", "lora.alpha=8"]),
+    # Both experts train; each sample's time picks one, so on 2 ranks an expert may have no
+    # sample on one rank while it has on the other.
+    "a14b_full": (a14b_overrides, ["buckets.token_budget=120"]),
+}
+LAYOUTS = {"none x1": (["train.grad_accum=2"], 1), "fsdp x2": (["parallel=fsdp"], 2),
+           "zero2 x2": (["parallel=zero2"], 2)}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pretrained")
+    tiny_ltx_pipeline().save_pretrained(root / "LTX-tiny")
+    return {"ltx_lora": root / "LTX-tiny", "a14b_full": save_tiny_a14b(root / "A14B-tiny")}
+
+
+def overrides(family: str, folder: Path, shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    family_overrides, settings = FAMILIES[family]
+    return [
+        *family_overrides(folder),
+        *settings,
+        f"data.shards={shards}",
+        f"train.run_dir={run_dir}",
+        f"train.steps={STEPS}",
+        "train.log_every=1",
+        "train.checkpoint_every=3",
+        "train.keep_last=10",
+        "train.sample_prompts=[]",
+        "optim.lr=1e-2",
+        "optim.warmup_steps=2",
+        "logger=none",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def fine_tunes(folders, demo_shards, tmp_path_factory) -> dict[str, dict[str, Path]]:
+    runs: dict[str, dict[str, Path]] = {}
+    for family, folder in folders.items():
+        runs[family] = {}
+        for layout, (extra, nproc) in LAYOUTS.items():
+            run_dir = tmp_path_factory.mktemp(f"{family}_{layout.split()[0]}")
+            launch_training(*overrides(family, folder, demo_shards, run_dir, *extra), nproc=nproc)
+            runs[family][layout] = run_dir
+    return runs
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fine_tunes_on_two_ranks_match_one_process_step_by_step(family, fine_tunes):
+    table = {layout: step_losses(run_dir) for layout, run_dir in fine_tunes[family].items()}
+    print(f"\n{family}\nstep " + "".join(f"{name:>14}" for name in table))
+    for step in range(STEPS):
+        print(f"{step + 1:4d} " + "".join(f"{losses[step]:14.8f}" for losses in table.values()))
+    reference = torch.tensor(table.pop("none x1"), dtype=torch.float64)
+    assert len(reference) == STEPS and reference[-2:].mean() < reference[:2].mean()
+    for name, losses in table.items():
+        relative = (torch.tensor(losses, dtype=torch.float64) - reference).abs() / reference
+        assert relative.max() < 1e-4, (
+            f"{family} {name}: worst relative loss difference {relative.max()}"
+        )
+
+
+@pytest.mark.multiprocess
+def test_a14b_stop_and_resume_is_bitwise_identical(fine_tunes, folders, demo_shards, tmp_path):
+    straight = fine_tunes["a14b_full"]["fsdp x2"]
+    shutil.copytree(
+        straight / "checkpoints" / "step_00000003", tmp_path / "checkpoints" / "step_00000003"
+    )
+    args = overrides("a14b_full", folders["a14b_full"], demo_shards, tmp_path, "parallel=fsdp")
+    result = launch_training(*args)
+    assert "resumed from step 3" in result.stdout + result.stderr
+    expected, resumed = step_losses(straight)[3:], step_losses(tmp_path)
+    print(f"\nA14B fsdp steps 4-6 straight {expected}\nresumed at 3 {resumed}")
+    assert resumed == expected
+    for expert in ("transformer", "transformer_2"):
+        first, second = (
+            load_file(run / "export" / expert / "diffusion_pytorch_model.safetensors")
+            for run in (straight, tmp_path)
+        )
+        assert first.keys() == second.keys() and all(
+            torch.equal(first[k], second[k]) for k in first
+        )
+
+
+def video(pipe, **size) -> torch.Tensor:
+    return pipe(
+        prompt="a rabbit",
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+        **size,
+    ).frames
+
+
+@pytest.mark.multiprocess
+def test_exports_run_in_the_families_own_pipelines(fine_tunes, folders, tmp_path):
+    ltx = LTXPipeline.from_pretrained(folders["ltx_lora"])
+    size = {"height": 64, "width": 64, "num_frames": 9, "max_sequence_length": 16}
+    plain = video(ltx, **size)
+    ltx.load_lora_weights(fine_tunes["ltx_lora"]["fsdp x2"] / "export" / "lora")
+    adapted = video(ltx, **size)
+    print(f"\nLTX-Video: the trained LoRA changes the video by {(adapted - plain).abs().max():.3g}")
+    assert adapted.shape == plain.shape == (1, 9, 3, 64, 64) and torch.isfinite(adapted).all()
+    assert (adapted - plain).abs().max() > 1e-4
+
+    # A14B: the exported experts replace the pipeline's, boundary and all.
+    pipeline = shutil.copytree(folders["a14b_full"], tmp_path / "A14B-trained")
+    for expert in ("transformer", "transformer_2"):
+        shutil.rmtree(pipeline / expert)
+        shutil.copytree(fine_tunes["a14b_full"]["zero2 x2"] / "export" / expert, pipeline / expert)
+    wan = WanPipeline.from_pretrained(pipeline)
+    assert wan.config.boundary_ratio == 0.875
+    frames = video(wan, height=32, width=32, num_frames=5)
+    assert frames.shape == (1, 5, 3, 32, 32) and torch.isfinite(frames).all()
+
+
+@pytest.mark.multiprocess
+def test_the_sampler_makes_an_i2v_video_from_the_fine_tuned_ltx(fine_tunes, tmp_path):
+    image = tmp_path / "first.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), np.uint8)).save(image)
+    out = tmp_path / "i2v.mp4"
+    run = fine_tunes["ltx_lora"]["none x1"]
+    sample_main([f"checkpoint={run}", "mode=i2v", f"image={image}", "frames=9", "height=64",
+                 "width=96", "steps=2", f"out={out}"])  # fmt: skip
+    assert out.is_file() and out.stat().st_size > 0
