@@ -116,7 +116,6 @@ def main() -> None:
     args = parser.parse_args()
 
     from model.geometry import LatentGeometry
-    from train.config import LoraConfig
 
     geometry = preset(args.model)
     transformer = meta_transformer(geometry, geometry.pretrained)
@@ -125,7 +124,9 @@ def main() -> None:
     tokens = latent_geometry.tokens(args.frames, args.height, args.width) // args.sp
     counts = {
         "total": sum(p.numel() for p in transformer.parameters()),
-        "lora": lora_param_count(transformer, args.lora_rank, LoraConfig().target_modules),
+        "lora": lora_param_count(
+            transformer, args.lora_rank, family_of(geometry.pretrained).lora_targets
+        ),
         "width": geometry.width,
         "ffn": geometry.pretrained.config["ffn_dim"],
         "depth": geometry.depth,

@@ -1,5 +1,5 @@
 """Pretrained diffusers video transformers as Tessera velocity models: Wan 2.1, Wan 2.2 TI2V,
-Wan 2.2 A14B and LTX-Video, through one adapter.
+Wan 2.2 A14B, LTX-Video and CogVideoX (1.0 and 1.5), through one adapter.
 
 `PretrainedVideoModel` composes diffusers' own transformer classes instead of copying them: the
 weights of a published `-Diffusers` folder load without renaming, a result saves back in the same
@@ -16,12 +16,18 @@ declared `Family`:
   class's forward (the latent layout, how the caption's padding is hidden, the rotary scale);
 - `geometry`: which of the folder's config.json values the preset's DiT geometry pins;
 - `blocks`: the block list that FSDP2, activation checkpointing and compile wrap;
-- `pipeline`: the diffusers pipeline whose LoRA format the export writes and that loads it.
+- `pipeline`: the diffusers pipeline whose LoRA format the export writes and that loads it;
+- `lora_targets`: the layers a LoRA adapts unless lora.target_modules names others.
 
-Flow convention: all these families and Tessera agree (x_t = (1 - t) x0 + t noise, the model
-predicts noise - x0) and read the time on a 0..1000 scale. Micro-conditions: LTX-Video's rotary
-positions are scaled by the frame rate (`fps`, 25 when none is given, as its pipeline's default);
-the others ignore them. Adding a family is a `Family` here and a preset in conf/model/.
+Flow convention: Wan, LTX-Video and Tessera agree (x_t = (1 - t) x0 + t noise, the model predicts
+noise - x0) and read the time on a 0..1000 scale. CogVideoX predicts v on a DDPM schedule
+(x_tau = sqrt(a) x0 + sqrt(1 - a) noise, v = sqrt(a) noise - sqrt(1 - a) x0, a the schedule's
+alphas_cumprod at step tau): the two paths are the same up to a scale, so flow time t is the
+step tau whose sqrt(1 - a) / sqrt(a) is t / (1 - t) (interpolated between the schedule's steps,
+clamped to its ends), the model reads x_t / n with n = sqrt((1 - t)^2 + t^2), and its v becomes
+the flow velocity (2t - 1) / n^2 x_t + v / n. Micro-conditions: LTX-Video's rotary positions are
+scaled by the frame rate (`fps`, 25 when none is given, as its pipeline's default); the others
+ignore them. Adding a family is a `Family` here and a preset in conf/model/.
 """
 
 from __future__ import annotations
@@ -78,6 +84,7 @@ class Call:
     fps: Tensor | None  # (B,)
     patch_size: tuple[int, int, int]
     cfg: PretrainedConfig
+    alphas_cumprod: Tensor | None = None  # the DDPM schedule of a v-prediction family
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,16 @@ class Family:
     # Whether train/parallel/sequence.py can split its tokens (a sequence-parallel counterpart
     # of its self-attention processor exists).
     splits_sequence: bool = False
+    lora_targets: tuple[str, ...] = (
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "ff.net.0.proj",
+        "ff.net.2",
+    )
+    # "flow" (predicts noise - x0) | "v" (v-prediction on the DDPM schedule of its scheduler/)
+    prediction: str = "flow"
 
 
 def _wan_call(transformer: nn.Module, call: Call) -> Tensor:
@@ -176,17 +193,95 @@ def _from_tokens(
     )
 
 
+def _cogvideox_call(transformer: nn.Module, call: Call) -> Tensor:
+    """CogVideoX takes frames before channels, the caption's states as they are (its pipelines
+    give no mask: text and video attend jointly over every caption token), one step per sample,
+    and rotary positions as its pipelines make them; it predicts v, which becomes the velocity."""
+    t = call.timestep.double() / TIME_SCALE
+    norm = ((1 - t) ** 2 + t**2).sqrt()
+    step = _schedule_step(call.alphas_cumprod.double(), ((1 - t) / norm) ** 2)
+
+    def per_sample(values: Tensor) -> Tensor:
+        return values.to(call.x.dtype).view(-1, 1, 1, 1, 1)
+
+    v = transformer(
+        hidden_states=(call.x / per_sample(norm)).transpose(1, 2),
+        encoder_hidden_states=call.text,
+        timestep=step.to(call.x.dtype),
+        image_rotary_emb=_cogvideox_rotary(transformer, call.x.shape[2:], call.x.device),
+        return_dict=False,
+    )[0].transpose(1, 2)
+    return per_sample((2 * t - 1) / norm**2) * call.x + v / per_sample(norm)
+
+
+def _schedule_step(alphas_cumprod: Tensor, alpha: Tensor) -> Tensor:
+    """The continuous step tau at which the (decreasing) schedule reaches `alpha`, linear
+    between its steps and clamped to its ends."""
+    rising = alphas_cumprod.flip(0)
+    alpha = alpha.clamp(rising[0], rising[-1])
+    upper = torch.searchsorted(rising, alpha).clamp(1, len(rising) - 1)
+    low, high = rising[upper - 1], rising[upper]
+    position = upper - 1 + (alpha - low) / (high - low).clamp_min(torch.finfo(high.dtype).tiny)
+    return len(rising) - 1 - position
+
+
+def _cogvideox_rotary(transformer: nn.Module, latent_shape, device) -> tuple[Tensor, Tensor] | None:
+    """The rotary table CogVideoX's pipelines make: cropped to the sample's grid (1.0), or sliced
+    from a table of the training size (1.5, with a temporal patch)."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    config = transformer.config
+    if not config.use_rotary_positional_embeddings:
+        return None
+    frames, height, width = latent_shape
+    patch, patch_t = config.patch_size, config.patch_size_t
+    grid = (height // patch, width // patch)
+    base = (config.sample_height // patch, config.sample_width // patch)
+    if patch_t is None:
+        crops = get_resize_crop_region_for_grid(grid, base[1], base[0])
+        return get_3d_rotary_pos_embed(
+            config.attention_head_dim, crops, grid, frames, device=device
+        )
+    return get_3d_rotary_pos_embed(
+        config.attention_head_dim, None, grid, -(-frames // patch_t), grid_type="slice",
+        max_size=base, device=device,
+    )  # fmt: skip
+
+
+def _cogvideox_geometry(geometry, cfg: PretrainedConfig) -> dict:
+    patch_t, patch_h, patch_w = geometry.patch_size
+    if patch_h != patch_w:
+        raise ValueError(
+            f"CogVideoX patches are square, got model.patch_size={geometry.patch_size}"
+        )
+    return {
+        "num_layers": geometry.depth,
+        "num_attention_heads": geometry.num_heads,
+        "attention_head_dim": geometry.width // geometry.num_heads,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.in_channels,
+        "text_embed_dim": cfg.text_dim,
+        "patch_size": patch_h,
+        "patch_size_t": patch_t if patch_t > 1 else None,  # 1.0 has none, 1.5 has 2
+    }
+
+
+WAN_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
 FAMILIES: dict[str, Family] = {
     family.name: family
     for family in (
         Family("wan2.1", "WanTransformer3DModel", "WanPipeline", "sample", _wan_call,
-               _wan_geometry, "blocks", splits_sequence=True),
+               _wan_geometry, "blocks", splits_sequence=True, lora_targets=WAN_LORA_TARGETS),
         Family("wan2.2_ti2v", "WanTransformer3DModel", "WanPipeline", "token", _wan_call,
-               _wan_geometry, "blocks", splits_sequence=True),
+               _wan_geometry, "blocks", splits_sequence=True, lora_targets=WAN_LORA_TARGETS),
         Family("wan2.2_a14b", "WanTransformer3DModel", "WanPipeline", "sample", _wan_call,
-               _wan_geometry, "blocks", experts=("transformer", "transformer_2")),
+               _wan_geometry, "blocks", experts=("transformer", "transformer_2"),
+               lora_targets=WAN_LORA_TARGETS),
         Family("ltx_video", "LTXVideoTransformer3DModel", "LTXPipeline", "token", _ltx_call,
                _ltx_geometry, "transformer_blocks"),
+        Family("cogvideox", "CogVideoXTransformer3DModel", "CogVideoXPipeline", "sample",
+               _cogvideox_call, _cogvideox_geometry, "transformer_blocks", prediction="v"),
     )
 }  # fmt: skip
 
@@ -214,8 +309,17 @@ class PretrainedVideoModel(nn.Module):
     is an attribute named as in the family's pipeline (`transformer`, `transformer_2`), so the
     state dict and the LoRA names are diffusers' own under that prefix."""
 
-    def __init__(self, family: Family, experts: list[nn.Module], geometry, cfg: PretrainedConfig):
+    def __init__(
+        self,
+        family: Family,
+        experts: list[nn.Module],
+        geometry,
+        cfg: PretrainedConfig,
+        alphas_cumprod: Tensor | None = None,
+    ):
         super().__init__()
+        if (family.prediction == "v") != (alphas_cumprod is not None):
+            raise ValueError(f"{family.name}: a v-prediction family needs its schedule, no other")
         if len(experts) != len(family.experts):
             raise ValueError(f"{family.name} has {len(family.experts)} experts, got {len(experts)}")
         if family.time == "token" and geometry.patch_size[0] != 1:
@@ -230,7 +334,11 @@ class PretrainedVideoModel(nn.Module):
         self.pretrained = cfg
         first = experts[0].config
         self.in_channels: int = first.in_channels
-        self.text_dim: int = first.get("text_dim") or first.get("caption_channels")
+        self.text_dim: int = next(
+            first[key] for key in ("text_dim", "caption_channels", "text_embed_dim") if key in first
+        )
+        # Not persistent: the schedule is the scheduler folder's, not a trained weight.
+        self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
 
     @property
     def experts(self) -> list[nn.Module]:
@@ -270,7 +378,8 @@ class PretrainedVideoModel(nn.Module):
         """Velocity (B, C, T, H, W), the call of model/dit.py's DiT (native_size unused)."""
         grid = token_grid(x.shape[2:], self.cfg.patch_size)
         timestep = self.timesteps(t, grid, given)
-        call = Call(x, timestep, text, text_mask, fps, tuple(self.cfg.patch_size), self.pretrained)
+        patch = tuple(self.cfg.patch_size)
+        call = Call(x, timestep, text, text_mask, fps, patch, self.pretrained, self.alphas_cumprod)
         if len(self.family.experts) == 1:
             return self.family.call(self.experts[0], call)
         return self._by_expert(call, t if t.ndim == 1 else t[:, 0])
@@ -296,7 +405,7 @@ def _subset(call: Call, index) -> Call:
     fps = None if call.fps is None else call.fps[index]
     return Call(
         call.x[index], call.timestep[index], call.text[index], call.text_mask[index], fps,
-        call.patch_size, call.cfg,
+        call.patch_size, call.cfg, call.alphas_cumprod,
     )  # fmt: skip
 
 
@@ -386,7 +495,28 @@ def load_pretrained(geometry, cfg: PretrainedConfig) -> PretrainedVideoModel:
                 f"cannot load the transformer in {folder}: {error}"
             ) from error
         experts.append(expert)
-    return PretrainedVideoModel(family, experts, geometry, cfg)
+    schedule = _alphas_cumprod(cfg.path) if family.prediction == "v" else None
+    return PretrainedVideoModel(family, experts, geometry, cfg, schedule)
+
+
+def _alphas_cumprod(path: str) -> Tensor:
+    """The DDPM schedule of the pipeline folder's scheduler/ (a v-prediction family)."""
+    folder = Path(path) / "scheduler"
+    config_file = folder / "scheduler_config.json"
+    try:
+        class_name = json.loads(config_file.read_text())["_class_name"]
+        scheduler = getattr(_diffusers(), class_name).from_pretrained(folder)
+    except (OSError, ValueError, KeyError, AttributeError) as error:
+        raise PretrainedFolderError(
+            f"cannot read the noise schedule in {config_file}: {error} (a v-prediction model "
+            "needs its pipeline folder, scheduler/ included)"
+        ) from error
+    if scheduler.config.get("prediction_type") != "v_prediction":
+        raise PretrainedFolderError(
+            f"{config_file} has prediction_type={scheduler.config.get('prediction_type')!r}, "
+            "not the v_prediction this family makes"
+        )
+    return scheduler.alphas_cumprod.to(torch.float32)
 
 
 def save_pretrained(
@@ -409,13 +539,14 @@ def save_pretrained(
 
 
 def add_lora(
-    model: PretrainedVideoModel, rank: int, alpha: float, target_modules: list[str]
+    model: PretrainedVideoModel, rank: int, alpha: float, target_modules: list[str] | None = None
 ) -> None:
-    """A LoRA adapter on the `target_modules` of every expert that trains
-    (model.pretrained.train_experts), everything else frozen. peft starts lora_B at zero, so the
-    output is unchanged until the adapter trains."""
+    """A LoRA adapter on the `target_modules` (None: the family's `lora_targets`) of every expert
+    that trains (model.pretrained.train_experts), everything else frozen. peft starts lora_B at
+    zero, so the output is unchanged until the adapter trains."""
     from peft import LoraConfig
 
+    target_modules = model.family.lora_targets if target_modules is None else target_modules
     config = LoraConfig(
         r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=True
     )

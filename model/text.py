@@ -35,6 +35,10 @@ class TextEncoderConfig:
     # The tokenizer's folder when it is not `path` (diffusers pipelines keep it in tokenizer/).
     tokenizer_path: str | None = None
     max_length: int = 64  # captions are padded / truncated to this many tokens
+    # masked: the encoder does not attend to the padding, whose states are zeroed and masked out
+    # downstream | encoded: the encoder reads the padding like any token and every state counts
+    # (CogVideoX's pipelines encode captions so).
+    padding: str = "masked"
 
 
 def default_text_encoder_path() -> str:
@@ -48,6 +52,7 @@ def default_text_encoder_path() -> str:
     return os.path.join(spec.submodule_search_locations[0], "model")
 
 
+PADDINGS = ("masked", "encoded")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt")  # weights, config, tokenizer
 
 
@@ -87,6 +92,10 @@ class TextEncoder(nn.Module):
             raise FileNotFoundError(f"text encoder folder not found: {path} (text_encoder.path)")
         if cfg.max_length < 1:
             raise ValueError(f"text_encoder.max_length must be >= 1, got {cfg.max_length}")
+        if cfg.padding not in PADDINGS:
+            raise ValueError(
+                f"text_encoder.padding={cfg.padding!r} is not one of {', '.join(PADDINGS)}"
+            )
         tokenizer_path = cfg.tokenizer_path or path
         if not os.path.isdir(tokenizer_path):
             raise FileNotFoundError(
@@ -104,6 +113,7 @@ class TextEncoder(nn.Module):
             )
         self.model.requires_grad_(False)
         self.max_length = cfg.max_length
+        self.padding = cfg.padding
         self.dim: int = self.model.config.hidden_size
         self.train(False)
         # Cached as non-persistent buffers: they follow .to(device) and stay out of checkpoints.
@@ -118,7 +128,8 @@ class TextEncoder(nn.Module):
     @torch.no_grad()
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions -> embeddings (B, max_length, dim) and mask (B, max_length), True on real
-        tokens. Padding positions are zeroed so they carry nothing even where the mask is unused."""
+        tokens. Padding positions are zeroed so they carry nothing even where the mask is unused;
+        with padding=encoded, the encoder reads them and every position counts (mask all True)."""
         if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
             raise ValueError(f"captions must be a list of strings, got {captions!r:.80}")
         if len(captions) == 0:
@@ -133,7 +144,11 @@ class TextEncoder(nn.Module):
         device = next(self.model.parameters()).device
         input_ids = tokens["input_ids"].to(device)
         mask = tokens["attention_mask"].to(device)
-        hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        if self.padding == "encoded":  # no mask at all: exactly the call of those pipelines
+            mask = torch.ones_like(mask)
+            hidden = self.model(input_ids=input_ids).last_hidden_state
+        else:
+            hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
         mask = mask.bool()
         return hidden * mask.unsqueeze(-1).to(hidden.dtype), mask
 

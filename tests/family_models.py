@@ -1,7 +1,8 @@
 """Tiny random pretrained models of the families beside Wan 2.1/2.2 TI2V (tests/wan_models.py),
 made with diffusers' own classes and saved with `save_pretrained` in the layout their publishers
 use: LTX-Video (transformer/, vae/, text_encoder/, tokenizer/, scheduler/) and Wan 2.2 A14B (two
-experts, transformer/ and transformer_2/, with the pipeline's boundary_ratio)."""
+experts, transformer/ and transformer_2/, with the pipeline's boundary_ratio) and CogVideoX 1.5
+(a temporal patch of 2, v-prediction on a zero-terminal-SNR DDPM schedule)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ from pathlib import Path
 import torch
 import transformers
 from diffusers import (
+    AutoencoderKLCogVideoX,
     AutoencoderKLLTXVideo,
+    CogVideoXDDIMScheduler,
+    CogVideoXPipeline,
+    CogVideoXTransformer3DModel,
     FlowMatchEulerDiscreteScheduler,
     LTXPipeline,
     LTXVideoTransformer3DModel,
@@ -113,4 +118,72 @@ def a14b_overrides(folder: Path) -> list[str]:
         f"model.pretrained.text_dim={TINY_WAN['text_dim']}",
         f"model.pretrained.config={{ffn_dim: {TINY_WAN['ffn_dim']}}}",
         "text_encoder.max_length=16",
+    ]
+
+
+# CogVideoX 1.5's layout at a tiny size: patches of 2x2x2, rotary positions sliced from a table
+# of its 8x8 (latent) training size.
+TINY_COGVIDEOX = {
+    "num_attention_heads": 2,
+    "attention_head_dim": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "time_embed_dim": 8,
+    "text_embed_dim": TEXT_DIM,
+    "num_layers": 2,
+    "sample_width": 8,
+    "sample_height": 8,
+    "sample_frames": 9,
+    "patch_size": 2,
+    "patch_size_t": 2,
+    "temporal_compression_ratio": 4,
+    "max_text_seq_length": 16,
+    "use_rotary_positional_embeddings": True,
+    "patch_bias": False,
+}
+
+
+def tiny_cogvideox_pipeline(seed: int = 0) -> CogVideoXPipeline:
+    """A whole CogVideoX 1.5 pipeline: the tiny transformer, a tiny CogVideoX VAE (4x8x8, 4
+    channels), a tiny T5 over the MiniLM tokenizer, and CogVideoX 1.5's scheduler settings."""
+    torch.manual_seed(seed)
+    vae = AutoencoderKLCogVideoX(
+        block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1,
+        norm_num_groups=2, scaling_factor=0.7,
+    )  # fmt: skip
+    tokenizer = transformers.AutoTokenizer.from_pretrained(default_text_encoder_path())
+    text_config = transformers.T5Config(
+        vocab_size=len(tokenizer), d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    scheduler = CogVideoXDDIMScheduler(
+        prediction_type="v_prediction", rescale_betas_zero_snr=True, snr_shift_scale=1.0,
+        timestep_spacing="trailing", clip_sample=False,
+    )  # fmt: skip
+    return CogVideoXPipeline(
+        tokenizer=tokenizer,
+        text_encoder=transformers.T5EncoderModel(text_config).eval(),
+        vae=vae.eval(),
+        transformer=randomised(CogVideoXTransformer3DModel(**TINY_COGVIDEOX), seed),
+        scheduler=scheduler,
+    )
+
+
+def cogvideox_overrides(folder: Path) -> list[str]:
+    """Hydra overrides that make the tiny CogVideoX pipeline in `folder` the run's model."""
+    heads, head_dim = TINY_COGVIDEOX["num_attention_heads"], TINY_COGVIDEOX["attention_head_dim"]
+    return [
+        "experiment=cogvideox_finetune",
+        "model.size=tiny_cogvideox",
+        f"model.depth={TINY_COGVIDEOX['num_layers']}",
+        f"model.width={heads * head_dim}",
+        f"model.num_heads={heads}",
+        f"model.pretrained.path={folder}",
+        f"model.pretrained.in_channels={TINY_COGVIDEOX['in_channels']}",
+        f"model.pretrained.text_dim={TEXT_DIM}",
+        f"model.pretrained.config={{time_embed_dim: {TINY_COGVIDEOX['time_embed_dim']}}}",
+        "text_encoder.max_length=16",
+        # Latent frames in pairs (a temporal patch of 2): 5 and 13 pixel frames, no stills.
+        "buckets.buckets=[[5,64,64],[5,48,64],[5,64,48],[13,48,64]]",
+        "buckets.token_budget=96",
     ]

@@ -1,4 +1,4 @@
-"""LTX-Video and Wan 2.2 A14B through the one adapter for diffusers video transformers
+"""LTX-Video, Wan 2.2 A14B and CogVideoX 1.5 through the one adapter for diffusers video transformers
 (model/pretrained.py), against diffusers' own classes on tiny random models saved with
 `save_pretrained` (Wan 2.1 and 2.2 TI2V: tests/test_wan.py):
 
@@ -7,6 +7,9 @@
   first frame (time 0 on its tokens);
 - Wan 2.2 A14B sends each sample to the expert of its noise level, on both sides of the
   boundary in one batch, and an expert without samples still takes part in the backward;
+- CogVideoX's v-prediction at its schedule's steps becomes the flow velocity (checked against
+  the algebra with the true v, and against its transformer called as CogVideoXPipeline calls it:
+  frames before channels, its rotary table);
 - each saves back to tensors diffusers loads bitwise; a folder of another family or without an
   expert fails naming the file;
 - LTX-Video's exported LoRA loads with LTXPipeline.load_lora_weights and changes its video.
@@ -20,12 +23,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import LTXPipeline, LTXVideoTransformer3DModel, WanTransformer3DModel
+from diffusers import (
+    CogVideoXPipeline,
+    CogVideoXTransformer3DModel,
+    LTXPipeline,
+    LTXVideoTransformer3DModel,
+    WanTransformer3DModel,
+)
 from family_models import (
     LTX_STRIDE,
     TEXT_DIM,
+    TINY_COGVIDEOX,
     TINY_LTX,
     save_tiny_a14b,
+    tiny_cogvideox_pipeline,
     tiny_ltx_pipeline,
 )
 from wan_models import TINY_WAN
@@ -38,6 +49,7 @@ from model.pretrained import (
     save_lora,
     save_pretrained,
 )
+from model.text import TextEncoder, TextEncoderConfig
 from train.config import ModelConfig
 
 
@@ -70,6 +82,28 @@ def a14b_geometry(path: Path) -> tuple[ModelConfig, PretrainedConfig]:
     )
     heads, head_dim = TINY_WAN["num_attention_heads"], TINY_WAN["attention_head_dim"]
     return ModelConfig(depth=2, width=heads * head_dim, num_heads=heads, pretrained=wan), wan
+
+
+def cogvideox_geometry(path: Path) -> tuple[ModelConfig, PretrainedConfig]:
+    cog = PretrainedConfig(
+        family="cogvideox",
+        path=str(path),
+        in_channels=TINY_COGVIDEOX["in_channels"],
+        text_dim=TEXT_DIM,
+        config={"sample_height": 8, "sample_width": 8},
+    )
+    heads, head_dim = TINY_COGVIDEOX["num_attention_heads"], TINY_COGVIDEOX["attention_head_dim"]
+    geometry = ModelConfig(
+        depth=2, width=heads * head_dim, num_heads=heads, patch_size=[2, 2, 2], pretrained=cog
+    )
+    return geometry, cog
+
+
+@pytest.fixture(scope="module")
+def cogvideox_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("cogvideox") / "pipeline"
+    tiny_cogvideox_pipeline().save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +197,65 @@ def test_a14b_sends_each_sample_to_the_expert_of_its_noise_level(a14b_folder):
     assert all(g is not None for g in grads.values())
     assert all(not g.any() for n, g in grads.items() if n.startswith("transformer_2."))
     assert any(g.abs().sum() > 0 for n, g in grads.items() if n.startswith("transformer."))
+
+
+def test_cogvideox_v_prediction_becomes_the_flow_velocity(cogvideox_folder):
+    model = load_pretrained(*cogvideox_geometry(cogvideox_folder))
+    pipe = CogVideoXPipeline.from_pretrained(cogvideox_folder)
+    reference = CogVideoXTransformer3DModel.from_pretrained(cogvideox_folder / "transformer").eval()
+    schedule = pipe.scheduler.alphas_cumprod.double()
+    generator = torch.Generator().manual_seed(4)
+    x0, noise = (torch.randn(3, 4, 4, 4, 6, generator=generator, dtype=torch.float64) for _ in "ab")
+    steps = torch.tensor([999, 600, 37])
+    a = schedule[steps].view(-1, 1, 1, 1, 1)
+    t = (1 - a).sqrt() / (a.sqrt() + (1 - a).sqrt())  # the flow time of each step
+    norm = ((1 - t) ** 2 + t**2).sqrt()
+    x_t = (1 - t) * x0 + t * noise
+    x_step = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    assert torch.allclose(x_t, norm * x_step, rtol=1e-12, atol=1e-12)
+    # The algebra: the true v gives the true flow velocity.
+    v_true = a.sqrt() * noise - (1 - a).sqrt() * x0
+    assert torch.allclose((2 * t - 1) / norm**2 * x_t + v_true / norm, noise - x0, atol=1e-12)
+
+    text = torch.randn(3, 7, TEXT_DIM, generator=generator)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    with torch.no_grad():
+        ours = model(x_t.float(), t.flatten().float(), text, mask)
+        rotary = pipe._prepare_rotary_positional_embeddings(32, 48, 4, torch.device("cpu"))
+        v = reference(
+            hidden_states=x_step.float().transpose(1, 2),
+            encoder_hidden_states=text,
+            timestep=steps,
+            image_rotary_emb=rotary,
+            return_dict=False,
+        )[0].transpose(1, 2)
+    expected = ((2 * t - 1) / norm**2 * x_t + v.double() / norm).float()
+    print(f"\nCogVideoX: max relative difference {relative(ours, expected):.3g}")
+    assert relative(ours, expected) <= 1e-5 and v.abs().max() > 0.1
+    with pytest.raises(ValueError, match="family=cogvideox has one time per sample"):
+        model(
+            x_t.float(), t.flatten().float(), text, mask, given=torch.ones(3, 4, dtype=torch.bool)
+        )
+
+
+def test_captions_are_encoded_as_the_cogvideox_pipeline_encodes_them(cogvideox_folder):
+    """padding=encoded: T5 reads the padding too and every state counts, as CogVideoXPipeline's
+    encode_prompt gives them; the default (masked) differs on the padding."""
+    pipe = CogVideoXPipeline.from_pretrained(cogvideox_folder)
+    captions = ["a rabbit in the snow", "two boats"]
+    theirs, _ = pipe.encode_prompt(
+        captions, do_classifier_free_guidance=False, max_sequence_length=16, device="cpu"
+    )
+    folders = {"path": str(cogvideox_folder / "text_encoder"),
+               "tokenizer_path": str(cogvideox_folder / "tokenizer"), "max_length": 16}  # fmt: skip
+    encoded = TextEncoder(TextEncoderConfig(**folders, padding="encoded"))
+    states, mask = encoded.encode(captions)
+    print(f"\nencoded as CogVideoXPipeline: relative difference {relative(states, theirs):.3g}")
+    assert mask.all() and relative(states, theirs) <= 1e-6
+    masked, masked_mask = TextEncoder(TextEncoderConfig(**folders)).encode(captions)
+    assert not masked_mask.all() and relative(masked, theirs) > 1e-2
+    with pytest.raises(ValueError, match="text_encoder.padding='both' is not one of"):
+        TextEncoder(TextEncoderConfig(**folders, padding="both"))
 
 
 def test_saving_back_loads_in_diffusers_with_identical_tensors(ltx_folder, a14b_folder, tmp_path):

@@ -45,9 +45,8 @@ class LoraConfig:
 
     rank: int = 0  # 0: no adapter, every weight trains
     alpha: float = 0.0  # scale alpha/rank; 0: alpha = rank
-    target_modules: list[str] = field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
-    )
+    # The layers adapted; null: the family's own (model/pretrained.py: attention and MLP).
+    target_modules: list[str] | None = None
     # The frozen base weights' dtype: auto (bf16 when training runs in bf16, else fp32) | fp32 |
     # bf16. bf16 halves their memory; the adapters and their optimizer state stay fp32.
     frozen_dtype: str = "auto"
@@ -442,5 +441,5 @@ def _check_pretrained(config: Config) -> None:
             f"(parallel.sp={config.parallel.sp}, parallel.cp={config.parallel.cp}): its "
             "attention processor has no sequence-parallel counterpart yet; use sp=1 and cp=1"
         )
-    if lora.rank and not lora.target_modules:
+    if lora.rank and lora.target_modules is not None and not lora.target_modules:
         raise ValueError("config key lora.target_modules is empty: name the layers to adapt")

@@ -95,6 +95,8 @@ def encoder_identity(config: Config, cache_dir: str) -> dict:
         k: v for k, v in asdict(config.autoencoder).items() if k not in AUTOENCODER_PATH_KEYS
     }
     text = {"max_length": config.text_encoder.max_length}
+    if config.text_encoder.padding != "masked":  # shards from before the choice read as masked
+        text["padding"] = config.text_encoder.padding
     return {
         "autoencoder": {
             "config": autoencoder,
