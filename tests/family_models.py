@@ -2,7 +2,8 @@
 made with diffusers' own classes and saved with `save_pretrained` in the layout their publishers
 use: LTX-Video (transformer/, vae/, text_encoder/, tokenizer/, scheduler/) and Wan 2.2 A14B (two
 experts, transformer/ and transformer_2/, with the pipeline's boundary_ratio) and CogVideoX 1.5
-(a temporal patch of 2, v-prediction on a zero-terminal-SNR DDPM schedule)."""
+(a temporal patch of 2, v-prediction on a zero-terminal-SNR DDPM schedule) and HunyuanVideo
+(double- and single-stream blocks, Llama and CLIP captions)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ import torch
 import transformers
 from diffusers import (
     AutoencoderKLCogVideoX,
+    AutoencoderKLHunyuanVideo,
     AutoencoderKLLTXVideo,
     CogVideoXDDIMScheduler,
     CogVideoXPipeline,
     CogVideoXTransformer3DModel,
     FlowMatchEulerDiscreteScheduler,
+    HunyuanVideoPipeline,
+    HunyuanVideoTransformer3DModel,
     LTXPipeline,
     LTXVideoTransformer3DModel,
 )
@@ -185,5 +189,72 @@ def cogvideox_overrides(folder: Path) -> list[str]:
         "text_encoder.max_length=16",
         # Latent frames in pairs (a temporal patch of 2): 5 and 13 pixel frames, no stills.
         "buckets.buckets=[[5,64,64],[5,48,64],[5,64,48],[13,48,64]]",
+        "buckets.token_budget=96",
+    ]
+
+
+# HunyuanVideo at a tiny size: one double-stream and one single-stream block, a tiny Llama (its
+# states come from the third-last of 3 layers) and a tiny CLIP whose pooled vector is 16-d.
+TINY_HUNYUAN = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "num_attention_heads": 2,
+    "attention_head_dim": 12,
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "num_refiner_layers": 1,
+    "patch_size": 2,
+    "patch_size_t": 1,
+    "text_embed_dim": TEXT_DIM,
+    "pooled_projection_dim": 16,
+    "rope_axes_dim": (4, 4, 4),
+}
+# The tiny tokenizer's count of the prompt template's tokens before the caption (Llama 3's: 95).
+HUNYUAN_TEMPLATE_CROP = 131
+
+
+def tiny_hunyuan_pipeline(seed: int = 0) -> HunyuanVideoPipeline:
+    torch.manual_seed(seed)
+    vae = AutoencoderKLHunyuanVideo(
+        latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=2,
+    )  # fmt: skip
+    tokenizer = transformers.AutoTokenizer.from_pretrained(default_text_encoder_path())
+    llama = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=64,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+    )  # fmt: skip
+    clip = transformers.CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=77, projection_dim=16,
+        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    return HunyuanVideoPipeline(
+        text_encoder=randomised(transformers.LlamaModel(llama), seed),
+        tokenizer=tokenizer,
+        transformer=randomised(HunyuanVideoTransformer3DModel(**TINY_HUNYUAN), seed),
+        vae=vae.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=transformers.CLIPTextModel(clip).eval(),
+        tokenizer_2=tokenizer,
+    )
+
+
+def hunyuan_overrides(folder: Path) -> list[str]:
+    heads, head_dim = TINY_HUNYUAN["num_attention_heads"], TINY_HUNYUAN["attention_head_dim"]
+    return [
+        "experiment=hunyuan_video_finetune",
+        "model.size=tiny_hunyuan_video",
+        "model.depth=2",
+        f"model.width={heads * head_dim}",
+        f"model.num_heads={heads}",
+        f"model.pretrained.path={folder}",
+        f"model.pretrained.in_channels={TINY_HUNYUAN['in_channels']}",
+        f"model.pretrained.text_dim={TEXT_DIM}",
+        "model.pretrained.config={num_layers: 1, num_single_layers: 1, pooled_projection_dim: 16}",
+        "text_encoder.max_length=17",
+        f"text_encoder.template_crop={HUNYUAN_TEMPLATE_CROP}",
         "buckets.token_budget=96",
     ]

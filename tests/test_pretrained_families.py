@@ -1,4 +1,4 @@
-"""LTX-Video, Wan 2.2 A14B and CogVideoX 1.5 through the one adapter for diffusers video transformers
+"""LTX-Video, Wan 2.2 A14B, HunyuanVideo and CogVideoX 1.5 through the one adapter for diffusers video transformers
 (model/pretrained.py), against diffusers' own classes on tiny random models saved with
 `save_pretrained` (Wan 2.1 and 2.2 TI2V: tests/test_wan.py):
 
@@ -7,6 +7,9 @@
   first frame (time 0 on its tokens);
 - Wan 2.2 A14B sends each sample to the expert of its noise level, on both sides of the
   boundary in one batch, and an expert without samples still takes part in the backward;
+- HunyuanVideo's captions are its pipeline's encode_prompt (Llama states in the prompt template,
+  CLIP's pooled vector as a summary token), and its velocity is its transformer called as
+  HunyuanVideoPipeline calls it (pooled projections, embedded guidance);
 - CogVideoX's v-prediction at its schedule's steps becomes the flow velocity (checked against
   the algebra with the true v, and against its transformer called as CogVideoXPipeline calls it:
   frames before channels, its rotary table);
@@ -26,17 +29,22 @@ import torch
 from diffusers import (
     CogVideoXPipeline,
     CogVideoXTransformer3DModel,
+    HunyuanVideoPipeline,
+    HunyuanVideoTransformer3DModel,
     LTXPipeline,
     LTXVideoTransformer3DModel,
     WanTransformer3DModel,
 )
 from family_models import (
+    HUNYUAN_TEMPLATE_CROP,
     LTX_STRIDE,
     TEXT_DIM,
     TINY_COGVIDEOX,
+    TINY_HUNYUAN,
     TINY_LTX,
     save_tiny_a14b,
     tiny_cogvideox_pipeline,
+    tiny_hunyuan_pipeline,
     tiny_ltx_pipeline,
 )
 from wan_models import TINY_WAN
@@ -49,7 +57,7 @@ from model.pretrained import (
     save_lora,
     save_pretrained,
 )
-from model.text import TextEncoder, TextEncoderConfig
+from model.text import HunyuanVideoTextEncoder, TextEncoder, TextEncoderConfig
 from train.config import ModelConfig
 
 
@@ -97,6 +105,28 @@ def cogvideox_geometry(path: Path) -> tuple[ModelConfig, PretrainedConfig]:
         depth=2, width=heads * head_dim, num_heads=heads, patch_size=[2, 2, 2], pretrained=cog
     )
     return geometry, cog
+
+
+def hunyuan_geometry(path: Path) -> tuple[ModelConfig, PretrainedConfig]:
+    hunyuan = PretrainedConfig(
+        family="hunyuan_video",
+        path=str(path),
+        in_channels=TINY_HUNYUAN["in_channels"],
+        text_dim=TEXT_DIM,
+        config={"num_layers": 1, "num_single_layers": 1},
+        guidance=6.0,
+    )
+    heads, head_dim = TINY_HUNYUAN["num_attention_heads"], TINY_HUNYUAN["attention_head_dim"]
+    return ModelConfig(
+        depth=2, width=heads * head_dim, num_heads=heads, pretrained=hunyuan
+    ), hunyuan
+
+
+@pytest.fixture(scope="module")
+def hunyuan_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("hunyuan") / "pipeline"
+    tiny_hunyuan_pipeline().save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +227,48 @@ def test_a14b_sends_each_sample_to_the_expert_of_its_noise_level(a14b_folder):
     assert all(g is not None for g in grads.values())
     assert all(not g.any() for n, g in grads.items() if n.startswith("transformer_2."))
     assert any(g.abs().sum() > 0 for n, g in grads.items() if n.startswith("transformer."))
+
+
+@torch.no_grad()
+def test_hunyuan_video_captions_and_velocity_are_its_pipelines(hunyuan_folder):
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+    pipe = HunyuanVideoPipeline.from_pretrained(hunyuan_folder)
+    captions = ["a rabbit in the snow", "two boats at dawn, seen from a bridge"]
+    encoder = HunyuanVideoTextEncoder(
+        TextEncoderConfig(
+            kind="hunyuan_video",
+            path=str(hunyuan_folder),
+            max_length=17,
+            template_crop=HUNYUAN_TEMPLATE_CROP,
+        )
+    )
+    text, mask = encoder.encode(captions)
+    template = {**DEFAULT_PROMPT_TEMPLATE, "crop_start": HUNYUAN_TEMPLATE_CROP}
+    states, pooled, their_mask = pipe.encode_prompt(
+        captions, prompt_template=template, max_sequence_length=16, device="cpu"
+    )
+    assert text.shape == (2, 17, TEXT_DIM) and mask[:, -1].all()
+    assert torch.equal(mask[:, :-1], their_mask.bool()) and not mask[:, :-1].all()
+    assert relative(text[:, :-1], states) <= 1e-6
+    assert relative(text[:, -1, :16], pooled) <= 1e-6 and not text[:, -1, 16:].any()
+
+    model = load_pretrained(*hunyuan_geometry(hunyuan_folder))
+    reference = HunyuanVideoTransformer3DModel.from_pretrained(hunyuan_folder / "transformer")
+    x, t, _, _ = inputs(TINY_HUNYUAN["in_channels"], TEXT_DIM)
+    ours = model(x, t, text, mask)
+    theirs = reference.eval()(
+        hidden_states=x,
+        timestep=t * 1000,
+        encoder_hidden_states=states,
+        encoder_attention_mask=their_mask,
+        pooled_projections=pooled,
+        guidance=torch.full((2,), 6.0 * 1000),
+        return_dict=False,
+    )[0]
+    print(f"\nHunyuanVideo: max relative difference {relative(ours, theirs):.3g}")
+    assert relative(ours, theirs) <= 1e-5 and theirs.abs().max() > 0.1
+    assert len(model.blocks) == 2  # a double-stream and a single-stream block
 
 
 def test_cogvideox_v_prediction_becomes_the_flow_velocity(cogvideox_folder):

@@ -23,6 +23,7 @@ from model.conditioning import ConditioningConfig, mode_probabilities
 from model.dit import DIT_SIZES, DiTConfig
 from model.flow import FlowConfig
 from model.pretrained import FAMILIES, PretrainedConfig
+from model.text import KINDS as TEXT_ENCODER_KINDS
 from model.text import TextEncoderConfig
 
 SAMPLE_MODES = ("t2v", "t2i", "i2v", "extend", "connect", "edit")
@@ -336,6 +337,7 @@ def to_config(cfg: DictConfig) -> Config:
     for mode in config.train.sample_modes:
         _choice("train.sample_modes[]", mode, SAMPLE_MODES)
     mode_probabilities(config.conditioning)
+    _choice("text_encoder.kind", config.text_encoder.kind, TEXT_ENCODER_KINDS)
     _check_pretrained(config)
     _check_packing(config)
     _check_eval(config.eval)
@@ -416,6 +418,11 @@ def _check_pretrained(config: Config) -> None:
         return
     _choice("model.pretrained.family", pretrained.family, tuple(FAMILIES))
     family = FAMILIES[pretrained.family]
+    if family.text_encoder != "auto" and config.text_encoder.kind != family.text_encoder:
+        raise ValueError(
+            f"model.pretrained.family={family.name} reads captions of "
+            f"text_encoder.kind={family.text_encoder}, got {config.text_encoder.kind!r}"
+        )
     if family.time == "sample":  # one time per sample: no frame stays clean
         given_modes = [m for m in config.train.sample_modes if m not in ("t2v", "t2i")]
         if config.conditioning.t2v != 1.0 or given_modes:

@@ -43,7 +43,7 @@ class FrozenEncoders:
     def __init__(self, config: Config, device: torch.device, keep: bool = True):
         self.config, self.device, self.keep = config, device, keep
         self._autoencoder: nn.Module | None = None
-        self._text_encoder: text_encoders.TextEncoder | None = None
+        self._text_encoder: nn.Module | None = None
 
     @property
     def autoencoder(self) -> nn.Module:
@@ -52,9 +52,11 @@ class FrozenEncoders:
         return self._autoencoder
 
     @property
-    def text_encoder(self) -> text_encoders.TextEncoder:
+    def text_encoder(self) -> nn.Module:
         if self._text_encoder is None:
-            self._text_encoder = self._build(text_encoders.TextEncoder, self.config.text_encoder)
+            self._text_encoder = self._build(
+                text_encoders.build_text_encoder, self.config.text_encoder
+            )
         return self._text_encoder
 
     def _build(self, build: Callable, cfg) -> nn.Module:
@@ -95,8 +97,12 @@ def encoder_identity(config: Config, cache_dir: str) -> dict:
         k: v for k, v in asdict(config.autoencoder).items() if k not in AUTOENCODER_PATH_KEYS
     }
     text = {"max_length": config.text_encoder.max_length}
-    if config.text_encoder.padding != "masked":  # shards from before the choice read as masked
+    # Shards from before these choices were encoded as the defaults are.
+    if config.text_encoder.padding != "masked":
         text["padding"] = config.text_encoder.padding
+    if config.text_encoder.kind != "auto":
+        text["kind"] = config.text_encoder.kind
+        text["template_crop"] = config.text_encoder.template_crop
     return {
         "autoencoder": {
             "config": autoencoder,
