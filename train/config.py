@@ -218,6 +218,7 @@ RANGES: dict[str, str] = {
     "autoencoder.tile_latents": "[0, inf)",
     "autoencoder.tile_overlap_latents": "[0, inf)",
     "text_encoder.max_length": "[1, inf)",
+    "text_encoder.template_crop": "[0, inf)",
     "flow.logit_mean": "(-inf, inf)",
     "flow.logit_std": "(0, inf)",
     "flow.shift_base_tokens": "[1, inf)",
