@@ -646,7 +646,12 @@ class DiffusersVideoAutoencoder(VideoAutoencoder):
         return posterior.mean.to(video.dtype), posterior.logvar.to(video.dtype)
 
     def _decode_raw(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents.to(self.vae.dtype)).sample.to(latents.dtype)
+        """Frames 1 + temporal x (latent frames - 1), as encoding maps them. CogVideoX's VAE
+        decodes an even number of latent frames to temporal x as many (its 1.5 pipeline pads the
+        start to make them even, then drops it): the extra first frames go."""
+        video = self.vae.decode(latents.to(self.vae.dtype)).sample.to(latents.dtype)
+        frames = 1 + self.temporal_compression * (latents.shape[2] - 1)
+        return video[:, :, -frames:]
 
 
 def _diffusers_vae_folder(path: str) -> str:

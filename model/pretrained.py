@@ -69,8 +69,9 @@ class PretrainedConfig:
     # boundary_ratio (0.875 for T2V), and which experts train (the others stay frozen).
     boundary: float = 0.875
     train_experts: list[str] = field(default_factory=lambda: ["transformer", "transformer_2"])
-    # LTX-Video: the autoencoder's (time, height, width) stride, which scales its rotary positions.
-    latent_stride: list[int] = field(default_factory=lambda: [8, 32, 32])
+    # The (time, height, width) compression of the autoencoder it was trained with: LTX-Video's
+    # rotary positions are scaled by it, and bench/pretrained_memory.py counts tokens with it.
+    latent_stride: list[int] = field(default_factory=lambda: [4, 8, 8])
     # HunyuanVideo: the embedded guidance scale it is told (fine-tuners train it at 1; its
     # pipeline samples at 6).
     guidance: float = 1.0

@@ -15,7 +15,8 @@
   frames before channels, its rotary table);
 - each saves back to tensors diffusers loads bitwise; a folder of another family or without an
   expert fails naming the file;
-- LTX-Video's exported LoRA loads with LTXPipeline.load_lora_weights and changes its video.
+- LTX-Video's exported LoRA loads with LTXPipeline.load_lora_weights and changes its video;
+- every preset builds its family's transformer at the published size (on the meta device).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from family_models import (
 from wan_models import TINY_WAN
 
 from model.pretrained import (
+    FAMILIES,
     PretrainedConfig,
     PretrainedFolderError,
     add_lora,
@@ -401,3 +403,65 @@ def test_ltx_lora_export_loads_in_the_ltx_pipeline_and_changes_its_video(ltx_fol
     adapted = pipeline_video(pipe)
     print(f"\nLoRA changes LTX-Video's video by up to {(adapted - plain).abs().max():.3g}")
     assert (adapted - plain).abs().max() > 1e-3
+
+
+# Parameters of each preset's transformer(s) as published (billions, rounded to their tenth).
+PUBLISHED_SIZES = {
+    "wan2.1_t2v_1.3b": 1.4,
+    "wan2.1_t2v_14b": 14.3,
+    "wan2.2_ti2v_5b": 5.0,
+    "wan2.2_t2v_a14b": 2 * 14.3,
+    "ltx_video_2b": 1.9,
+    "hunyuan_video_13b": 12.8,
+    "cogvideox1.5_5b": 5.6,
+}
+
+
+def test_every_preset_builds_its_family_at_the_published_size():
+    from bench.pretrained_memory import meta_transformer, preset, pretrained_presets
+
+    assert sorted(PUBLISHED_SIZES) == pretrained_presets()
+    for name, billions in PUBLISHED_SIZES.items():
+        geometry = preset(name)
+        experts = len(FAMILIES[geometry.pretrained.family].experts)
+        count = experts * sum(
+            p.numel() for p in meta_transformer(geometry, geometry.pretrained).parameters()
+        )
+        print(f"{name}: {count / 1e9:.2f}B parameters")
+        assert abs(count / 1e9 - billions) < 0.06, name
+
+
+def test_family_presets_compose_and_refuse_what_their_family_cannot_do():
+    from hydra import compose, initialize_config_dir
+
+    from train.config import register_configs, to_config
+
+    register_configs()
+    root = Path(__file__).resolve().parents[1]
+
+    def config(*overrides: str):
+        with initialize_config_dir(config_dir=str(root / "conf"), version_base=None):
+            return to_config(compose("config", overrides=list(overrides)))
+
+    path = "model.pretrained.path=/data/model"
+    ltx = config("experiment=ltx_finetune", path)
+    assert ltx.model.pretrained.family == "ltx_video" and ltx.text_encoder.max_length == 128
+    assert ltx.text_encoder.path == "/data/model/text_encoder" and ltx.conditioning.t2v < 1
+    hunyuan = config("experiment=hunyuan_video_finetune", path)
+    assert (
+        hunyuan.text_encoder.kind == "hunyuan_video" and hunyuan.text_encoder.path == "/data/model"
+    )
+    cogvideox = config("experiment=cogvideox_finetune", path)
+    assert cogvideox.text_encoder.padding == "encoded" and cogvideox.model.patch_size == [2, 2, 2]
+    refusals = {
+        "family=cogvideox has one time per sample": ["experiment=cogvideox_finetune", "conditioning=mixed"],
+        "family=hunyuan_video reads captions of text_encoder.kind=hunyuan_video": [
+            "experiment=hunyuan_video_finetune", "text_encoder=t5"],
+        "family=ltx_video cannot split its sequence": ["experiment=ltx_finetune", "parallel.sp=2"],
+        "train_experts=\\['transformer_3'\\]": [
+            "experiment=wan_finetune", "model=wan2.2_t2v_a14b", "model.pretrained.train_experts=[transformer_3]"],
+        "model.pretrained.family='sora'": ["experiment=wan_finetune", "model.pretrained.family=sora"],
+    }  # fmt: skip
+    for message, overrides in refusals.items():
+        with pytest.raises(ValueError, match=message):
+            config(*overrides, path)

@@ -1,14 +1,17 @@
-"""Fine-tuning LTX-Video and Wan 2.2 A14B with Tessera's trainer, on real process groups (torchrun,
-gloo, 2 CPU ranks), from tiny random pipeline folders saved with diffusers' `save_pretrained`
-(Wan 2.1 and 2.2 TI2V: tests/test_wan_training.py, which runs the same adapter):
+"""Fine-tuning LTX-Video, Wan 2.2 A14B, HunyuanVideo and CogVideoX with Tessera's trainer, on real
+process groups (torchrun, gloo, 2 CPU ranks), from tiny random pipeline folders saved with
+diffusers' `save_pretrained` (Wan 2.1 and 2.2 TI2V: tests/test_wan_training.py, which runs the
+same adapter):
 
-- LoRA on LTX-Video (with given frames: conditioning=mixed) and full fine-tuning of both A14B
-  experts, each with FSDP2 and ZeRO-2 on 2 ranks, match one process with the same global batch
-  step by step; an A14B run stopped and resumed (FSDP2) continues bit for bit;
+- LoRA on LTX-Video (with given frames: conditioning=mixed) and on HunyuanVideo, full
+  fine-tuning of both A14B experts and of CogVideoX, each with FSDP2 and ZeRO-2 on 2 ranks,
+  match one process with the same global batch step by step; an A14B run stopped and resumed
+  (FSDP2) continues bit for bit; under LoRA the checkpoints hold only the adapters;
 - the exports load in the families' own diffusers pipelines, which run on the CPU to a video:
-  LTX-Video's LoRA through LTXPipeline.load_lora_weights, A14B's two experts as WanPipeline's
-  transformer and transformer_2;
-- the sampling command makes an i2v mp4 from the fine-tuned LTX-Video.
+  the LoRAs through the pipelines' load_lora_weights, A14B's two experts as WanPipeline's
+  transformer and transformer_2, CogVideoX's transformer in CogVideoXPipeline;
+- the sampling command makes an i2v mp4 from the fine-tuned LTX-Video, and refuses i2v for a
+  family with one time per sample.
 """
 
 from __future__ import annotations
@@ -16,11 +19,21 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
-from diffusers import LTXPipeline, WanPipeline
-from family_models import a14b_overrides, ltx_overrides, save_tiny_a14b, tiny_ltx_pipeline
+from diffusers import CogVideoXPipeline, HunyuanVideoPipeline, LTXPipeline, WanPipeline
+from family_models import (
+    a14b_overrides,
+    cogvideox_overrides,
+    hunyuan_overrides,
+    ltx_overrides,
+    save_tiny_a14b,
+    tiny_cogvideox_pipeline,
+    tiny_hunyuan_pipeline,
+    tiny_ltx_pipeline,
+)
 from launching import launch_training, step_losses
 from PIL import Image
 from safetensors.torch import load_file
@@ -34,6 +47,8 @@ FAMILIES = {
     # Both experts train; each sample's time picks one, so on 2 ranks an expert may have no
     # sample on one rank while it has on the other.
     "a14b_full": (a14b_overrides, ["buckets.token_budget=120"]),
+    "hunyuan_lora": (hunyuan_overrides, ["lora.rank=4", "lora.alpha=8"]),
+    "cogvideox_full": (cogvideox_overrides, []),
 }
 LAYOUTS = {"none x1": (["train.grad_accum=2"], 1), "fsdp x2": (["parallel=fsdp"], 2),
            "zero2 x2": (["parallel=zero2"], 2)}  # fmt: skip
@@ -42,8 +57,15 @@ LAYOUTS = {"none x1": (["train.grad_accum=2"], 1), "fsdp x2": (["parallel=fsdp"]
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("pretrained")
-    tiny_ltx_pipeline().save_pretrained(root / "LTX-tiny")
-    return {"ltx_lora": root / "LTX-tiny", "a14b_full": save_tiny_a14b(root / "A14B-tiny")}
+    for name, build in [("LTX", tiny_ltx_pipeline), ("Hunyuan", tiny_hunyuan_pipeline),
+                        ("CogVideoX", tiny_cogvideox_pipeline)]:  # fmt: skip
+        build().save_pretrained(root / f"{name}-tiny")
+    return {
+        "ltx_lora": root / "LTX-tiny",
+        "a14b_full": save_tiny_a14b(root / "A14B-tiny"),
+        "hunyuan_lora": root / "Hunyuan-tiny",
+        "cogvideox_full": root / "CogVideoX-tiny",
+    }
 
 
 def overrides(family: str, folder: Path, shards: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -147,6 +169,20 @@ def test_exports_run_in_the_families_own_pipelines(fine_tunes, folders, tmp_path
     frames = video(wan, height=32, width=32, num_frames=5)
     assert frames.shape == (1, 5, 3, 32, 32) and torch.isfinite(frames).all()
 
+    hunyuan = HunyuanVideoPipeline.from_pretrained(folders["hunyuan_lora"])
+    hunyuan.load_lora_weights(fine_tunes["hunyuan_lora"]["zero2 x2"] / "export" / "lora")
+    frames = video(hunyuan, height=32, width=32, num_frames=5, max_sequence_length=16)
+    assert frames.shape == (1, 5, 3, 32, 32) and torch.isfinite(frames).all()
+
+    pipeline = shutil.copytree(folders["cogvideox_full"], tmp_path / "CogVideoX-trained")
+    shutil.rmtree(pipeline / "transformer")
+    exported = fine_tunes["cogvideox_full"]["fsdp x2"] / "export" / "transformer"
+    shutil.copytree(exported, pipeline / "transformer")
+    cogvideox = CogVideoXPipeline.from_pretrained(pipeline)
+    frames = video(cogvideox, height=32, width=32, num_frames=5, max_sequence_length=16)
+    # (its VAE decodes a latent frame to four pixel frames, the first one too)
+    assert frames.shape == (1, 8, 3, 32, 32) and torch.isfinite(frames).all()
+
 
 @pytest.mark.multiprocess
 def test_the_sampler_makes_an_i2v_video_from_the_fine_tuned_ltx(fine_tunes, tmp_path):
@@ -157,3 +193,12 @@ def test_the_sampler_makes_an_i2v_video_from_the_fine_tuned_ltx(fine_tunes, tmp_
     sample_main([f"checkpoint={run}", "mode=i2v", f"image={image}", "frames=9", "height=64",
                  "width=96", "steps=2", f"out={out}"])  # fmt: skip
     assert out.is_file() and out.stat().st_size > 0
+    # CogVideoX: t2v makes the frames asked (its VAE decodes pairs of latent frames to 8), and
+    # i2v is refused before any work, naming the family (one time per sample).
+    cogvideox = fine_tunes["cogvideox_full"]["none x1"]
+    common = [f"checkpoint={cogvideox}", "frames=5", "height=32", "width=32", "steps=2"]
+    sample_main([*common, "mode=t2v", f"out={tmp_path / 't2v.mp4'}"])
+    with av.open(str(tmp_path / "t2v.mp4")) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 5
+    with pytest.raises(ValueError, match="mode=i2v keeps given frames clean, which .*cogvideox"):
+        sample_main([*common, "mode=i2v", f"image={image}", f"out={tmp_path / 'refused.mp4'}"])

@@ -42,6 +42,7 @@ from data.decode import read_media
 from data.mp4 import write_mp4
 from model.flow import FlowConfig, euler_sample
 from model.geometry import LatentGeometry
+from model.pretrained import PretrainedVideoModel
 from train.build import build_dit, config_from_dict, frozen, load_trained, model_name
 from train.checkpoint import WEIGHTS, CheckpointError, find_weights, read_weights
 from train.config import Config, ParallelConfig
@@ -52,6 +53,7 @@ from train.runtime import Runtime, init_runtime, launch_env, shutdown
 
 MAX_SECONDS = 60.0  # the longest video the command makes, as Sora
 MODES = ("t2v", "t2i", "i2v", "extend", "connect", "edit")
+GIVEN_FRAME_MODES = ("i2v", "extend", "connect")  # modes whose given frames stay clean
 
 
 @dataclass
@@ -395,7 +397,7 @@ def check_sample_config(cfg: SampleConfig) -> None:
 @dataclass
 class SamplingParts:
     config: Config  # the run's
-    dit: torch.nn.Module  # Tessera's DiT or a Wan model, with the trained weights
+    dit: torch.nn.Module  # Tessera's DiT or a pretrained model, with the trained weights
     autoencoder: torch.nn.Module
     text_encoder: torch.nn.Module
     source: Path  # the export or checkpoint folder the weights came from
@@ -436,9 +438,20 @@ def load(cfg: SampleConfig) -> SamplingParts:
     return load_for_sampling(cfg.checkpoint, cfg.weights, device)
 
 
+def check_model_mode(dit: torch.nn.Module, mode: str) -> None:
+    """A pretrained family with one time per sample cannot keep given frames clean."""
+    family = dit.family if isinstance(dit, PretrainedVideoModel) else None
+    if family is not None and family.time == "sample" and mode in GIVEN_FRAME_MODES:
+        raise ValueError(
+            f"mode={mode} keeps given frames clean, which model.pretrained.family={family.name} "
+            "cannot (one time per sample): use t2v, t2i or edit"
+        )
+
+
 def sample_to_mp4(parts: SamplingParts, cfg: SampleConfig, write: bool = True) -> Path:
     """Run `cfg.mode` and write the mp4 with its provenance record (`write`: this rank does)."""
     check_sample_config(cfg)
+    check_model_mode(parts.dit, cfg.mode)
     generator = VideoGenerator(
         parts.dit,
         parts.autoencoder,
