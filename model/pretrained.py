@@ -384,11 +384,9 @@ class PretrainedVideoModel(nn.Module):
         self.family = family
         self.cfg = geometry  # patch_size and the sizes, as Tessera's DiT has them
         self.pretrained = cfg
-        first = experts[0].config
-        self.in_channels: int = first.in_channels
-        self.text_dim: int = next(
-            first[key] for key in ("text_dim", "caption_channels", "text_embed_dim") if key in first
-        )
+        # What it reads, as the preset has it (a folder's config.json must match: check_folder).
+        self.in_channels: int = cfg.in_channels
+        self.text_dim: int = cfg.text_dim
         # Not persistent: the schedule is the scheduler folder's, not a trained weight.
         self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
 

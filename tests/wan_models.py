@@ -57,7 +57,7 @@ def tiny_wan_model(family: str, in_channels: int, text_dim: int) -> PretrainedVi
         depth=TINY_WAN["num_layers"],
         width=heads * head_dim,
         num_heads=heads,
-        pretrained=PretrainedConfig(family=family),
+        pretrained=PretrainedConfig(family=family, in_channels=in_channels, text_dim=text_dim),
     )
     return PretrainedVideoModel(
         FAMILIES[family], [transformer.train()], geometry, geometry.pretrained
