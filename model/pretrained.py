@@ -442,15 +442,15 @@ class PretrainedVideoModel(nn.Module):
     def _by_expert(self, call: Call, t: Tensor) -> Tensor:
         """Each sample through the expert of its noise level. Every expert runs on every call,
         on its samples or, when it has none, on the first sample with its output times zero:
-        sharded experts then gather and reduce on every rank alike."""
+        sharded experts then gather and reduce on every rank alike. (Choosing costs one host
+        sync a call, for the experts' batch sizes.)"""
         high = t * TIME_SCALE >= self.pretrained.boundary * TIME_SCALE
         velocity = torch.zeros_like(call.x)
         for expert, chosen in zip(self.experts, (high, ~high), strict=True):
             index = chosen.nonzero().flatten()
             if index.numel() == 0:
-                velocity = (
-                    velocity + 0.0 * self.family.call(expert, _subset(call, slice(0, 1)))[:1].sum()
-                )
+                idle = self.family.call(expert, _subset(call, slice(0, 1)))
+                velocity = velocity + 0.0 * idle.sum()
                 continue
             velocity = velocity.index_copy(0, index, self.family.call(expert, _subset(call, index)))
         return velocity
