@@ -324,7 +324,7 @@ FAMILIES: dict[str, Family] = {
                _wan_geometry, ("blocks",), splits_sequence=True, lora_targets=WAN_LORA_TARGETS),
         Family("wan2.2_a14b", "WanTransformer3DModel", "WanPipeline", "sample", _wan_call,
                _wan_geometry, ("blocks",), experts=("transformer", "transformer_2"),
-               lora_targets=WAN_LORA_TARGETS),
+               splits_sequence=True, lora_targets=WAN_LORA_TARGETS),
         Family("ltx_video", "LTXVideoTransformer3DModel", "LTXPipeline", "token", _ltx_call,
                _ltx_geometry, ("transformer_blocks",)),
         Family("hunyuan_video", "HunyuanVideoTransformer3DModel", "HunyuanVideoPipeline",

@@ -7,7 +7,8 @@ gloo, 2 CPU ranks), from a tiny random Wan pipeline folder saved with diffusers'
 - a LoRA run stopped and resumed (FSDP) gives the same losses and adapters, bit for bit;
 - Ulysses sequence parallelism (sp=2), ring attention (cp=2, also with activation
   checkpointing) and both (cp=2 x sp=2 on 4 ranks) give the loss and gradients of one rank for
-  Wan 2.1 T2V and Wan 2.2 TI2V (per-token times, a given first frame);
+  Wan 2.1 T2V and Wan 2.2 TI2V (per-token times, a given first frame), and cp=2 x sp=2 for
+  Wan 2.2 A14B (both experts split);
 - the sampling command makes an mp4 from the fine-tuned model: t2v, and i2v for TI2V.
 """
 
@@ -136,12 +137,18 @@ def test_lora_stop_and_resume_is_bitwise_identical(fine_tunes, pipeline, demo_sh
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
+SEQUENCE_LAYOUTS = [
+    ("sp=2", 2), ("cp=2", 2), ("cp=2,activation_checkpointing=full", 2), ("cp=2,sp=2", 4)
+]  # fmt: skip
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
-    ("layout", "nproc"),
-    [("sp=2", 2), ("cp=2", 2), ("cp=2,activation_checkpointing=full", 2), ("cp=2,sp=2", 4)],
+    ("family", "layout", "nproc"),
+    [(family, *layout) for family in ("wan2.1", "wan2.2_ti2v") for layout in SEQUENCE_LAYOUTS]
+    # A14B: the split is the same in both experts (one runs its sample, the other idles).
+    + [("wan2.2_a14b", "cp=2,sp=2", 4)],
 )
-@pytest.mark.parametrize("family", ["wan2.1", "wan2.2_ti2v"])
 def test_sequence_parallel_matches_one_rank(family, layout, nproc, tmp_path):
     worker = str(ROOT / "tests" / "parallel_worker.py")
     torchrun(worker, f"sequence_{family}", "fsdp", str(tmp_path), layout, nproc=nproc)

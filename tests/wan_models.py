@@ -48,10 +48,11 @@ def tiny_transformer(seed: int = 0, **changes) -> WanTransformer3DModel:
 
 
 def tiny_wan_model(family: str, in_channels: int, text_dim: int) -> PretrainedVideoModel:
-    """The tiny transformer behind Tessera's call, built in memory."""
-    transformer = tiny_transformer(
-        in_channels=in_channels, out_channels=in_channels, text_dim=text_dim
-    )
+    """The tiny transformer behind Tessera's call, built in memory (A14B: two, seeds 0 and 1)."""
+    experts = [
+        tiny_transformer(seed, in_channels=in_channels, out_channels=in_channels, text_dim=text_dim)
+        for seed in range(len(FAMILIES[family].experts))
+    ]
     heads, head_dim = TINY_WAN["num_attention_heads"], TINY_WAN["attention_head_dim"]
     geometry = ModelConfig(
         depth=TINY_WAN["num_layers"],
@@ -59,9 +60,8 @@ def tiny_wan_model(family: str, in_channels: int, text_dim: int) -> PretrainedVi
         num_heads=heads,
         pretrained=PretrainedConfig(family=family, in_channels=in_channels, text_dim=text_dim),
     )
-    return PretrainedVideoModel(
-        FAMILIES[family], [transformer.train()], geometry, geometry.pretrained
-    )
+    experts = [expert.train() for expert in experts]
+    return PretrainedVideoModel(FAMILIES[family], experts, geometry, geometry.pretrained)
 
 
 def tiny_pipeline(seed: int = 0) -> WanPipeline:

@@ -194,11 +194,10 @@ def _rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def apply_wan_sequence_parallel(model: nn.Module, group, attend: Callable[..., Tensor]) -> None:
     """Split a Wan model's tokens over `group`, the cut diffusers' own context-parallel plan for
-    Wan makes: per-token timesteps (TI2V) and the rotary table are split on their way in, the
-    tokens after the patch embedding, and the output projection's tokens are gathered; `attend`
-    (`sequence_attention`) is its self-attention."""
+    Wan makes, in each of its experts: per-token timesteps (TI2V) and the rotary table are split
+    on their way in, the tokens after the patch embedding, and the output projection's tokens
+    are gathered; `attend` (`sequence_attention`) is its self-attention."""
     size, rank = dist.get_world_size(group), dist.get_rank(group)
-    transformer = model.transformer
 
     def local_chunk(x: Tensor) -> Tensor:
         if x.shape[1] % size:
@@ -225,9 +224,10 @@ def apply_wan_sequence_parallel(model: nn.Module, group, attend: Callable[..., T
     def gather_tokens(module, args, output: Tensor) -> Tensor:
         return _GatherTokens.apply(output, group)
 
-    transformer.register_forward_pre_hook(shard_timesteps, with_kwargs=True)
-    transformer.rope.register_forward_hook(shard_rope)
-    transformer.blocks[0].register_forward_pre_hook(shard_tokens)
-    for block in transformer.blocks:
-        block.attn1.set_processor(SequenceParallelWanSelfAttention(attend))
-    transformer.proj_out.register_forward_hook(gather_tokens)
+    for transformer in model.experts:
+        transformer.register_forward_pre_hook(shard_timesteps, with_kwargs=True)
+        transformer.rope.register_forward_hook(shard_rope)
+        transformer.blocks[0].register_forward_pre_hook(shard_tokens)
+        for block in transformer.blocks:
+            block.attn1.set_processor(SequenceParallelWanSelfAttention(attend))
+        transformer.proj_out.register_forward_hook(gather_tokens)
