@@ -4,8 +4,8 @@ diffusers' `save_pretrained` (Wan 2.1 and 2.2 TI2V: tests/test_wan_training.py, 
 same adapter):
 
 - LoRA on LTX-Video (with given frames: conditioning=mixed) and on HunyuanVideo, full
-  fine-tuning of both A14B experts and of CogVideoX, each with FSDP2 and ZeRO-2 on 2 ranks,
-  match one process with the same global batch step by step; an A14B run stopped and resumed
+  fine-tuning of both A14B experts and of CogVideoX, each with FSDP2 on 2 ranks (and ZeRO-2
+  for LTX-Video and A14B), match one process with the same global batch step by step; an A14B run stopped and resumed
   (FSDP2) continues bit for bit; under LoRA the checkpoints hold only the adapters;
 - the exports load in the families' own diffusers pipelines, which run on the CPU to a video:
   the LoRAs through the pipelines' load_lora_weights, A14B's two experts as WanPipeline's
@@ -34,24 +34,30 @@ from family_models import (
     tiny_hunyuan_pipeline,
     tiny_ltx_pipeline,
 )
-from launching import launch_training, step_losses
+from hydra import compose, initialize_config_dir
+from launching import ROOT, launch_training, step_losses
 from PIL import Image
 from safetensors.torch import load_file
 
+from train.__main__ import run
+from train.config import register_configs, to_config
 from train.sample import main as sample_main
 
+register_configs()
 STEPS = 6
+# family -> (its overrides, the fine-tune's settings, the 2-rank layouts it runs besides 1 process)
 FAMILIES = {
     # LoRA with given frames: LTX-Video takes one time per token.
-    "ltx_lora": (ltx_overrides, ["conditioning=mixed", "lora.rank=4", "lora.alpha=8"]),
+    "ltx_lora": (ltx_overrides, ["conditioning=mixed", "lora.rank=4", "lora.alpha=8"],
+                 ("fsdp", "zero2")),
     # Both experts train; each sample's time picks one, so on 2 ranks an expert may have no
     # sample on one rank while it has on the other.
-    "a14b_full": (a14b_overrides, ["buckets.token_budget=120"]),
-    "hunyuan_lora": (hunyuan_overrides, ["lora.rank=4", "lora.alpha=8"]),
-    "cogvideox_full": (cogvideox_overrides, []),
-}
-LAYOUTS = {"none x1": (["train.grad_accum=2"], 1), "fsdp x2": (["parallel=fsdp"], 2),
-           "zero2 x2": (["parallel=zero2"], 2)}  # fmt: skip
+    "a14b_full": (a14b_overrides, ["buckets.token_budget=120"], ("fsdp", "zero2")),
+    # (the engines' LoRA and full paths are the family's adapter plus the same code: ZeRO-2 runs
+    # for one family of each kind above)
+    "hunyuan_lora": (hunyuan_overrides, ["lora.rank=4", "lora.alpha=8"], ("fsdp",)),
+    "cogvideox_full": (cogvideox_overrides, [], ("fsdp",)),
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +75,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 
 
 def overrides(family: str, folder: Path, shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    family_overrides, settings = FAMILIES[family]
+    family_overrides, settings, _ = FAMILIES[family]
     return [
         *family_overrides(folder),
         *settings,
@@ -89,13 +95,18 @@ def overrides(family: str, folder: Path, shards: Path, run_dir: Path, *extra: st
 
 @pytest.fixture(scope="module")
 def fine_tunes(folders, demo_shards, tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """Each fine-tune in this process (two micro-batches a step) and on 2 ranks (one each)."""
     runs: dict[str, dict[str, Path]] = {}
     for family, folder in folders.items():
-        runs[family] = {}
-        for layout, (extra, nproc) in LAYOUTS.items():
-            run_dir = tmp_path_factory.mktemp(f"{family}_{layout.split()[0]}")
-            launch_training(*overrides(family, folder, demo_shards, run_dir, *extra), nproc=nproc)
-            runs[family][layout] = run_dir
+        single = tmp_path_factory.mktemp(f"{family}_none")
+        args = overrides(family, folder, demo_shards, single, "train.grad_accum=2")
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+            run(to_config(compose("config", overrides=args)))
+        runs[family] = {"none x1": single}
+        for backend in FAMILIES[family][2]:
+            run_dir = tmp_path_factory.mktemp(f"{family}_{backend}")
+            launch_training(*overrides(family, folder, demo_shards, run_dir, f"parallel={backend}"))
+            runs[family][f"{backend} x2"] = run_dir
     return runs
 
 
@@ -170,7 +181,7 @@ def test_exports_run_in_the_families_own_pipelines(fine_tunes, folders, tmp_path
     assert frames.shape == (1, 5, 3, 32, 32) and torch.isfinite(frames).all()
 
     hunyuan = HunyuanVideoPipeline.from_pretrained(folders["hunyuan_lora"])
-    hunyuan.load_lora_weights(fine_tunes["hunyuan_lora"]["zero2 x2"] / "export" / "lora")
+    hunyuan.load_lora_weights(fine_tunes["hunyuan_lora"]["fsdp x2"] / "export" / "lora")
     frames = video(hunyuan, height=32, width=32, num_frames=5, max_sequence_length=16)
     assert frames.shape == (1, 5, 3, 32, 32) and torch.isfinite(frames).all()
 

@@ -126,7 +126,9 @@ def test_caption_list_errors_name_the_file_and_column(source, tmp_path):
     csv_file = tmp_path / "captions.csv"
     csv_file.write_text("path,caption\nbunny.jpg,a rabbit\n")
     cfg = load_config([])
-    with pytest.raises(ValueError, match=r"captions.csv: no 'file' column"):
+    with pytest.raises(
+        ValueError, match=r"captions.csv: its columns \['path', 'caption'\] are no known"
+    ):
         prepare(str(csv_file), tmp_path / "out", cfg, "inline")
     jsonl = tmp_path / "captions.jsonl"
     jsonl.write_text('{"file": "bunny.jpg", "caption": "a rabbit"}\n{"file": "x.mp4",\n')
