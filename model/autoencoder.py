@@ -672,7 +672,9 @@ def _first_present(config, *keys: str):
 def _compression(vae: nn.Module, axis: str) -> int:
     """Compression factor from the model attribute or its config; diffusers classes disagree on
     names (HunyuanVideo: temporal_compression_ratio, Wan: scale_factor_temporal, ...)."""
-    value = getattr(vae, f"{axis}_compression_ratio", None)
+    # An attribute the VAE computes itself (LTX-Video), else its config; diffusers warns when a
+    # config value is read as an attribute.
+    value = vars(vae).get(f"{axis}_compression_ratio")
     if value is None:
         value = _first_present(vae.config, f"{axis}_compression_ratio", f"scale_factor_{axis}")
     if value is None and axis == "spatial" and "block_out_channels" in vae.config:
@@ -688,7 +690,7 @@ def _channel_stat(vae: nn.Module, name: str, channels: int) -> torch.Tensor | No
     # A config list for Wan / CogVideoX, a buffer for LTX.
     value = vae.config.get(name)
     if value is None:
-        value = getattr(vae, name, None)
+        value = dict(vae.named_buffers(recurse=False)).get(name)
     if value is None:
         return None
     stat = torch.as_tensor(value, dtype=torch.float32).flatten()
