@@ -133,13 +133,27 @@ def _wan_call(transformer: nn.Module, call: Call) -> Tensor:
     )[0]
 
 
-def _wan_geometry(geometry, cfg: PretrainedConfig) -> dict:
+def _geometry(geometry, cfg: PretrainedConfig) -> dict:
+    """What every family's config.json says of the preset's heads and channels."""
     return {
-        "num_layers": geometry.depth,
         "num_attention_heads": geometry.num_heads,
         "attention_head_dim": geometry.width // geometry.num_heads,
         "in_channels": cfg.in_channels,
         "out_channels": cfg.in_channels,
+    }
+
+
+def _square_patch(geometry, family: str) -> tuple[int, int]:
+    """(time, side) of a family whose patches are square in space."""
+    patch_t, patch_h, patch_w = geometry.patch_size
+    if patch_h != patch_w:
+        raise ValueError(f"{family} patches are square, got model.patch_size={geometry.patch_size}")
+    return patch_t, patch_h
+
+
+def _wan_geometry(geometry, cfg: PretrainedConfig) -> dict:
+    return _geometry(geometry, cfg) | {
+        "num_layers": geometry.depth,
         "text_dim": cfg.text_dim,
         "patch_size": list(geometry.patch_size),
     }
@@ -168,19 +182,11 @@ def _ltx_call(transformer: nn.Module, call: Call) -> Tensor:
 
 
 def _ltx_geometry(geometry, cfg: PretrainedConfig) -> dict:
-    patch_t, patch_h, patch_w = geometry.patch_size
-    if patch_h != patch_w:
-        raise ValueError(
-            f"LTX-Video patches are square, got model.patch_size={geometry.patch_size}"
-        )
-    return {
+    patch_t, patch = _square_patch(geometry, "LTX-Video")
+    return _geometry(geometry, cfg) | {
         "num_layers": geometry.depth,
-        "num_attention_heads": geometry.num_heads,
-        "attention_head_dim": geometry.width // geometry.num_heads,
-        "in_channels": cfg.in_channels,
-        "out_channels": cfg.in_channels,
         "caption_channels": cfg.text_dim,
-        "patch_size": patch_h,
+        "patch_size": patch,
         "patch_size_t": patch_t,
     }
 
@@ -222,20 +228,12 @@ def _hunyuan_call(transformer: nn.Module, call: Call) -> Tensor:
 
 
 def _hunyuan_geometry(geometry, cfg: PretrainedConfig) -> dict:
-    """The depth is its double-stream plus its single-stream blocks (the preset's config pins
-    how many of each)."""
-    patch_t, patch_h, patch_w = geometry.patch_size
-    if patch_h != patch_w:
-        raise ValueError(
-            f"HunyuanVideo patches are square, got model.patch_size={geometry.patch_size}"
-        )
-    return {
-        "num_attention_heads": geometry.num_heads,
-        "attention_head_dim": geometry.width // geometry.num_heads,
-        "in_channels": cfg.in_channels,
-        "out_channels": cfg.in_channels,
+    """Its depth is its double-stream plus its single-stream blocks: the preset's config pins how
+    many of each."""
+    patch_t, patch = _square_patch(geometry, "HunyuanVideo")
+    return _geometry(geometry, cfg) | {
         "text_embed_dim": cfg.text_dim,
-        "patch_size": patch_h,
+        "patch_size": patch,
         "patch_size_t": patch_t,
     }
 
@@ -297,19 +295,11 @@ def _cogvideox_rotary(transformer: nn.Module, latent_shape, device) -> tuple[Ten
 
 
 def _cogvideox_geometry(geometry, cfg: PretrainedConfig) -> dict:
-    patch_t, patch_h, patch_w = geometry.patch_size
-    if patch_h != patch_w:
-        raise ValueError(
-            f"CogVideoX patches are square, got model.patch_size={geometry.patch_size}"
-        )
-    return {
+    patch_t, patch = _square_patch(geometry, "CogVideoX")
+    return _geometry(geometry, cfg) | {
         "num_layers": geometry.depth,
-        "num_attention_heads": geometry.num_heads,
-        "attention_head_dim": geometry.width // geometry.num_heads,
-        "in_channels": cfg.in_channels,
-        "out_channels": cfg.in_channels,
         "text_embed_dim": cfg.text_dim,
-        "patch_size": patch_h,
+        "patch_size": patch,
         "patch_size_t": patch_t if patch_t > 1 else None,  # 1.0 has none, 1.5 has 2
     }
 

@@ -14,6 +14,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,6 +95,25 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def step_losses(run_dir: Path) -> list[float]:
     return [line["train/loss"] for line in metrics(run_dir)]
+
+
+def assert_runs_match_step_by_step(title: str, runs: dict[str, Path], steps: int) -> None:
+    """Print the runs' losses side by side. The first run is the reference: it logs `steps`
+    steps whose last third is below its first, and every other run matches it step by step
+    (relative 1e-4)."""
+    table = {name: step_losses(run_dir) for name, run_dir in runs.items()}
+    print(f"\n{title}\nstep " + "".join(f"{name:>14}" for name in table))
+    for step in range(steps):
+        print(f"{step + 1:4d} " + "".join(f"{losses[step]:14.8f}" for losses in table.values()))
+    reference_name, *others = table
+    reference = torch.tensor(table[reference_name], dtype=torch.float64)
+    third = max(steps // 3, 1)
+    assert len(reference) == steps and reference[-third:].mean() < reference[:third].mean()
+    for name in others:
+        relative = (torch.tensor(table[name], dtype=torch.float64) - reference).abs() / reference
+        assert relative.max() < 1e-4, (
+            f"{title} {name}: worst relative loss difference {relative.max()}"
+        )
 
 
 def random_seed() -> int:

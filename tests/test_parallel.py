@@ -21,7 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from launching import PACKED, ROOT, launch_training, step_losses, torchrun
+from launching import (
+    PACKED,
+    ROOT,
+    assert_runs_match_step_by_step,
+    launch_training,
+    step_losses,
+    torchrun,
+)
 from models import perturbed_tiny_dit
 
 from model.dit import DiT
@@ -55,7 +62,7 @@ def test_every_backend_matches_a_single_process_run_step_by_step(demo_shards, tm
     # One process drawing both micro-batches of a step = two ranks drawing one each.
     single = tmp_path / "none"
     launch_training(*train_overrides(demo_shards, single), "train.grad_accum=2", nproc=1)
-    table = {"none x1": step_losses(single)}
+    runs = {"none x1": single}
     layouts = {
         "ddp": ["parallel=ddp"],
         "fsdp": ["parallel=fsdp"],
@@ -64,20 +71,11 @@ def test_every_backend_matches_a_single_process_run_step_by_step(demo_shards, tm
         "zero3": ["parallel=zero3"],
     }
     for backend, parallel in layouts.items():
-        run_dir = tmp_path / backend
+        run_dir = runs[f"{backend} x2"] = tmp_path / backend
         launch_training(*train_overrides(demo_shards, run_dir), *parallel)
-        table[f"{backend} x2"] = step_losses(run_dir)
         assert find_weights(run_dir / "checkpoints" / "step_00000012").kind == "ema"
         assert (run_dir / "export" / "model.safetensors").exists()
-
-    print("\nstep " + "".join(f"{name:>14}" for name in table))
-    for step in range(12):
-        print(f"{step + 1:4d} " + "".join(f"{losses[step]:14.8f}" for losses in table.values()))
-    reference = torch.tensor(table.pop("none x1"), dtype=torch.float64)
-    assert len(reference) == 12 and reference[-4:].mean() < reference[:4].mean()
-    for name, losses in table.items():
-        relative = (torch.tensor(losses, dtype=torch.float64) - reference).abs() / reference
-        assert relative.max() < 1e-4, f"{name}: worst relative loss difference {relative.max()}"
+    assert_runs_match_step_by_step("every backend", runs, 12)
 
 
 @pytest.mark.multiprocess

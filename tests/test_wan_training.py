@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from launching import ROOT, launch_training, step_losses, torchrun
+from launching import ROOT, assert_runs_match_step_by_step, launch_training, step_losses, torchrun
 from PIL import Image
 from safetensors.torch import load_file
 from wan_models import save_tiny_pipeline, wan_overrides
@@ -96,17 +96,7 @@ def fine_tunes(pipeline, demo_shards, tmp_path_factory) -> dict[str, dict[str, P
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("kind", ["full", "lora"])
 def test_fine_tunes_on_two_ranks_match_one_process_step_by_step(kind, fine_tunes):
-    table = {layout: step_losses(run_dir) for layout, run_dir in fine_tunes[kind].items()}
-    print(f"\n{kind} fine-tune\nstep " + "".join(f"{name:>14}" for name in table))
-    for step in range(STEPS):
-        print(f"{step + 1:4d} " + "".join(f"{losses[step]:14.8f}" for losses in table.values()))
-    reference = torch.tensor(table.pop("none x1"), dtype=torch.float64)
-    assert len(reference) == STEPS and reference[-2:].mean() < reference[:2].mean()
-    for name, losses in table.items():
-        relative = (torch.tensor(losses, dtype=torch.float64) - reference).abs() / reference
-        assert relative.max() < 1e-4, (
-            f"{kind} {name}: worst relative loss difference {relative.max()}"
-        )
+    assert_runs_match_step_by_step(f"{kind} fine-tune", fine_tunes[kind], STEPS)
 
     for run_dir in fine_tunes[kind].values():
         exported = run_dir / "export"
