@@ -67,8 +67,9 @@ shards: | $(VENV)/.installed
 latents: $(DEMO_AUTOENCODER)
 	$(PY) -m train.encode --out $(DEMO_DIR)/latents experiment=demo $(ARGS)
 
+# The slowest tests are listed at the end: CI's 45 minutes are a budget to keep.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q --durations=25 $(ARGS)
 
 # Everything but the slow, multi-process and SLURM tests: a few minutes on 2 CPU cores.
 test-fast: $(VENV)/.installed
