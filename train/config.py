@@ -413,7 +413,8 @@ def _check_pretrained(config: Config) -> None:
     _choice("lora.frozen_dtype", lora.frozen_dtype, ("auto", "fp32", "bf16"))
     if lora.rank and pretrained is None:
         raise ValueError(
-            "config key lora.rank > 0 needs a pretrained model (model=wan2.*, model=ltx_video_2b)"
+            "config key lora.rank > 0 needs a pretrained model: a conf/model/ preset with "
+            "model.pretrained (wan2.1_t2v_1.3b, ltx_video_2b, ...)"
         )
     if pretrained is None:
         return
