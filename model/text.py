@@ -147,10 +147,7 @@ class TextEncoder(nn.Module):
         """Captions -> embeddings (B, max_length, dim) and mask (B, max_length), True on real
         tokens. Padding positions are zeroed so they carry nothing even where the mask is unused;
         with padding=encoded, the encoder reads them and every position counts (mask all True)."""
-        if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
-            raise ValueError(f"captions must be a list of strings, got {captions!r:.80}")
-        if len(captions) == 0:
-            raise ValueError("captions is empty; encode needs at least one caption")
+        _check_captions(captions)
         tokens = self.tokenizer(
             list(captions),
             padding="max_length",
@@ -235,6 +232,7 @@ class HunyuanVideoTextEncoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_captions(captions)
         device = next(self.model.parameters()).device
         tokens = self.tokenizer(
             [self.template.format(caption) for caption in captions],
@@ -242,9 +240,12 @@ class HunyuanVideoTextEncoder(nn.Module):
             padding="max_length",
             truncation=True,
             return_tensors="pt",
-        ).to(device)
-        hidden = self.model(**tokens, output_hidden_states=True).hidden_states[-3]
-        states, mask = hidden[:, self.crop :], tokens["attention_mask"][:, self.crop :].bool()
+        )
+        input_ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+        hidden = self.model(
+            input_ids=input_ids, attention_mask=mask, output_hidden_states=True
+        ).hidden_states[-3]
+        states, mask = hidden[:, self.crop :], mask[:, self.crop :].bool()
         clip_tokens = self.tokenizer_2(
             list(captions),
             max_length=self.CLIP_LENGTH,
@@ -259,6 +260,13 @@ class HunyuanVideoTextEncoder(nn.Module):
 
     def null_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._null_embedding, self._null_mask
+
+
+def _check_captions(captions: list[str]) -> None:
+    if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
+        raise ValueError(f"captions must be a list of strings, got {captions!r:.80}")
+    if len(captions) == 0:
+        raise ValueError("captions is empty; encode needs at least one caption")
 
 
 def build_text_encoder(cfg: TextEncoderConfig) -> nn.Module:
