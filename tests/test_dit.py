@@ -178,11 +178,11 @@ def test_sizes_follow_the_rule_and_are_the_model_presets():
         assert cfg.depth == cfg.num_heads == max(1, cfg.width // 64), size
         assert cfg.width // cfg.num_heads == min(64, cfg.width), size
         preset = OmegaConf.to_container(compose_config(f"model={size}").model)
-        assert preset == dataclasses.asdict(cfg) | {"wan": None}, size
+        assert preset == dataclasses.asdict(cfg) | {"pretrained": None}, size
     presets = (ROOT / "conf/model").glob("*.yaml")
-    # The sizes are not repeated as files: the only YAML presets are the pretrained Wan models,
+    # The sizes are not repeated as files: the only YAML presets are the pretrained models,
     # which follow their published configs, not the rule.
-    assert all("wan" in OmegaConf.load(p) for p in presets)
+    assert all("pretrained" in OmegaConf.load(p) for p in presets)
     with pytest.raises(
         ValueError, match="unknown DiT size 'huge'; known sizes: pico, nano, micro, tiny"
     ):

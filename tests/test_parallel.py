@@ -293,7 +293,7 @@ def test_a_bucket_the_ring_cannot_split_fails_before_any_process_group(
             "packing.sequence_tokens=239 holds 239 tokens, which do not split into "
             r"parallel.cp=2 x parallel.sp=1 = 2 equal chunks of at least one token",
         ),
-        (["model=wan2.1_t2v_1.3b"], "cannot be combined with a pretrained Wan model"),
+        (["model=wan2.1_t2v_1.3b"], "cannot be combined with a pretrained model"),
     ],
 )
 def test_bad_packing_settings_fail_before_any_process_group(
