@@ -98,7 +98,32 @@ def _load_encoder(path: str) -> nn.Module:
     return model.get_encoder() if config.is_encoder_decoder else model
 
 
-class TextEncoder(nn.Module):
+class FrozenCaptionEncoder(nn.Module):
+    """What every text encoder shares: it stays in eval mode, and caches the empty caption's
+    encoding, the unconditional branch of classifier-free guidance."""
+
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _freeze(self) -> None:
+        """Eval mode and the cached empty caption: call at the end of __init__."""
+        self.requires_grad_(False)
+        self.train(False)
+        # Cached as non-persistent buffers: they follow .to(device) and stay out of checkpoints.
+        null_embedding, null_mask = self.encode([""])
+        self.register_buffer("_null_embedding", null_embedding, persistent=False)
+        self.register_buffer("_null_mask", null_mask, persistent=False)
+
+    def train(self, mode: bool = True) -> FrozenCaptionEncoder:
+        # Frozen: stay in eval mode (no dropout) even inside a module switched to train().
+        return super().train(False)
+
+    def null_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty caption's embedding (1, max_length, dim) and mask (1, max_length), cached."""
+        return self._null_embedding, self._null_mask
+
+
+class TextEncoder(FrozenCaptionEncoder):
     """Frozen tokenizer + encoder. `encode` pads every caption to max_length tokens, so text
     tensors have the same shape in every batch."""
 
@@ -128,19 +153,10 @@ class TextEncoder(nn.Module):
                 f"text_encoder.max_length={cfg.max_length} exceeds the {positions} positions "
                 f"of the model in {path}"
             )
-        self.model.requires_grad_(False)
         self.max_length = cfg.max_length
         self.padding = cfg.padding
         self.dim: int = self.model.config.hidden_size
-        self.train(False)
-        # Cached as non-persistent buffers: they follow .to(device) and stay out of checkpoints.
-        null_embedding, null_mask = self.encode([""])
-        self.register_buffer("_null_embedding", null_embedding, persistent=False)
-        self.register_buffer("_null_mask", null_mask, persistent=False)
-
-    def train(self, mode: bool = True) -> TextEncoder:
-        # Frozen: stay in eval mode (no dropout) even inside a module switched to train().
-        return super().train(False)
+        self._freeze()
 
     @torch.no_grad()
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,13 +182,8 @@ class TextEncoder(nn.Module):
         mask = mask.bool()
         return hidden * mask.unsqueeze(-1).to(hidden.dtype), mask
 
-    def null_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The empty caption's embedding (1, max_length, dim) and mask (1, max_length), cached;
-        the unconditional branch of classifier-free guidance."""
-        return self._null_embedding, self._null_mask
 
-
-class HunyuanVideoTextEncoder(nn.Module):
+class HunyuanVideoTextEncoder(FrozenCaptionEncoder):
     """HunyuanVideo's captions as its pipeline encodes them: Llama's states, from the third-last
     layer, of the caption inside the pipeline's video prompt template, with the template's tokens
     cropped; and CLIP's pooled output of the bare caption (77 tokens). `encode` returns them as
@@ -211,7 +222,6 @@ class HunyuanVideoTextEncoder(nn.Module):
         self.tokenizer_2 = load(folder("tokenizer_2"), local_files_only=True)
         self.model = _load_encoder(folder("text_encoder"))
         self.model_2 = _load_encoder(folder("text_encoder_2"))
-        self.requires_grad_(False)
         self.template = DEFAULT_PROMPT_TEMPLATE["template"]
         self.crop = cfg.template_crop
         self.max_length = cfg.max_length
@@ -222,13 +232,7 @@ class HunyuanVideoTextEncoder(nn.Module):
                 f"{folder('text_encoder_2')}: CLIP's {pooled}-d pooled vector does not fit a "
                 f"summary token of Llama's width {self.dim}"
             )
-        self.train(False)
-        null_embedding, null_mask = self.encode([""])
-        self.register_buffer("_null_embedding", null_embedding, persistent=False)
-        self.register_buffer("_null_mask", null_mask, persistent=False)
-
-    def train(self, mode: bool = True) -> HunyuanVideoTextEncoder:
-        return super().train(False)
+        self._freeze()
 
     @torch.no_grad()
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,9 +261,6 @@ class HunyuanVideoTextEncoder(nn.Module):
         summary = F.pad(pooled, (0, self.dim - pooled.shape[-1]))[:, None].to(states.dtype)
         summary_mask = torch.ones_like(mask[:, :1])
         return torch.cat([states, summary], 1), torch.cat([mask, summary_mask], 1)
-
-    def null_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._null_embedding, self._null_mask
 
 
 def _check_captions(captions: list[str]) -> None:
