@@ -52,6 +52,15 @@ def randomised(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module.eval()
 
 
+def tiny_t5(tokenizer) -> transformers.T5EncoderModel:
+    """A one-layer T5 encoder over `tokenizer`, of TEXT_DIM (LTX-Video's and CogVideoX's)."""
+    config = transformers.T5Config(
+        vocab_size=len(tokenizer), d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    return transformers.T5EncoderModel(config).eval()
+
+
 def tiny_ltx_transformer(seed: int = 0) -> LTXVideoTransformer3DModel:
     return randomised(LTXVideoTransformer3DModel(**TINY_LTX), seed)
 
@@ -65,14 +74,10 @@ def tiny_ltx_pipeline(seed: int = 0) -> LTXPipeline:
         layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
     )  # fmt: skip
     tokenizer = transformers.AutoTokenizer.from_pretrained(default_text_encoder_path())
-    text_config = transformers.T5Config(
-        vocab_size=len(tokenizer), d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
-        relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
     return LTXPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae.eval(),
-        text_encoder=transformers.T5EncoderModel(text_config).eval(),
+        text_encoder=tiny_t5(tokenizer),
         tokenizer=tokenizer,
         transformer=tiny_ltx_transformer(seed),
     )
@@ -156,17 +161,13 @@ def tiny_cogvideox_pipeline(seed: int = 0) -> CogVideoXPipeline:
         norm_num_groups=2, scaling_factor=0.7,
     )  # fmt: skip
     tokenizer = transformers.AutoTokenizer.from_pretrained(default_text_encoder_path())
-    text_config = transformers.T5Config(
-        vocab_size=len(tokenizer), d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
-        relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
     scheduler = CogVideoXDDIMScheduler(
         prediction_type="v_prediction", rescale_betas_zero_snr=True, snr_shift_scale=1.0,
         timestep_spacing="trailing", clip_sample=False,
     )  # fmt: skip
     return CogVideoXPipeline(
         tokenizer=tokenizer,
-        text_encoder=transformers.T5EncoderModel(text_config).eval(),
+        text_encoder=tiny_t5(tokenizer),
         vae=vae.eval(),
         transformer=randomised(CogVideoXTransformer3DModel(**TINY_COGVIDEOX), seed),
         scheduler=scheduler,
