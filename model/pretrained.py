@@ -1,5 +1,6 @@
 """Pretrained diffusers video transformers as Tessera velocity models: Wan 2.1, Wan 2.2 TI2V,
-Wan 2.2 A14B, LTX-Video, HunyuanVideo 1.0 and CogVideoX (1.0 and 1.5), through one adapter.
+Wan 2.2 A14B (T2V and I2V), LTX-Video, HunyuanVideo 1.0 and CogVideoX (1.0 and 1.5), through one
+adapter.
 
 `PretrainedVideoModel` composes diffusers' own transformer classes instead of copying them: the
 weights of a published `-Diffusers` folder load without renaming, a result saves back in the same
@@ -10,8 +11,11 @@ declared `Family`:
   names of the transformers it is made of: one, or Wan 2.2 A14B's two, chosen by noise level
   (`transformer` at or above the pipeline's boundary, `transformer_2` below it);
 - `time`: one time per sample, or one per token (the given frames of an i2v, extend or connect
-  sample then stay clean at time 0, exactly Tessera's frame conditioning); a family with one
-  time per sample refuses given frames;
+  sample then stay clean at time 0, exactly Tessera's frame conditioning);
+- `given`: how given frames reach it: by that time per token, or (Wan 2.2 I2V A14B) as extra input
+  channels, the pipeline's mask of given pixel frames and the latents of the clip with every other
+  pixel frame zero (`channel_condition`), every latent frame then noised and denoised; a family
+  with one time per sample and no such channels takes no given frames;
 - `call`: how the trainer's call `model(x, t, text, text_mask, given=..., fps=...)` becomes the
   class's forward (the latent layout, how the caption's padding is hidden, the rotary scale);
 - `geometry`: which of the folder's config.json values the preset's DiT geometry pins;
@@ -46,6 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from model.conditioning import MODES
 from model.geometry import token_grid
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -93,6 +98,7 @@ class Call:
     patch_size: tuple[int, int, int]
     cfg: PretrainedConfig
     alphas_cumprod: Tensor | None = None  # the DDPM schedule of a v-prediction family
+    condition: Tensor | None = None  # (B, C', T, H, W) extra input channels (channel_condition)
 
 
 @dataclass(frozen=True)
@@ -120,13 +126,27 @@ class Family:
     prediction: str = "flow"
     # The text_encoder.kind (model/text.py) its captions need; auto: any one encoder.
     text_encoder: str = "auto"
+    # "time" (given frames stay clean at time 0: a family with one time per token) | "channels"
+    # (given pixel frames as extra input channels, channel_condition); with one time per sample
+    # and no such channels it takes none
+    given: str = "time"
+
+    @property
+    def conditioning_modes(self) -> tuple[str, ...]:
+        """The training modes of model/conditioning.py it can take."""
+        if self.given == "channels":  # its pipeline's image, and first and last image
+            return ("i2v", "connect")
+        if self.given == "time" and self.time == "token":
+            return MODES
+        return ("t2v",)
 
 
 def _wan_call(transformer: nn.Module, call: Call) -> Tensor:
     """Wan's pipelines feed the caption's states with the padding zeroed and no mask."""
     context = call.text * call.text_mask[..., None].to(call.text.dtype)
+    x = call.x if call.condition is None else torch.cat([call.x, call.condition], dim=1)
     return transformer(
-        hidden_states=call.x,
+        hidden_states=x,
         timestep=call.timestep,
         encoder_hidden_states=context,
         return_dict=False,
@@ -156,6 +176,13 @@ def _wan_geometry(geometry, cfg: PretrainedConfig) -> dict:
         "num_layers": geometry.depth,
         "text_dim": cfg.text_dim,
         "patch_size": list(geometry.patch_size),
+    }
+
+
+def _wan_i2v_geometry(geometry, cfg: PretrainedConfig) -> dict:
+    """Its input is the noisy latents, then the condition's mask and latents."""
+    return _wan_geometry(geometry, cfg) | {
+        "in_channels": 2 * cfg.in_channels + cfg.latent_stride[0]
     }
 
 
@@ -315,6 +342,9 @@ FAMILIES: dict[str, Family] = {
         Family("wan2.2_a14b", "WanTransformer3DModel", "WanPipeline", "sample", _wan_call,
                _wan_geometry, ("blocks",), experts=("transformer", "transformer_2"),
                splits_sequence=True, lora_targets=WAN_LORA_TARGETS),
+        Family("wan2.2_i2v_a14b", "WanTransformer3DModel", "WanImageToVideoPipeline", "sample",
+               _wan_call, _wan_i2v_geometry, ("blocks",), experts=("transformer", "transformer_2"),
+               splits_sequence=True, lora_targets=WAN_LORA_TARGETS, given="channels"),
         Family("ltx_video", "LTXVideoTransformer3DModel", "LTXPipeline", "token", _ltx_call,
                _ltx_geometry, ("transformer_blocks",)),
         Family("hunyuan_video", "HunyuanVideoTransformer3DModel", "HunyuanVideoPipeline",
@@ -419,12 +449,23 @@ class PretrainedVideoModel(nn.Module):
         given: Tensor | None = None,
         fps: Tensor | None = None,
         native_size: Tensor | None = None,
+        condition: Tensor | None = None,
     ) -> Tensor:
-        """Velocity (B, C, T, H, W), the call of model/dit.py's DiT (native_size unused)."""
+        """Velocity (B, C, T, H, W), the call of model/dit.py's DiT (native_size unused);
+        `condition`: a family that takes given frames as channels needs its channel_condition."""
+        if (condition is None) == (self.family.given == "channels"):
+            raise ValueError(
+                f"model.pretrained.family={self.family.name} "
+                + ("needs" if condition is None else "takes no")
+                + " given frames as input channels (channel_condition)"
+            )
         grid = token_grid(x.shape[2:], self.cfg.patch_size)
         timestep = self.timesteps(t, grid, given)
         patch = tuple(self.cfg.patch_size)
-        call = Call(x, timestep, text, text_mask, fps, patch, self.pretrained, self.alphas_cumprod)
+        call = Call(
+            x, timestep, text, text_mask, fps, patch, self.pretrained, self.alphas_cumprod,
+            condition,
+        )  # fmt: skip
         if len(self.family.experts) == 1:
             return self.family.call(self.experts[0], call)
         return self._by_expert(call, t if t.ndim == 1 else t[:, 0])
@@ -448,10 +489,43 @@ class PretrainedVideoModel(nn.Module):
 
 def _subset(call: Call, index) -> Call:
     fps = None if call.fps is None else call.fps[index]
+    condition = None if call.condition is None else call.condition[index]
     return Call(
         call.x[index], call.timestep[index], call.text[index], call.text_mask[index], fps,
-        call.patch_size, call.cfg, call.alphas_cumprod,
+        call.patch_size, call.cfg, call.alphas_cumprod, condition,
     )  # fmt: skip
+
+
+def given_pixel_frames(given: Tensor, temporal_compression: int) -> Tensor:
+    """(B, F) bool, F = 1 + c (T - 1): the pixel frames a family that takes given frames as
+    channels is shown for given latent frames (B, T), as Wan's I2V pipeline shows them: the first
+    pixel frame when the first latent frame is given (its image), the last when the last is (its
+    last image, first-and-last-frame)."""
+    batch, frames = given.shape
+    pixels = torch.zeros(batch, 1 + temporal_compression * (frames - 1), dtype=torch.bool)
+    pixels = pixels.to(given.device)
+    pixels[:, 0] = given[:, 0]
+    if frames > 1:
+        pixels[:, -1] = given[:, -1]
+    return pixels
+
+
+def channel_condition(latents: Tensor, given_pixels: Tensor, temporal_compression: int) -> Tensor:
+    """Wan 2.2 I2V's input channels beside the noisy latents, as its pipeline makes them:
+    `latents` (B, C, T, H, W) are the autoencoder's of the clip with every pixel frame not in
+    `given_pixels` (B, F) zero; before them, c mask channels, one per pixel frame of each latent
+    frame (the first pixel frame counted c times, as the first latent frame stands for it alone)."""
+    batch, _, frames, height, width = latents.shape
+    c = temporal_compression
+    if given_pixels.shape != (batch, 1 + c * (frames - 1)):
+        raise ValueError(
+            f"given pixel frames {tuple(given_pixels.shape)} do not match latents "
+            f"{tuple(latents.shape)} at a temporal compression of {c}"
+        )
+    mask = torch.cat([given_pixels[:, :1].expand(-1, c), given_pixels[:, 1:]], dim=1)
+    mask = mask.view(batch, frames, c).transpose(1, 2).to(latents.dtype)
+    mask = mask[:, :, :, None, None].expand(-1, -1, -1, height, width)
+    return torch.cat([mask, latents], dim=1)
 
 
 # ------------------------------------------------------------------------------------------------

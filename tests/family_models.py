@@ -1,7 +1,8 @@
 """Tiny random pretrained models of the families beside Wan 2.1/2.2 TI2V (tests/wan_models.py),
 made with diffusers' own classes and saved with `save_pretrained` in the layout their publishers
-use: LTX-Video (transformer/, vae/, text_encoder/, tokenizer/, scheduler/) and Wan 2.2 A14B (two
-experts, transformer/ and transformer_2/, with the pipeline's boundary_ratio) and CogVideoX 1.5
+use: LTX-Video (transformer/, vae/, text_encoder/, tokenizer/, scheduler/) and Wan 2.2 A14B, T2V
+and I2V (two experts, transformer/ and transformer_2/, with the pipeline's boundary_ratio; I2V's
+shown the given frames as 20 more input channels) and CogVideoX 1.5
 (a temporal patch of 2, v-prediction on a zero-terminal-SNR DDPM schedule) and HunyuanVideo
 (double- and single-stream blocks, Llama and CLIP captions)."""
 
@@ -23,6 +24,7 @@ from diffusers import (
     HunyuanVideoTransformer3DModel,
     LTXPipeline,
     LTXVideoTransformer3DModel,
+    WanImageToVideoPipeline,
 )
 from wan_models import TINY_WAN, tiny_pipeline, tiny_transformer
 
@@ -114,12 +116,33 @@ def save_tiny_a14b(folder: Path) -> Path:
     return folder
 
 
-def a14b_overrides(folder: Path) -> list[str]:
+WAN_I2V_CHANNELS = 16 + 4 + 16  # noisy latents, the mask of given pixel frames, their latents
+
+
+def save_tiny_wan_i2v_a14b(folder: Path) -> Path:
+    """Wan 2.2 I2V A14B's layout: WanImageToVideoPipeline with two experts of 36 input channels,
+    no image encoder, and its boundary of 0.9."""
+    wan = tiny_pipeline()
+    pipeline = WanImageToVideoPipeline(
+        tokenizer=wan.tokenizer, text_encoder=wan.text_encoder, vae=wan.vae,
+        scheduler=wan.scheduler,
+        transformer=tiny_transformer(seed=0, in_channels=WAN_I2V_CHANNELS),
+        transformer_2=tiny_transformer(seed=1, in_channels=WAN_I2V_CHANNELS),
+        boundary_ratio=0.9,
+    )  # fmt: skip
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+def a14b_overrides(folder: Path, experiment: str = "wan_finetune") -> list[str]:
+    """The tiny A14B in `folder` as the run's model: T2V (wan_finetune), or with
+    experiment=wan_i2v_finetune the I2V one."""
     heads, head_dim = TINY_WAN["num_attention_heads"], TINY_WAN["attention_head_dim"]
+    model = {"wan_finetune": "wan2.2_t2v_a14b", "wan_i2v_finetune": "wan2.2_i2v_a14b"}[experiment]
     return [
-        "experiment=wan_finetune",
-        "model=wan2.2_t2v_a14b",
-        "model.size=tiny_wan2.2_a14b",
+        f"experiment={experiment}",
+        f"model={model}",
+        f"model.size=tiny_{model}",
         f"model.depth={TINY_WAN['num_layers']}",
         f"model.width={heads * head_dim}",
         f"model.num_heads={heads}",

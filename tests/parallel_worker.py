@@ -10,8 +10,8 @@ CHECK is `buckets` (the ranks hold batches of different buckets and sizes) or `s
 ranks split one sample's tokens, over the sequence LAYOUT: `sp=2` (the default), `cp=2`, or
 `cp=2,sp=2` on 4 ranks, and further ParallelConfig settings such as
 `activation_checkpointing=full`); `sequence_wan2.1` and `sequence_wan2.2_ti2v` are
-`sequence` for a tiny Wan 2.1 T2V (one time per sample) and Wan 2.2 TI2V (a given first frame,
-one time per token) model; `sequence_packed` splits a padded pack of three samples of different
+`sequence` for a tiny Wan 2.1 T2V (one time per sample), Wan 2.2 TI2V (a given first frame,
+one time per token), A14B and I2V A14B (two experts; I2V's shown a condition as channels) model; `sequence_packed` splits a padded pack of three samples of different
 shapes (one with a given frame), where a sample straddles the ranks' chunks.
 """
 
@@ -63,9 +63,10 @@ def make_batch(frames: int, height: int, width: int, size: int, plan_index: int)
 class LatentObjective:
     """Flow matching straight on the batch tensor, with per-frame times and seeded noise."""
 
-    def __init__(self, per_frame_times: bool, packed: bool = False):
+    def __init__(self, per_frame_times: bool, packed: bool = False, shown: bool = False):
         self.per_frame_times = per_frame_times
         self.packed = packed
+        self.shown = shown  # the model takes given frames as channels: a random condition
 
     def __call__(self, model, batch: Batch, device) -> Loss:
         latents = batch.video.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
@@ -80,6 +81,9 @@ class LatentObjective:
         given = torch.zeros(size, frames, dtype=torch.bool)
         given[0, 0] = self.per_frame_times or self.packed  # image-to-video: frame 0 given
         micro = {"fps": batch.fps, "native_size": batch.native_size}
+        if self.shown:
+            shape = (size, 4 + latents.shape[1], *latents.shape[2:])
+            micro["condition"] = torch.randn(shape, generator=generator)
         if self.packed:  # the samples cut to PACK_SHAPES, in one sequence
             latents, noise = cut_to_pack(latents), cut_to_pack(noise)
             given = [g[None, :f] for g, (f, _, _) in zip(given, PACK_SHAPES, strict=True)]
@@ -142,6 +146,7 @@ def main(check: str, backend: str, out: Path, layout: str) -> None:
     objective = LatentObjective(
         per_frame_times=check in ("sequence", "sequence_wan2.2_ti2v"),
         packed=check == "sequence_packed",
+        shown=check == "sequence_wan2.2_i2v_a14b",
     )
     ref_loss, ref_grads = reference_gradients(model, objective, batches)
     naive_grads = per_rank_mean_gradients(model, objective, mine[0], dims.world_size)

@@ -6,7 +6,8 @@
   mask, rotary scale from the frame rate), and as its image-to-video pipeline does for a given
   first frame (time 0 on its tokens);
 - Wan 2.2 A14B sends each sample to the expert of its noise level, on both sides of the
-  boundary in one batch, and an expert without samples still takes part in the backward;
+  boundary in one batch, and an expert without samples still takes part in the backward; the
+  I2V A14B is shown a first image, or a first and a last, as WanImageToVideoPipeline shows them;
 - HunyuanVideo's captions are its pipeline's encode_prompt (Llama states in the prompt template,
   CLIP's pooled vector as a summary token), and its velocity is its transformer called as
   HunyuanVideoPipeline calls it (pooled projections, embedded guidance);
@@ -36,6 +37,7 @@ from diffusers import (
     HunyuanVideoTransformer3DModel,
     LTXPipeline,
     LTXVideoTransformer3DModel,
+    WanImageToVideoPipeline,
     WanPipeline,
     WanTransformer3DModel,
 )
@@ -46,7 +48,9 @@ from family_models import (
     TINY_COGVIDEOX,
     TINY_HUNYUAN,
     TINY_LTX,
+    a14b_overrides,
     save_tiny_a14b,
+    save_tiny_wan_i2v_a14b,
     tiny_cogvideox_pipeline,
     tiny_hunyuan_pipeline,
     tiny_ltx_pipeline,
@@ -153,6 +157,11 @@ def a14b_folder(tmp_path_factory) -> Path:
     return save_tiny_a14b(tmp_path_factory.mktemp("a14b") / "pipeline")
 
 
+@pytest.fixture(scope="module")
+def wan_i2v_folder(tmp_path_factory) -> Path:
+    return save_tiny_wan_i2v_a14b(tmp_path_factory.mktemp("wan_i2v") / "pipeline")
+
+
 def inputs(channels: int, text_dim: int, batch: int = 2, seed: int = 1):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, channels, 3, 4, 6, generator=generator)
@@ -232,6 +241,67 @@ def test_a14b_sends_each_sample_to_the_expert_of_its_noise_level(a14b_folder):
     assert all(g is not None for g in grads.values())
     assert all(not g.any() for n, g in grads.items() if n.startswith("transformer_2."))
     assert any(g.abs().sum() > 0 for n, g in grads.items() if n.startswith("transformer."))
+
+
+def composed(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from train.config import register_configs, to_config
+
+    register_configs()
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base=None):
+        return to_config(compose("config", overrides=list(overrides)))
+
+
+@torch.no_grad()
+def test_wan_i2v_a14b_is_shown_the_given_frames_as_its_pipeline_shows_them(wan_i2v_folder):
+    """The trainer's condition of an i2v and a first-and-last-frame sample is what
+    WanImageToVideoPipeline.prepare_latents makes of the same images, and each expert (boundary
+    0.9) takes it beside the noisy latents as its pipeline does."""
+    from types import SimpleNamespace
+
+    from train.encoders import FrozenEncoders, video_to_float
+    from train.latent_source import OnlineLatents
+    from train.objectives import FlowMatchingObjective
+
+    config = composed(*a14b_overrides(wan_i2v_folder, "wan_i2v_finetune"))
+    cpu = torch.device("cpu")
+    source = OnlineLatents(FrozenEncoders(config, cpu), config.model.patch_size)
+    objective = FlowMatchingObjective(
+        source, config.flow, config.conditioning, lambda tokens: 0.0, 0, given_as_channels=True
+    )
+    clips = torch.randint(0, 256, (2, 9, 32, 48, 3), dtype=torch.uint8)  # 3 latent frames of 4x6
+    given = torch.tensor([[True, False, False], [True, False, True]])  # i2v; connect
+    condition = objective.channel_condition(SimpleNamespace(video=clips), given, cpu)
+
+    pipe = WanImageToVideoPipeline.from_pretrained(wan_i2v_folder)
+    pixels = video_to_float(clips, cpu)  # (2, 3, 9, 32, 48)
+    for row, last in ((0, None), (1, pixels[1:, :, -1])):
+        _, theirs = pipe.prepare_latents(
+            pixels[row : row + 1, :, 0], 1, 16, 32, 48, 9, torch.float32, cpu, last_image=last
+        )
+        print(f"\nWan I2V condition ({'i2v' if last is None else 'first and last'}): max "
+              f"relative difference {relative(condition[row : row + 1], theirs):.3g}")  # fmt: skip
+        assert condition.shape == (2, 4 + 16, 3, 4, 6)
+        assert relative(condition[row : row + 1], theirs) <= 1e-6
+
+    model = load_pretrained(config.model, config.model.pretrained)
+    x, _, text, mask = inputs(16, TINY_WAN["text_dim"])
+    t = torch.tensor([0.95, 0.5])  # one sample for each expert
+    ours = model(x, t, text, mask, condition=condition)
+    context = text * mask[..., None]
+    for row, expert in enumerate(("transformer", "transformer_2")):
+        reference = WanTransformer3DModel.from_pretrained(wan_i2v_folder / expert).eval()
+        pipeline_input = torch.cat([x, condition], dim=1)[row : row + 1]
+        theirs = reference(pipeline_input, t[row : row + 1] * 1000, context[row : row + 1])[0]
+        print(
+            f"Wan I2V {expert}: max relative difference {relative(ours[row : row + 1], theirs):.3g}"
+        )
+        assert relative(ours[row : row + 1], theirs) <= 1e-6 and theirs.abs().max() > 0.1
+    assert relative(model(x, t, text, mask, condition=torch.zeros_like(condition)), ours) > 1e-3
+    with pytest.raises(ValueError, match="family=wan2.2_i2v_a14b needs given frames as input"):
+        model(x, t, text, mask)
 
 
 @torch.no_grad()
@@ -463,6 +533,7 @@ PUBLISHED_SIZES = {
     "wan2.1_t2v_14b": 14.3,
     "wan2.2_ti2v_5b": 5.0,
     "wan2.2_t2v_a14b": 2 * 14.3,
+    "wan2.2_i2v_a14b": 2 * 14.3,
     "ltx_video_2b": 1.9,
     "hunyuan_video_13b": 12.8,
     "cogvideox1.5_5b": 5.6,
@@ -513,6 +584,12 @@ def test_family_presets_compose_and_refuse_what_their_family_cannot_do():
         "train_experts=\\['transformer_3'\\]": [
             "experiment=wan_finetune", "model=wan2.2_t2v_a14b", "model.pretrained.train_experts=[transformer_3]"],
         "model.pretrained.family='sora'": ["experiment=wan_finetune", "model.pretrained.family=sora"],
+        "family=wan2.2_i2v_a14b is shown a first image .*conditioning.extend_forward=0.1": [
+            "experiment=wan_i2v_finetune", "conditioning.connect=0", "conditioning.extend_forward=0.1"],
+        "train.sample_prompts=\\['a rabbit'\\]: .*needs an image": [
+            "experiment=wan_i2v_finetune", "train.sample_prompts=[a rabbit]"],
+        "conditioning.given_frames=\\[1, 2\\]": [
+            "experiment=wan_i2v_finetune", "conditioning.given_frames=[1,2]"],
     }  # fmt: skip
     for message, overrides in refusals.items():
         with pytest.raises(ValueError, match=message):

@@ -3,33 +3,43 @@ process groups (torchrun, gloo, 2 CPU ranks), from tiny random pipeline folders 
 diffusers' `save_pretrained` (Wan 2.1 and 2.2 TI2V: tests/test_wan_training.py, which runs the
 same adapter):
 
-- LoRA on LTX-Video (with given frames: conditioning=mixed) and on HunyuanVideo, full
-  fine-tuning of both A14B experts and of CogVideoX, each with FSDP2 on 2 ranks (and ZeRO-2
-  for LTX-Video and A14B), match one process with the same global batch step by step; an A14B run stopped and resumed
-  (FSDP2) continues bit for bit; under LoRA the checkpoints hold only the adapters;
+- LoRA on LTX-Video (with given frames: conditioning=mixed), on HunyuanVideo and on both Wan 2.2
+  I2V A14B experts (shown first, and first and last, images as channels), full fine-tuning of
+  both A14B experts and of CogVideoX, each with FSDP2 on 2 ranks (and ZeRO-2 for LTX-Video and
+  A14B), match one process with the same global batch step by step; an A14B run stopped and
+  resumed (FSDP2) continues bit for bit; under LoRA the checkpoints hold only the adapters;
 - the exports load in the families' own diffusers pipelines, which run on the CPU to a video:
-  the LoRAs through the pipelines' load_lora_weights, A14B's two experts as WanPipeline's
-  transformer and transformer_2, CogVideoX's transformer in CogVideoXPipeline;
-- the sampling command makes an i2v mp4 from the fine-tuned LTX-Video, and refuses i2v for a
-  family with one time per sample.
+  the LoRAs through the pipelines' load_lora_weights (I2V A14B's into WanImageToVideoPipeline,
+  from an image), A14B's two experts as WanPipeline's transformer and transformer_2,
+  CogVideoX's transformer in CogVideoXPipeline;
+- the sampling command makes an i2v mp4 from the fine-tuned LTX-Video and i2v and connect mp4s
+  from the I2V A14B, and refuses i2v for a family with one time per sample and t2v for I2V A14B.
 """
 
 from __future__ import annotations
 
 import shutil
+from functools import partial
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 import torch
-from diffusers import CogVideoXPipeline, HunyuanVideoPipeline, LTXPipeline, WanPipeline
+from diffusers import (
+    CogVideoXPipeline,
+    HunyuanVideoPipeline,
+    LTXPipeline,
+    WanImageToVideoPipeline,
+    WanPipeline,
+)
 from family_models import (
     a14b_overrides,
     cogvideox_overrides,
     hunyuan_overrides,
     ltx_overrides,
     save_tiny_a14b,
+    save_tiny_wan_i2v_a14b,
     tiny_cogvideox_pipeline,
     tiny_hunyuan_pipeline,
     tiny_ltx_pipeline,
@@ -39,6 +49,7 @@ from launching import ROOT, assert_runs_match_step_by_step, launch_training, ste
 from PIL import Image
 from safetensors.torch import load_file
 
+from data.mp4 import write_mp4
 from train.__main__ import run
 from train.config import register_configs, to_config
 from train.sample import main as sample_main
@@ -53,6 +64,10 @@ FAMILIES = {
     # Both experts train; each sample's time picks one, so on 2 ranks an expert may have no
     # sample on one rank while it has on the other.
     "a14b_full": (a14b_overrides, ["buckets.token_budget=120"], ("fsdp", "zero2")),
+    # LoRA on both I2V experts, shown a first image (and for some clips a last one) as channels.
+    "a14b_i2v_lora": (partial(a14b_overrides, experiment="wan_i2v_finetune"),
+                      ["buckets.token_budget=120", "lora.rank=4", "lora.alpha=8",
+                       "conditioning.i2v=0.5", "conditioning.connect=0.5"], ("fsdp",)),
     # (the engines' LoRA and full paths are the family's adapter plus the same code: ZeRO-2 runs
     # for one family of each kind above)
     "hunyuan_lora": (hunyuan_overrides, ["lora.rank=4", "lora.alpha=8"], ("fsdp",)),
@@ -69,6 +84,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     return {
         "ltx_lora": root / "LTX-tiny",
         "a14b_full": save_tiny_a14b(root / "A14B-tiny"),
+        "a14b_i2v_lora": save_tiny_wan_i2v_a14b(root / "A14B-I2V-tiny"),
         "hunyuan_lora": root / "Hunyuan-tiny",
         "cogvideox_full": root / "CogVideoX-tiny",
     }
@@ -141,13 +157,13 @@ def test_a14b_stop_and_resume_is_bitwise_identical(fine_tunes, folders, demo_sha
         )
 
 
-def video(pipe, **size) -> torch.Tensor:
+def video(pipe, output_type: str = "pt", **size) -> torch.Tensor:
     return pipe(
         prompt="a rabbit",
         num_inference_steps=2,
         guidance_scale=1.0,
         generator=torch.Generator().manual_seed(0),
-        output_type="pt",
+        output_type=output_type,
         **size,
     ).frames
 
@@ -186,6 +202,46 @@ def test_exports_run_in_the_families_own_pipelines(fine_tunes, folders, tmp_path
     frames = video(cogvideox, height=32, width=32, num_frames=5, max_sequence_length=16)
     # (its VAE decodes a latent frame to four pixel frames, the first one too)
     assert frames.shape == (1, 8, 3, 32, 32) and torch.isfinite(frames).all()
+
+
+@pytest.mark.multiprocess
+def test_the_i2v_a14b_lora_runs_in_its_pipeline_and_the_sampler(fine_tunes, folders, tmp_path):
+    """Both experts' adapters load into WanImageToVideoPipeline and change its video of an image;
+    the sampling command makes i2v and first-and-last-frame videos from the run, and refuses t2v."""
+    rng = np.random.default_rng(0)
+    first, last = (Image.fromarray(rng.integers(0, 255, (32, 48, 3), np.uint8)) for _ in "ab")
+    pipe = WanImageToVideoPipeline.from_pretrained(folders["a14b_i2v_lora"])
+    size = {"image": first, "height": 32, "width": 48, "num_frames": 9}
+    plain = video(pipe, **size, output_type="latent")
+    lora = fine_tunes["a14b_i2v_lora"]["fsdp x2"] / "export" / "lora"
+    pipe.load_lora_weights(lora)
+    pipe.load_lora_weights(lora / "transformer_2", load_into_transformer_2=True)
+    adapted = video(pipe, **size, output_type="latent")
+    # (the tiny autoencoder decodes to nearly flat frames: the change is measured on latents)
+    change = (adapted - plain).abs().max()
+    print(f"\nWan I2V A14B: the trained LoRAs change the latents by up to {change:.3g}")
+    assert change > 1e-3
+    frames = video(pipe, **size)
+    assert frames.shape == (1, 9, 3, 32, 48) and torch.isfinite(frames).all()
+
+    first.save(tmp_path / "first.png")
+    run = fine_tunes["a14b_i2v_lora"]["none x1"]
+    common = [f"checkpoint={run}", "height=32", "width=48", "steps=2", "fps=8"]
+    sample_main([*common, "mode=i2v", f"image={tmp_path / 'first.png'}", "frames=9",
+                 f"out={tmp_path / 'i2v.mp4'}"])  # fmt: skip
+    with av.open(str(tmp_path / "i2v.mp4")) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 9
+    # connect: the first clip's last frame and the second's first end a window of 1 + 4 x 2
+    # frames (1 s at 8 fps makes two new latent frames), which joins the clips.
+    clips = [rng.integers(0, 255, (5, 32, 64, 3), np.uint8) for _ in "ab"]  # cropped to 48
+    for name, clip in zip("ab", clips, strict=True):
+        write_mp4(tmp_path / f"{name}.mp4", clip, 8.0)
+    sample_main([*common, "mode=connect", f"video={tmp_path / 'a.mp4'}", "seconds=1",
+                 f"video2={tmp_path / 'b.mp4'}", f"out={tmp_path / 'connect.mp4'}"])  # fmt: skip
+    with av.open(str(tmp_path / "connect.mp4")) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 4 + 9 + 4
+    with pytest.raises(ValueError, match="mode=t2v: model.pretrained.family=wan2.2_i2v_a14b"):
+        sample_main([*common, "mode=t2v", f"out={tmp_path / 'refused.mp4'}"])
 
 
 @pytest.mark.multiprocess

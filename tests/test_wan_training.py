@@ -9,7 +9,8 @@ gloo, 2 CPU ranks), from a tiny random Wan pipeline folder saved with diffusers'
 - Ulysses sequence parallelism (sp=2), ring attention (cp=2, also with activation
   checkpointing) and both (cp=2 x sp=2 on 4 ranks) give the loss and gradients of one rank for
   Wan 2.1 T2V; sp=2 and cp=2 x sp=2 for Wan 2.2 TI2V (per-token times, a given first frame) and
-  cp=2 x sp=2 for Wan 2.2 A14B (both experts split);
+  cp=2 x sp=2 for Wan 2.2 A14B and I2V A14B (both experts split; I2V's condition channels go in
+  before the split);
 - the sampling command makes an mp4 from the fine-tuned model: t2v, and i2v for TI2V.
 """
 
@@ -142,6 +143,7 @@ SEQUENCE_LAYOUTS = [
         ("wan2.2_ti2v", "sp=2", 2),
         ("wan2.2_ti2v", "cp=2,sp=2", 4),
         ("wan2.2_a14b", "cp=2,sp=2", 4),
+        ("wan2.2_i2v_a14b", "cp=2,sp=2", 4),
     ],
 )
 def test_sequence_parallel_matches_one_rank(family, layout, nproc, tmp_path):

@@ -48,9 +48,13 @@ def tiny_transformer(seed: int = 0, **changes) -> WanTransformer3DModel:
 
 
 def tiny_wan_model(family: str, in_channels: int, text_dim: int) -> PretrainedVideoModel:
-    """The tiny transformer behind Tessera's call, built in memory (A14B: two, seeds 0 and 1)."""
+    """The tiny transformer behind Tessera's call, built in memory (A14B: two, seeds 0 and 1;
+    I2V A14B: each also reads the condition's mask and latents)."""
+    shown = 4 + in_channels if FAMILIES[family].given == "channels" else 0
     experts = [
-        tiny_transformer(seed, in_channels=in_channels, out_channels=in_channels, text_dim=text_dim)
+        tiny_transformer(
+            seed, in_channels=in_channels + shown, out_channels=in_channels, text_dim=text_dim
+        )
         for seed in range(len(FAMILIES[family].experts))
     ]
     heads, head_dim = TINY_WAN["num_attention_heads"], TINY_WAN["attention_head_dim"]

@@ -19,10 +19,10 @@ from data.buckets import BucketConfig
 from data.packing import PackingConfig
 from data.pipeline import DataConfig
 from model.autoencoder import AutoencoderConfig
-from model.conditioning import ConditioningConfig, mode_probabilities
+from model.conditioning import MODES, ConditioningConfig, mode_probabilities
 from model.dit import DIT_SIZES, DiTConfig
 from model.flow import FlowConfig
-from model.pretrained import FAMILIES, PretrainedConfig
+from model.pretrained import FAMILIES, Family, PretrainedConfig
 from model.text import KINDS as TEXT_ENCODER_KINDS
 from model.text import TextEncoderConfig
 
@@ -408,6 +408,41 @@ def _check_packing(config: Config) -> None:
             raise ValueError(f"config key packing.enabled=true cannot be combined with {what}")
 
 
+def _check_given_as_channels(config: Config, family: Family) -> None:
+    """A family shown its given frames as input channels (Wan 2.2 I2V) trains on what its pipeline
+    shows it, from pixels; its training-time samples and held-out loss would start from text
+    alone, which it does not take."""
+    name, conditioning = f"model.pretrained.family={family.name}", config.conditioning
+    others = [
+        f"conditioning.{mode}={getattr(conditioning, mode)}"
+        for mode in MODES
+        if getattr(conditioning, mode) and mode not in family.conditioning_modes
+    ]
+    if others:
+        raise ValueError(
+            f"{name} is shown a first image (conditioning.i2v) or a first and a last image "
+            f"(conditioning.connect), nothing else: set {', '.join(others)} to 0"
+        )
+    if config.data.image_share != 0.0:
+        raise ValueError(
+            f"config key data.image_share={config.data.image_share}: {name} animates an image and "
+            "trains on video clips only; set data.image_share=0"
+        )
+    if conditioning.connect and list(conditioning.given_frames) != [1, 1]:
+        raise ValueError(
+            f"config key conditioning.given_frames={list(conditioning.given_frames)}: {name} is "
+            "shown one first and one last image (connect); use [1, 1]"
+        )
+    for key, value in (("train.sample_prompts", config.train.sample_prompts),
+                       ("eval.shards", config.eval.shards)):  # fmt: skip
+        if value:
+            raise ValueError(
+                f"config key {key}={value!r}: {name} needs an image to start from, and the "
+                f"training-time samples and the held-out loss start from text alone; unset "
+                f"{key}, and sample the export with python -m train.sample mode=i2v image=..."
+            )
+
+
 def _check_pretrained(config: Config) -> None:
     pretrained, lora = config.model.pretrained, config.lora
     _choice("lora.frozen_dtype", lora.frozen_dtype, ("auto", "fp32", "bf16"))
@@ -425,7 +460,9 @@ def _check_pretrained(config: Config) -> None:
             f"model.pretrained.family={family.name} reads captions of "
             f"text_encoder.kind={family.text_encoder}, got {config.text_encoder.kind!r}"
         )
-    if family.time == "sample":  # one time per sample: no frame stays clean
+    if family.given == "channels":
+        _check_given_as_channels(config, family)
+    elif family.time == "sample":  # one time per sample: no frame stays clean
         given_modes = [m for m in config.train.sample_modes if m not in ("t2v", "t2i")]
         if config.conditioning.t2v != 1.0 or given_modes:
             raise ValueError(

@@ -61,6 +61,12 @@ class LatentSource(Protocol):
     def encode(self, batch: Batch | PackedBatch, device: torch.device) -> Encoded:
         """The batch's latents and caption embeddings."""
 
+    def given_frame_latents(
+        self, batch: Batch, given_pixels: torch.Tensor, device: torch.device
+    ) -> torch.Tensor:
+        """The latents of the batch's clips with every pixel frame not in `given_pixels` (B, F)
+        set to zero: what a model that takes given frames as input channels is shown."""
+
     def metrics(self) -> dict[str, float]:
         """What the source has to report beside the loss."""
 
@@ -207,6 +213,14 @@ class OnlineLatents:
         )
         return latents, None
 
+    @torch.no_grad()
+    def given_frame_latents(
+        self, batch: Batch, given_pixels: torch.Tensor, device: torch.device
+    ) -> torch.Tensor:
+        video = video_to_float(batch.video, device)
+        keep = given_pixels.to(device)[:, None, :, None, None]
+        return self._encoders.autoencoder.encode(video * keep)
+
     def _text(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         text_encoder = self._encoders.text_encoder
         if self.cache is None:
@@ -304,6 +318,14 @@ class StoredLatents:
         logvar = moved(stored.logvar) if self.posterior else None
         mask = stored.text_mask.to(device, non_blocking=True)
         return Encoded(moved(stored.mean), moved(stored.text), mask, logvar)
+
+    def given_frame_latents(
+        self, batch: Batch, given_pixels: torch.Tensor, device: torch.device
+    ) -> torch.Tensor:
+        raise ValueError(
+            "latent shards hold each clip's latents, not those of its given frames alone: a model "
+            "that takes given frames as input channels trains on pixel shards"
+        )
 
     def metrics(self) -> dict[str, float]:
         return {}

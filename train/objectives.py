@@ -16,6 +16,7 @@ from torch import nn
 from data.pipeline import Batch, PackedBatch
 from model.conditioning import ConditioningConfig, draw_given_frames
 from model.flow import FlowConfig, drop_captions, sample_timesteps, training_loss
+from model.pretrained import channel_condition, given_pixel_frames
 from train.encoders import video_to_float
 from train.latent_source import Encoded, LatentSource
 
@@ -44,7 +45,11 @@ class FlowMatchingObjective:
     """Flow matching on the latents of a frozen autoencoder, which `source` gives (encoded
     online or stored: train/latent_source.py), with frame conditioning (a mode and its given
     frames drawn per sample) and the micro-conditions frame rate and native size. With the
-    posterior's log-variance (train.sample_posterior) the latents are a draw from it."""
+    posterior's log-variance (train.sample_posterior) the latents are a draw from it.
+
+    `given_as_channels`: the model is shown the given frames as input channels (Wan 2.2 I2V,
+    model/pretrained.py `channel_condition`) instead of keeping them clean, so every latent frame
+    is noised and scored, as its pipeline denoises every frame."""
 
     def __init__(
         self,
@@ -53,12 +58,14 @@ class FlowMatchingObjective:
         conditioning: ConditioningConfig,
         train_flops: Callable[[int], float],
         seed: int,
+        given_as_channels: bool = False,
     ):
         self.source = source
         self.flow = flow
         self.conditioning = conditioning
         self.train_flops = train_flops  # per sample, from its number of latent tokens
         self.seed = seed
+        self.given_as_channels = given_as_channels
 
     def metrics(self) -> dict[str, float]:
         return self.source.metrics()
@@ -95,15 +102,27 @@ class FlowMatchingObjective:
         masks = self.generator(batch, torch.device("cpu"), stream=1)  # drawn on the CPU
         given = draw_given_frames(batch_size, latents.shape[2], self.conditioning, masks)
         micro = {"fps": batch.fps.to(device), "native_size": batch.native_size.to(device)}
+        if self.given_as_channels:
+            micro["condition"], given = self.channel_condition(batch, given, device), None
         per_sample = training_loss(
-            model, latents, text, mask, t, noise, given=given.to(device), model_kwargs=micro
-        )
+            model, latents, text, mask, t, noise,
+            given=None if given is None else given.to(device), model_kwargs=micro,
+        )  # fmt: skip
         return Loss(
             per_sample.sum(),
             batch_size,
             batch_size * num_tokens,
             batch_size * self.train_flops(num_tokens),
         )
+
+    def channel_condition(
+        self, batch: Batch, given: torch.Tensor, device: torch.device
+    ) -> torch.Tensor:
+        """The given latent frames (B, T) as the input channels the model is shown."""
+        compression = self.source.geometry.temporal_compression
+        pixels = given_pixel_frames(given, compression)
+        latents = self.source.given_frame_latents(batch, pixels, device)
+        return channel_condition(latents, pixels.to(device), compression)
 
 
 class PackedFlowMatchingObjective(FlowMatchingObjective):

@@ -42,7 +42,7 @@ from data.decode import read_media
 from data.mp4 import write_mp4
 from model.flow import FlowConfig, euler_sample
 from model.geometry import LatentGeometry
-from model.pretrained import PretrainedVideoModel
+from model.pretrained import PretrainedVideoModel, channel_condition
 from train.build import build_dit, config_from_dict, frozen, load_trained, model_name
 from train.checkpoint import WEIGHTS, CheckpointError, find_weights, read_weights
 from train.config import Config, ParallelConfig
@@ -81,6 +81,9 @@ class VideoGenerator:
         self.generator = torch.Generator().manual_seed(self.seed)
         self.geometry = LatentGeometry.of(self.autoencoder, self.dit.cfg.patch_size)
         self.captions: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # windows share them
+        # Shown its given frames as input channels (Wan 2.2 I2V), rather than keeping them clean.
+        family = getattr(self.dit, "family", None)
+        self.given_as_channels = family is not None and family.given == "channels"
 
     def caption(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         if prompt not in self.captions:
@@ -104,6 +107,22 @@ class VideoGenerator:
     def roundtrip(self, frames: np.ndarray) -> np.ndarray:
         """What the autoencoder makes of frames: the best a given frame can come out as."""
         return self.decode(self.encode(frames))
+
+    @torch.no_grad()
+    def shown_frames(
+        self, frames: int, first: np.ndarray, last: np.ndarray | None = None
+    ) -> torch.Tensor:
+        """The input channels that show a model its given frames: a window of `frames` pixel
+        frames, zero but for the first image and (connect) the last (model/pretrained.py)."""
+        height, width = first.shape[:2]
+        video = torch.zeros(1, 3, frames, height, width, device=self.device)
+        shown = torch.zeros(1, frames, dtype=torch.bool, device=self.device)
+        for index, image in ((0, first), (frames - 1, last)):
+            if image is not None:
+                pixels = torch.tensor(image, device=self.device).permute(2, 0, 1)
+                video[0, :, index], shown[0, index] = pixels.float() / 127.5 - 1.0, True
+        latents = self.autoencoder.encode(video)
+        return channel_condition(latents, shown, self.geometry.temporal_compression)
 
     def front_context(self, video: np.ndarray, k: int) -> tuple[torch.Tensor, int]:
         """The last frames of a video as k latent frames that start a window: (latents,
@@ -132,10 +151,12 @@ class VideoGenerator:
         given: dict[int, torch.Tensor] | None = None,
         reference: torch.Tensor | None = None,
         strength: float = 1.0,
+        condition: torch.Tensor | None = None,
     ) -> np.ndarray:
         """Sample one window of `frames` frames and decode it. given: latent frame index -> its
         clean latents (C, H, W), kept as they are; reference: latents of the whole window to
-        start from at `strength` (SDEdit)."""
+        start from at `strength` (SDEdit); condition: the frames shown as input channels
+        (`shown_frames`)."""
         lt, lh, lw = self.latent_shape(frames, height, width)
         shape = (1, self.autoencoder.latent_channels, lt, lh, lw)
         noise = torch.randn(shape, generator=self.generator).to(self.device)
@@ -152,6 +173,8 @@ class VideoGenerator:
             "fps": torch.tensor([self.fps], device=self.device),
             "native_size": torch.tensor([native], dtype=torch.float32, device=self.device),
         }
+        if condition is not None:
+            micro["condition"] = condition
         with self.autocast():
             latents = euler_sample(
                 self.dit,
@@ -183,6 +206,9 @@ class VideoGenerator:
     def image_to_video(self, prompt: str, image: np.ndarray, frames: int) -> np.ndarray:
         """A window whose first frame is the image (its first latent frame, given)."""
         height, width = image.shape[1:3]
+        if self.given_as_channels:
+            condition = self.shown_frames(frames, image[0])
+            return self.window(prompt, frames, height, width, condition=condition)
         first = self.encode(image[:1])[0, :, 0]
         return self.window(prompt, frames, height, width, given={0: first})
 
@@ -216,7 +242,10 @@ class VideoGenerator:
         self, prompt: str, first: np.ndarray, second: np.ndarray, seconds: float
     ) -> np.ndarray:
         """first, then `seconds` of transition, then second: one window whose first k latent
-        frames are first's end and whose last k are second's start."""
+        frames are first's end and whose last k are second's start. A model shown its given
+        frames as channels is shown first's last frame and second's first, as the window's ends."""
+        if self.given_as_channels:
+            return self.connect_ends(prompt, first, second, seconds)
         k = self.context
         head, head_count = self.front_context(first, k)
         tail, tail_count = self.back_context(second, k)
@@ -229,6 +258,16 @@ class VideoGenerator:
         frames = self.geometry.pixel_frames(window_latents)
         window = self.window(prompt, frames, height, width, given=given)
         return np.concatenate([first[: len(first) - head_count], window, second[tail_count:]])
+
+    def connect_ends(
+        self, prompt: str, first: np.ndarray, second: np.ndarray, seconds: float
+    ) -> np.ndarray:
+        tc = self.geometry.temporal_compression
+        new_latents = max(1, math.ceil(self.frame_count(seconds) / tc))
+        frames = self.geometry.pixel_frames(new_latents + 1)
+        condition = self.shown_frames(frames, first[-1], second[0])
+        window = self.window(prompt, frames, *first.shape[1:3], condition=condition)
+        return np.concatenate([first[:-1], window, second[1:]])
 
     def edit(self, prompt: str, video: np.ndarray, strength: float) -> np.ndarray:
         """SDEdit: the video's latents noised to `strength` and denoised with the new prompt.
@@ -439,9 +478,19 @@ def load(cfg: SampleConfig) -> SamplingParts:
 
 
 def check_model_mode(dit: torch.nn.Module, mode: str) -> None:
-    """A pretrained family with one time per sample cannot keep given frames clean."""
+    """A pretrained family with one time per sample cannot keep given frames clean; one shown
+    them as channels takes a first image (i2v), or a first and a last (connect), only."""
     family = dit.family if isinstance(dit, PretrainedVideoModel) else None
-    if family is not None and family.time == "sample" and mode in GIVEN_FRAME_MODES:
+    if family is None:
+        return
+    if family.given == "channels":
+        if mode not in ("i2v", "connect"):
+            raise ValueError(
+                f"mode={mode}: model.pretrained.family={family.name} makes a video from a first "
+                "image (mode=i2v) or between a first and a last (mode=connect), nothing else"
+            )
+        return
+    if family.time == "sample" and mode in GIVEN_FRAME_MODES:
         raise ValueError(
             f"mode={mode} keeps given frames clean, which model.pretrained.family={family.name} "
             "cannot (one time per sample): use t2v, t2i or edit"

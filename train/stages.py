@@ -30,6 +30,7 @@ from data.pipeline import Batch, build_loader
 from data.plan import DataPlan, DataState
 from model.autoencoder import build_autoencoder
 from model.flops import dit_param_count, dit_train_flops
+from model.pretrained import family_of
 from train.budget import budget_steps
 from train.build import (
     build_dit,
@@ -115,7 +116,13 @@ class DiTStage:
             config.conditioning,
             lambda num_tokens: self.train_flops(config, num_tokens),
             config.train.seed,
+            self.given_as_channels(config),
         )
+
+    @staticmethod
+    def given_as_channels(config: Config) -> bool:
+        """Whether the model is shown given frames as input channels (else they stay clean)."""
+        return False
 
     @staticmethod
     def check_layout(config: Config, dims: ParallelDims) -> None:
@@ -226,8 +233,18 @@ class DiTStage:
 
 class PretrainedStage(DiTStage):
     def __init__(self, config: Config, runtime: Runtime):
+        if self.given_as_channels(config) and stored_latents_record(config.data.shards):
+            raise ValueError(
+                f"data.shards={config.data.shards!r} are latent shards, but "
+                f"model.pretrained.family={config.model.pretrained.family} is shown its given "
+                "frames encoded on their own, from the clip's pixels: train it on pixel shards"
+            )
         super().__init__(config, runtime)
         cast_frozen(self.model, config.lora, runtime.autocast_dtype)
+
+    @staticmethod
+    def given_as_channels(config: Config) -> bool:
+        return family_of(config.model.pretrained).given == "channels"
 
     def export_weights(self, config: Config, weights: dict, run_dir: Path, kind: str) -> Path:
         """Also in the layouts diffusers and others read."""
