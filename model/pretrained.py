@@ -111,9 +111,9 @@ class Family:
     geometry: Callable[[Any, PretrainedConfig], dict]  # the config.json values a preset pins
     blocks: tuple[str, ...]
     experts: tuple[str, ...] = ("transformer",)
-    # Whether train/parallel/sequence.py can split its tokens (a sequence-parallel counterpart
-    # of its self-attention processor exists).
-    splits_sequence: bool = False
+    # How train/parallel/sequence.py splits its tokens over sequence-parallel ranks ("wan",
+    # "ltx": a counterpart of that self-attention processor exists); None: it cannot.
+    sequence_split: str | None = None
     lora_targets: tuple[str, ...] = (
         "to_q",
         "to_k",
@@ -336,17 +336,17 @@ FAMILIES: dict[str, Family] = {
     family.name: family
     for family in (
         Family("wan2.1", "WanTransformer3DModel", "WanPipeline", "sample", _wan_call,
-               _wan_geometry, ("blocks",), splits_sequence=True, lora_targets=WAN_LORA_TARGETS),
+               _wan_geometry, ("blocks",), sequence_split="wan", lora_targets=WAN_LORA_TARGETS),
         Family("wan2.2_ti2v", "WanTransformer3DModel", "WanPipeline", "token", _wan_call,
-               _wan_geometry, ("blocks",), splits_sequence=True, lora_targets=WAN_LORA_TARGETS),
+               _wan_geometry, ("blocks",), sequence_split="wan", lora_targets=WAN_LORA_TARGETS),
         Family("wan2.2_a14b", "WanTransformer3DModel", "WanPipeline", "sample", _wan_call,
                _wan_geometry, ("blocks",), experts=("transformer", "transformer_2"),
-               splits_sequence=True, lora_targets=WAN_LORA_TARGETS),
+               sequence_split="wan", lora_targets=WAN_LORA_TARGETS),
         Family("wan2.2_i2v_a14b", "WanTransformer3DModel", "WanImageToVideoPipeline", "sample",
                _wan_call, _wan_i2v_geometry, ("blocks",), experts=("transformer", "transformer_2"),
-               splits_sequence=True, lora_targets=WAN_LORA_TARGETS, given="channels"),
+               sequence_split="wan", lora_targets=WAN_LORA_TARGETS, given="channels"),
         Family("ltx_video", "LTXVideoTransformer3DModel", "LTXPipeline", "token", _ltx_call,
-               _ltx_geometry, ("transformer_blocks",)),
+               _ltx_geometry, ("transformer_blocks",), sequence_split="ltx"),
         Family("hunyuan_video", "HunyuanVideoTransformer3DModel", "HunyuanVideoPipeline",
                "sample", _hunyuan_call, _hunyuan_geometry,
                ("transformer_blocks", "single_transformer_blocks"),

@@ -28,7 +28,9 @@ from diffusers import (
 )
 from wan_models import TINY_WAN, tiny_pipeline, tiny_transformer
 
+from model.pretrained import FAMILIES, PretrainedConfig, PretrainedVideoModel
 from model.text import default_text_encoder_path
+from train.config import ModelConfig
 
 TEXT_DIM = 32
 TINY_LTX = {
@@ -65,6 +67,24 @@ def tiny_t5(tokenizer) -> transformers.T5EncoderModel:
 
 def tiny_ltx_transformer(seed: int = 0) -> LTXVideoTransformer3DModel:
     return randomised(LTXVideoTransformer3DModel(**TINY_LTX), seed)
+
+
+def tiny_ltx_model(in_channels: int, text_dim: int) -> PretrainedVideoModel:
+    """The tiny LTX-Video transformer behind Tessera's call, built in memory, training."""
+    sizes = TINY_LTX | {
+        "in_channels": in_channels, "out_channels": in_channels, "caption_channels": text_dim
+    }  # fmt: skip
+    transformer = randomised(LTXVideoTransformer3DModel(**sizes), seed=0).train()
+    heads, head_dim = TINY_LTX["num_attention_heads"], TINY_LTX["attention_head_dim"]
+    pretrained = PretrainedConfig(
+        family="ltx_video", in_channels=in_channels, text_dim=text_dim,
+        latent_stride=list(LTX_STRIDE),
+    )  # fmt: skip
+    geometry = ModelConfig(
+        depth=TINY_LTX["num_layers"], width=heads * head_dim, num_heads=heads,
+        patch_size=[1, 1, 1], pretrained=pretrained,
+    )  # fmt: skip
+    return PretrainedVideoModel(FAMILIES["ltx_video"], [transformer], geometry, pretrained)
 
 
 def tiny_ltx_pipeline(seed: int = 0) -> LTXPipeline:

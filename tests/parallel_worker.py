@@ -11,7 +11,8 @@ ranks split one sample's tokens, over the sequence LAYOUT: `sp=2` (the default),
 `cp=2,sp=2` on 4 ranks, and further ParallelConfig settings such as
 `activation_checkpointing=full`); `sequence_wan2.1` and `sequence_wan2.2_ti2v` are
 `sequence` for a tiny Wan 2.1 T2V (one time per sample), Wan 2.2 TI2V (a given first frame,
-one time per token), A14B and I2V A14B (two experts; I2V's shown a condition as channels) model; `sequence_packed` splits a padded pack of three samples of different
+one time per token), A14B and I2V A14B (two experts; I2V's shown a condition as channels) and
+LTX-Video (`sequence_ltx_video`: one time per token, a given first frame) model; `sequence_packed` splits a padded pack of three samples of different
 shapes (one with a given frame), where a sample straddles the ranks' chunks.
 """
 
@@ -23,6 +24,7 @@ import sys
 from pathlib import Path
 
 import torch
+from family_models import tiny_ltx_model
 from models import perturbed_tiny_dit
 from wan_models import tiny_wan_model
 
@@ -134,6 +136,8 @@ def main(check: str, backend: str, out: Path, layout: str) -> None:
     dims.build_mesh("cpu")
     if check.startswith("sequence_wan"):
         model = tiny_wan_model(check.removeprefix("sequence_"), 3, TEXT_DIM)
+    elif check == "sequence_ltx_video":
+        model = tiny_ltx_model(3, TEXT_DIM)
     else:
         model = perturbed_tiny_dit(in_channels=3, text_dim=TEXT_DIM, scale=0.02)
 
@@ -144,7 +148,7 @@ def main(check: str, backend: str, out: Path, layout: str) -> None:
         size = 3 if check == "sequence_packed" else 1
         batches = mine = [make_batch(4, 8, 8, size, plan_index=0)]
     objective = LatentObjective(
-        per_frame_times=check in ("sequence", "sequence_wan2.2_ti2v"),
+        per_frame_times=check in ("sequence", "sequence_wan2.2_ti2v", "sequence_ltx_video"),
         packed=check == "sequence_packed",
         shown=check == "sequence_wan2.2_i2v_a14b",
     )

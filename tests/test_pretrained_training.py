@@ -18,6 +18,7 @@ same adapter):
 
 from __future__ import annotations
 
+import json
 import shutil
 from functools import partial
 from pathlib import Path
@@ -45,7 +46,13 @@ from family_models import (
     tiny_ltx_pipeline,
 )
 from hydra import compose, initialize_config_dir
-from launching import ROOT, assert_runs_match_step_by_step, launch_training, step_losses
+from launching import (
+    ROOT,
+    assert_runs_match_step_by_step,
+    launch_training,
+    step_losses,
+    torchrun,
+)
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -155,6 +162,20 @@ def test_a14b_stop_and_resume_is_bitwise_identical(fine_tunes, folders, demo_sha
         assert first.keys() == second.keys() and all(
             torch.equal(first[k], second[k]) for k in first
         )
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(("layout", "nproc"), [("sp=2", 2), ("cp=2,sp=2", 4)])
+def test_ltx_video_split_over_ranks_matches_one_rank(layout, nproc, tmp_path):
+    """LTX-Video's tokens and per-token times split over Ulysses (sp) and the ring (cp): the loss
+    and gradients of one rank, with a given first frame."""
+    torchrun(str(ROOT / "tests" / "parallel_worker.py"), "sequence_ltx_video", "fsdp",
+             str(tmp_path), layout, nproc=nproc)  # fmt: skip
+    for rank in range(nproc):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        print(f"LTX-Video {layout} rank {rank}", result)
+        assert result["loss"] == pytest.approx(result["reference_loss"], rel=1e-6)
+        assert result["engine_vs_reference"] <= 1e-5 * result["max_grad"]
 
 
 def video(pipe, output_type: str = "pt", **size) -> torch.Tensor:

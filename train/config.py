@@ -481,7 +481,7 @@ def _check_pretrained(config: Config) -> None:
             raise ValueError(
                 f"config key model.pretrained.boundary={pretrained.boundary} must be in (0, 1)"
             )
-    if not family.splits_sequence and (config.parallel.sp != 1 or config.parallel.cp != 1):
+    if family.sequence_split is None and (config.parallel.sp != 1 or config.parallel.cp != 1):
         raise ValueError(
             f"model.pretrained.family={family.name} cannot split its sequence "
             f"(parallel.sp={config.parallel.sp}, parallel.cp={config.parallel.cp}): its "

@@ -27,8 +27,8 @@ from train.compile import compile_blocks
 from train.config import ParallelConfig
 from train.parallel.dims import ParallelDims
 from train.parallel.sequence import (
+    PRETRAINED_SEQUENCE_SPLITS,
     apply_sequence_parallel,
-    apply_wan_sequence_parallel,
     sequence_attention,
 )
 from train.torch_private import checkpoint_activations, flatten_mesh
@@ -66,7 +66,7 @@ def split_sequences(model: nn.Module, dims: ParallelDims) -> None:
     else:
         tokens_group = groups["cp"] or groups["sp"]
     split = (
-        apply_wan_sequence_parallel
+        PRETRAINED_SEQUENCE_SPLITS[model.family.sequence_split]
         if isinstance(model, PretrainedVideoModel)
         else apply_sequence_parallel
     )

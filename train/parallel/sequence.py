@@ -231,3 +231,76 @@ def apply_wan_sequence_parallel(model: nn.Module, group, attend: Callable[..., T
         for block in transformer.blocks:
             block.attn1.set_processor(SequenceParallelWanSelfAttention(attend))
         transformer.proj_out.register_forward_hook(gather_tokens)
+
+
+class SequenceParallelLTXSelfAttention:
+    """The attention processor of an LTX-Video block's self-attention (attn1) with its tokens
+    split: diffusers' LTXVideoAttnProcessor for local tokens (projections, RMS norms across heads,
+    LTX's rotary embedding), with the attention itself over the whole sequence (`attend`)."""
+
+    def __init__(self, attend: Callable[..., Tensor]):
+        self.attend = attend
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        image_rotary_emb: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
+
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError(
+                "SequenceParallelLTXSelfAttention serves self-attention without a mask"
+            )
+        query = apply_rotary_emb(attn.norm_q(attn.to_q(hidden_states)), image_rotary_emb)
+        key = apply_rotary_emb(attn.norm_k(attn.to_k(hidden_states)), image_rotary_emb)
+        query, key, value = (
+            x.unflatten(2, (attn.heads, -1)) for x in (query, key, attn.to_v(hidden_states))
+        )
+        out = self.attend(query, key, value).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def apply_ltx_sequence_parallel(model: nn.Module, group, attend: Callable[..., Tensor]) -> None:
+    """Split an LTX-Video model's tokens over `group`: its input tokens and their per-token
+    timesteps on the way in, the rotary table as it is made; the output projection's tokens are
+    gathered. Cross-attention (to the whole caption) and the MLPs work on local tokens;
+    `attend` (`sequence_attention`) is its self-attention."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+
+    def local_chunk(x: Tensor) -> Tensor:
+        if x.shape[1] % size:
+            raise ValueError(
+                f"sequence parallelism over {size} ranks needs the number of spacetime tokens "
+                f"({x.shape[1]}) to be divisible by {size}; choose buckets that split evenly"
+            )
+        return x.chunk(size, 1)[rank]
+
+    def shard_inputs(module, args, kwargs):
+        kwargs["hidden_states"] = local_chunk(kwargs["hidden_states"])
+        kwargs["timestep"] = local_chunk(kwargs["timestep"])  # one per token
+        return args, kwargs
+
+    def shard_rope(module, args, output):
+        return tuple(local_chunk(table) for table in output)
+
+    def gather_tokens(module, args, output: Tensor) -> Tensor:
+        return _GatherTokens.apply(output, group)
+
+    for transformer in model.experts:
+        # The rotary table is made from the grid the call names, not from the tokens it gets.
+        transformer.register_forward_pre_hook(shard_inputs, with_kwargs=True)
+        transformer.rope.register_forward_hook(shard_rope)
+        for block in transformer.transformer_blocks:
+            block.attn1.set_processor(SequenceParallelLTXSelfAttention(attend))
+        transformer.proj_out.register_forward_hook(gather_tokens)
+
+
+# How each pretrained family's tokens split (model/pretrained.py `Family.sequence_split`).
+PRETRAINED_SEQUENCE_SPLITS = {
+    "wan": apply_wan_sequence_parallel,
+    "ltx": apply_ltx_sequence_parallel,
+}
