@@ -27,7 +27,7 @@ from train.compile import compile_blocks
 from train.config import ParallelConfig
 from train.parallel.dims import ParallelDims
 from train.parallel.sequence import (
-    PRETRAINED_SEQUENCE_SPLITS,
+    apply_pretrained_sequence_parallel,
     apply_sequence_parallel,
     sequence_attention,
 )
@@ -66,7 +66,7 @@ def split_sequences(model: nn.Module, dims: ParallelDims) -> None:
     else:
         tokens_group = groups["cp"] or groups["sp"]
     split = (
-        PRETRAINED_SEQUENCE_SPLITS[model.family.sequence_split]
+        apply_pretrained_sequence_parallel
         if isinstance(model, PretrainedVideoModel)
         else apply_sequence_parallel
     )

@@ -26,6 +26,7 @@ they sum to the full gradient over the group (the data-parallel reduction takes 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -155,14 +156,18 @@ def apply_sequence_parallel(model: nn.Module, group, attend: Callable[..., Tenso
     model.final_layer.register_forward_hook(gather_tokens)
 
 
-class SequenceParallelWanSelfAttention:
-    """The attention processor of a Wan block's self-attention (attn1) with its tokens split:
-    diffusers' WanAttnProcessor for local tokens (projections, RMS norms across heads, Wan's
-    pairwise rotary embedding), with the attention itself over the whole sequence (`attend`:
-    Ulysses, the ring, or both)."""
+class SplitSelfAttention:
+    """The attention processor of a pretrained block's self-attention (attn1) with its tokens
+    split: the family's own projections, norms across heads and rotary embedding on local tokens
+    (`project`), the attention itself over the whole sequence (`attend`: Ulysses, the ring, or
+    both)."""
 
-    def __init__(self, attend: Callable[..., Tensor]):
-        self.attend = attend
+    def __init__(
+        self,
+        attend: Callable[..., Tensor],
+        project: Callable[[nn.Module, Tensor, tuple[Tensor, Tensor]], tuple[Tensor, ...]],
+    ):
+        self.attend, self.project = attend, project
 
     def __call__(
         self,
@@ -170,18 +175,22 @@ class SequenceParallelWanSelfAttention:
         hidden_states: Tensor,
         encoder_hidden_states: Tensor | None = None,
         attention_mask: Tensor | None = None,
-        rotary_emb: tuple[Tensor, Tensor] | None = None,
+        rotary: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         if encoder_hidden_states is not None or attention_mask is not None:
-            raise ValueError(
-                "SequenceParallelWanSelfAttention serves self-attention without a mask"
-            )
-        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        key = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        query, key = _rotate_pairs(query, *rotary_emb), _rotate_pairs(key, *rotary_emb)
+            raise ValueError("SplitSelfAttention serves self-attention without a mask")
+        query, key, value = self.project(attn, hidden_states, rotary)
         out = self.attend(query, key, value).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
+
+
+def _wan_projections(attn: nn.Module, x: Tensor, rotary: tuple[Tensor, Tensor]):
+    """WanAttnProcessor's (B, N, H, D) query, key and value: RMS norms across heads, then Wan's
+    pairwise rotary embedding."""
+    query = attn.norm_q(attn.to_q(x)).unflatten(2, (attn.heads, -1))
+    key = attn.norm_k(attn.to_k(x)).unflatten(2, (attn.heads, -1))
+    value = attn.to_v(x).unflatten(2, (attn.heads, -1))
+    return _rotate_pairs(query, *rotary), _rotate_pairs(key, *rotary), value
 
 
 def _rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -192,83 +201,41 @@ def _rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
 
 
-def apply_wan_sequence_parallel(model: nn.Module, group, attend: Callable[..., Tensor]) -> None:
-    """Split a Wan model's tokens over `group`, the cut diffusers' own context-parallel plan for
-    Wan makes, in each of its experts: per-token timesteps (TI2V) and the rotary table are split
-    on their way in, the tokens after the patch embedding, and the output projection's tokens
-    are gathered; `attend` (`sequence_attention`) is its self-attention."""
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
+def _ltx_projections(attn: nn.Module, x: Tensor, rotary: tuple[Tensor, Tensor]):
+    """LTXVideoAttnProcessor's: RMS norms across heads and LTX's rotary embedding, applied before
+    the heads are split out."""
+    from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
 
-    def local_chunk(x: Tensor) -> Tensor:
-        if x.shape[1] % size:
-            raise ValueError(
-                f"sequence parallelism over {size} ranks needs the number of spacetime tokens "
-                f"({x.shape[1]}) to be divisible by {size}; choose buckets that split evenly"
-            )
-        return x.chunk(size, 1)[rank]
-
-    def shard_timesteps(module, args, kwargs):
-        if kwargs["timestep"].ndim == 2:  # one per token (TI2V)
-            kwargs["timestep"] = local_chunk(kwargs["timestep"])
-        return args, kwargs
-
-    def shard_rope(module, args, output):
-        return tuple(local_chunk(table) for table in output)
-
-    def shard_tokens(module, args):
-        hidden_states, rotary_emb = args[0], args[3]
-        if hidden_states.shape[1] == rotary_emb[0].shape[1]:
-            return None  # split already: activation checkpointing recomputes the block
-        return (local_chunk(hidden_states), *args[1:])
-
-    def gather_tokens(module, args, output: Tensor) -> Tensor:
-        return _GatherTokens.apply(output, group)
-
-    for transformer in model.experts:
-        transformer.register_forward_pre_hook(shard_timesteps, with_kwargs=True)
-        transformer.rope.register_forward_hook(shard_rope)
-        transformer.blocks[0].register_forward_pre_hook(shard_tokens)
-        for block in transformer.blocks:
-            block.attn1.set_processor(SequenceParallelWanSelfAttention(attend))
-        transformer.proj_out.register_forward_hook(gather_tokens)
+    query = apply_rotary_emb(attn.norm_q(attn.to_q(x)), rotary)
+    key = apply_rotary_emb(attn.norm_k(attn.to_k(x)), rotary)
+    return tuple(t.unflatten(2, (attn.heads, -1)) for t in (query, key, attn.to_v(x)))
 
 
-class SequenceParallelLTXSelfAttention:
-    """The attention processor of an LTX-Video block's self-attention (attn1) with its tokens
-    split: diffusers' LTXVideoAttnProcessor for local tokens (projections, RMS norms across heads,
-    LTX's rotary embedding), with the attention itself over the whole sequence (`attend`)."""
+@dataclass(frozen=True)
+class TokenSplit:
+    """Where a family's tokens split: the cut diffusers' own context-parallel plans make."""
 
-    def __init__(self, attend: Callable[..., Tensor]):
-        self.attend = attend
-
-    def __call__(
-        self,
-        attn: nn.Module,
-        hidden_states: Tensor,
-        encoder_hidden_states: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        image_rotary_emb: tuple[Tensor, Tensor] | None = None,
-    ) -> Tensor:
-        from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
-
-        if encoder_hidden_states is not None or attention_mask is not None:
-            raise ValueError(
-                "SequenceParallelLTXSelfAttention serves self-attention without a mask"
-            )
-        query = apply_rotary_emb(attn.norm_q(attn.to_q(hidden_states)), image_rotary_emb)
-        key = apply_rotary_emb(attn.norm_k(attn.to_k(hidden_states)), image_rotary_emb)
-        query, key, value = (
-            x.unflatten(2, (attn.heads, -1)) for x in (query, key, attn.to_v(hidden_states))
-        )
-        out = self.attend(query, key, value).flatten(2, 3).type_as(query)
-        return attn.to_out[1](attn.to_out[0](out))
+    blocks: str  # the block list whose self-attention becomes a SplitSelfAttention
+    takes_tokens: bool  # its call's hidden_states are tokens (else: after the patch embedding)
+    project: Callable[[nn.Module, Tensor, tuple[Tensor, Tensor]], tuple[Tensor, ...]]
 
 
-def apply_ltx_sequence_parallel(model: nn.Module, group, attend: Callable[..., Tensor]) -> None:
-    """Split an LTX-Video model's tokens over `group`: its input tokens and their per-token
-    timesteps on the way in, the rotary table as it is made; the output projection's tokens are
-    gathered. Cross-attention (to the whole caption) and the MLPs work on local tokens;
-    `attend` (`sequence_attention`) is its self-attention."""
+# model/pretrained.py `Family.sequence_split` -> how that family's tokens split
+PRETRAINED_SPLITS = {
+    "wan": TokenSplit("blocks", takes_tokens=False, project=_wan_projections),
+    "ltx": TokenSplit("transformer_blocks", takes_tokens=True, project=_ltx_projections),
+}
+
+
+def apply_pretrained_sequence_parallel(
+    model: nn.Module, group, attend: Callable[..., Tensor]
+) -> None:
+    """Split a pretrained model's tokens over `group` in each of its experts: per-token timesteps
+    and the rotary table (made from the grid the call names) are split on their way in, the
+    tokens where they first exist (the call's input, or the patch embedding's output), and the
+    output projection's tokens are gathered. Cross-attention (to the whole caption) and the MLPs
+    work on local tokens; `attend` (`sequence_attention`) is the self-attention."""
+    split = PRETRAINED_SPLITS[model.family.sequence_split]
     size, rank = dist.get_world_size(group), dist.get_rank(group)
 
     def local_chunk(x: Tensor) -> Tensor:
@@ -280,27 +247,30 @@ def apply_ltx_sequence_parallel(model: nn.Module, group, attend: Callable[..., T
         return x.chunk(size, 1)[rank]
 
     def shard_inputs(module, args, kwargs):
-        kwargs["hidden_states"] = local_chunk(kwargs["hidden_states"])
-        kwargs["timestep"] = local_chunk(kwargs["timestep"])  # one per token
+        if kwargs["timestep"].ndim == 2:  # one per token
+            kwargs["timestep"] = local_chunk(kwargs["timestep"])
+        if split.takes_tokens:
+            kwargs["hidden_states"] = local_chunk(kwargs["hidden_states"])
         return args, kwargs
 
     def shard_rope(module, args, output):
         return tuple(local_chunk(table) for table in output)
 
+    def shard_embedded_tokens(module, args):
+        hidden_states, rotary_emb = args[0], args[3]
+        if hidden_states.shape[1] == rotary_emb[0].shape[1]:
+            return None  # split already: activation checkpointing recomputes the block
+        return (local_chunk(hidden_states), *args[1:])
+
     def gather_tokens(module, args, output: Tensor) -> Tensor:
         return _GatherTokens.apply(output, group)
 
     for transformer in model.experts:
-        # The rotary table is made from the grid the call names, not from the tokens it gets.
+        blocks = getattr(transformer, split.blocks)
         transformer.register_forward_pre_hook(shard_inputs, with_kwargs=True)
         transformer.rope.register_forward_hook(shard_rope)
-        for block in transformer.transformer_blocks:
-            block.attn1.set_processor(SequenceParallelLTXSelfAttention(attend))
+        if not split.takes_tokens:
+            blocks[0].register_forward_pre_hook(shard_embedded_tokens)
+        for block in blocks:
+            block.attn1.set_processor(SplitSelfAttention(attend, split.project))
         transformer.proj_out.register_forward_hook(gather_tokens)
-
-
-# How each pretrained family's tokens split (model/pretrained.py `Family.sequence_split`).
-PRETRAINED_SEQUENCE_SPLITS = {
-    "wan": apply_wan_sequence_parallel,
-    "ltx": apply_ltx_sequence_parallel,
-}
