@@ -273,7 +273,7 @@ def test_wan_i2v_a14b_is_shown_the_given_frames_as_its_pipeline_shows_them(wan_i
     )
     clips = torch.randint(0, 256, (2, 9, 32, 48, 3), dtype=torch.uint8)  # 3 latent frames of 4x6
     given = torch.tensor([[True, False, False], [True, False, True]])  # i2v; connect
-    condition = objective.channel_condition(SimpleNamespace(video=clips), given, cpu)
+    condition = objective.given_channels(SimpleNamespace(video=clips), given, cpu)
 
     pipe = WanImageToVideoPipeline.from_pretrained(wan_i2v_folder)
     pixels = video_to_float(clips, cpu)  # (2, 3, 9, 32, 48)

@@ -101,13 +101,13 @@ class FlowMatchingObjective:
         noise = torch.randn(latents.shape, generator=generator, device=device)
         masks = self.generator(batch, torch.device("cpu"), stream=1)  # drawn on the CPU
         given = draw_given_frames(batch_size, latents.shape[2], self.conditioning, masks)
+        given = given.to(device)
         micro = {"fps": batch.fps.to(device), "native_size": batch.native_size.to(device)}
-        if self.given_as_channels:
-            micro["condition"], given = self.channel_condition(batch, given, device), None
+        if self.given_as_channels:  # shown as input channels, not kept clean
+            micro["condition"], given = self.given_channels(batch, given, device), None
         per_sample = training_loss(
-            model, latents, text, mask, t, noise,
-            given=None if given is None else given.to(device), model_kwargs=micro,
-        )  # fmt: skip
+            model, latents, text, mask, t, noise, given=given, model_kwargs=micro
+        )
         return Loss(
             per_sample.sum(),
             batch_size,
@@ -115,7 +115,7 @@ class FlowMatchingObjective:
             batch_size * self.train_flops(num_tokens),
         )
 
-    def channel_condition(
+    def given_channels(
         self, batch: Batch, given: torch.Tensor, device: torch.device
     ) -> torch.Tensor:
         """The given latent frames (B, T) as the input channels the model is shown."""
