@@ -112,8 +112,10 @@ class Family:
     blocks: tuple[str, ...]
     experts: tuple[str, ...] = ("transformer",)
     # How train/parallel/sequence.py splits its tokens over sequence-parallel ranks ("wan",
-    # "ltx": a counterpart of that self-attention processor exists); None: it cannot.
+    # "ltx", "hunyuan", "cogvideox": a counterpart of that attention processor exists); None: it
+    # cannot. `ring`: the split also goes round a ring (parallel.cp); False: Ulysses only.
     sequence_split: str | None = None
+    ring: bool = True
     lora_targets: tuple[str, ...] = (
         "to_q",
         "to_k",
@@ -351,9 +353,11 @@ FAMILIES: dict[str, Family] = {
                "sample", _hunyuan_call, _hunyuan_geometry,
                ("transformer_blocks", "single_transformer_blocks"),
                lora_targets=("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2",
-                             "proj_mlp"), text_encoder="hunyuan_video"),
+                             "proj_mlp"), text_encoder="hunyuan_video",
+               sequence_split="hunyuan", ring=False),
         Family("cogvideox", "CogVideoXTransformer3DModel", "CogVideoXPipeline", "sample",
-               _cogvideox_call, _cogvideox_geometry, ("transformer_blocks",), prediction="v"),
+               _cogvideox_call, _cogvideox_geometry, ("transformer_blocks",), prediction="v",
+               sequence_split="cogvideox", ring=False),
     )
 }  # fmt: skip
 

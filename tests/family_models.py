@@ -217,6 +217,31 @@ def tiny_cogvideox_pipeline(seed: int = 0) -> CogVideoXPipeline:
     )
 
 
+def tiny_cogvideox_model(in_channels: int, text_dim: int) -> PretrainedVideoModel:
+    """The tiny CogVideoX 1.5 transformer behind Tessera's call, built in memory, training, with
+    CogVideoX 1.5's schedule."""
+    sizes = TINY_COGVIDEOX | {
+        "in_channels": in_channels, "out_channels": in_channels, "text_embed_dim": text_dim
+    }  # fmt: skip
+    transformer = randomised(CogVideoXTransformer3DModel(**sizes), seed=0).train()
+    heads, head_dim = TINY_COGVIDEOX["num_attention_heads"], TINY_COGVIDEOX["attention_head_dim"]
+    pretrained = PretrainedConfig(
+        family="cogvideox", in_channels=in_channels, text_dim=text_dim,
+        config={"sample_height": 8, "sample_width": 8},
+    )  # fmt: skip
+    geometry = ModelConfig(
+        depth=2,
+        width=heads * head_dim,
+        num_heads=heads,
+        patch_size=[2, 2, 2],
+        pretrained=pretrained,
+    )
+    schedule = tiny_cogvideox_pipeline().scheduler.alphas_cumprod.float()
+    return PretrainedVideoModel(
+        FAMILIES["cogvideox"], [transformer], geometry, pretrained, schedule
+    )
+
+
 def cogvideox_overrides(folder: Path) -> list[str]:
     """Hydra overrides that make the tiny CogVideoX pipeline in `folder` the run's model."""
     heads, head_dim = TINY_COGVIDEOX["num_attention_heads"], TINY_COGVIDEOX["attention_head_dim"]
@@ -255,6 +280,23 @@ TINY_HUNYUAN = {
 }
 # The tiny tokenizer's count of the prompt template's tokens before the caption (Llama 3's: 95).
 HUNYUAN_TEMPLATE_CROP = 131
+
+
+def tiny_hunyuan_model(in_channels: int, text_dim: int) -> PretrainedVideoModel:
+    """The tiny HunyuanVideo transformer behind Tessera's call, built in memory, training; its
+    pooled caption vector is the text's width (the summary token carries it whole)."""
+    sizes = TINY_HUNYUAN | {
+        "in_channels": in_channels, "out_channels": in_channels, "text_embed_dim": text_dim,
+        "pooled_projection_dim": text_dim,
+    }  # fmt: skip
+    transformer = randomised(HunyuanVideoTransformer3DModel(**sizes), seed=0).train()
+    heads, head_dim = TINY_HUNYUAN["num_attention_heads"], TINY_HUNYUAN["attention_head_dim"]
+    pretrained = PretrainedConfig(
+        family="hunyuan_video", in_channels=in_channels, text_dim=text_dim,
+        config={"num_layers": 1, "num_single_layers": 1},
+    )  # fmt: skip
+    geometry = ModelConfig(depth=2, width=heads * head_dim, num_heads=heads, pretrained=pretrained)
+    return PretrainedVideoModel(FAMILIES["hunyuan_video"], [transformer], geometry, pretrained)
 
 
 def tiny_hunyuan_pipeline(seed: int = 0) -> HunyuanVideoPipeline:

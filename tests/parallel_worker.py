@@ -12,7 +12,10 @@ ranks split one sample's tokens, over the sequence LAYOUT: `sp=2` (the default),
 `activation_checkpointing=full`); `sequence_wan2.1` and `sequence_wan2.2_ti2v` are
 `sequence` for a tiny Wan 2.1 T2V (one time per sample), Wan 2.2 TI2V (a given first frame,
 one time per token), A14B and I2V A14B (two experts; I2V's shown a condition as channels) and
-LTX-Video (`sequence_ltx_video`: one time per token, a given first frame) model; `sequence_packed` splits a padded pack of three samples of different
+LTX-Video (`sequence_ltx_video`: one time per token, a given first frame) and HunyuanVideo
+(`sequence_hunyuan_video`: joint attention over caption and video, a padded caption) and
+CogVideoX 1.5 (`sequence_cogvideox`: joint attention, the caption inside the patch embedding's
+sequence, v-prediction) model; `sequence_packed` splits a padded pack of three samples of different
 shapes (one with a given frame), where a sample straddles the ranks' chunks.
 """
 
@@ -24,7 +27,7 @@ import sys
 from pathlib import Path
 
 import torch
-from family_models import tiny_ltx_model
+from family_models import tiny_cogvideox_model, tiny_hunyuan_model, tiny_ltx_model
 from models import perturbed_tiny_dit
 from wan_models import tiny_wan_model
 
@@ -138,6 +141,10 @@ def main(check: str, backend: str, out: Path, layout: str) -> None:
         model = tiny_wan_model(check.removeprefix("sequence_"), 3, TEXT_DIM)
     elif check == "sequence_ltx_video":
         model = tiny_ltx_model(3, TEXT_DIM)
+    elif check == "sequence_hunyuan_video":
+        model = tiny_hunyuan_model(3, TEXT_DIM)
+    elif check == "sequence_cogvideox":
+        model = tiny_cogvideox_model(3, TEXT_DIM)
     else:
         model = perturbed_tiny_dit(in_channels=3, text_dim=TEXT_DIM, scale=0.02)
 

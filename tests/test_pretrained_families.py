@@ -580,8 +580,10 @@ def test_family_presets_compose_and_refuse_what_their_family_cannot_do():
         "family=cogvideox has one time per sample": ["experiment=cogvideox_finetune", "conditioning=mixed"],
         "family=hunyuan_video reads captions of text_encoder.kind=hunyuan_video": [
             "experiment=hunyuan_video_finetune", "text_encoder=t5"],
-        "family=hunyuan_video cannot split its sequence": [
-            "experiment=hunyuan_video_finetune", "parallel.sp=2"],
+        "family=cogvideox splits its sequence with Ulysses only": [
+            "experiment=cogvideox_finetune", "parallel.cp=2"],
+        "family=hunyuan_video splits its sequence with Ulysses only": [
+            "experiment=hunyuan_video_finetune", "parallel.cp=2"],
         "train_experts=\\['transformer_3'\\]": [
             "experiment=wan_finetune", "model=wan2.2_t2v_a14b", "model.pretrained.train_experts=[transformer_3]"],
         "model.pretrained.family='sora'": ["experiment=wan_finetune", "model.pretrained.family=sora"],

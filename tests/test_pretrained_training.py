@@ -165,15 +165,24 @@ def test_a14b_stop_and_resume_is_bitwise_identical(fine_tunes, folders, demo_sha
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize(("layout", "nproc"), [("sp=2", 2), ("cp=2,sp=2", 4)])
-def test_ltx_video_split_over_ranks_matches_one_rank(layout, nproc, tmp_path):
-    """LTX-Video's tokens and per-token times split over Ulysses (sp) and the ring (cp): the loss
-    and gradients of one rank, with a given first frame."""
-    torchrun(str(ROOT / "tests" / "parallel_worker.py"), "sequence_ltx_video", "fsdp",
+@pytest.mark.parametrize(
+    ("family", "layout", "nproc"),
+    [
+        ("ltx_video", "sp=2", 2),
+        ("ltx_video", "cp=2,sp=2", 4),
+        ("hunyuan_video", "sp=2", 2),
+        ("cogvideox", "sp=2", 2),
+    ],
+)
+def test_split_over_ranks_matches_one_rank(family, layout, nproc, tmp_path):
+    """LTX-Video's tokens and per-token times split over Ulysses (sp) and the ring (cp), with a
+    given first frame; HunyuanVideo's and CogVideoX's video tokens over Ulysses, their captions
+    on every rank: the loss and gradients of one rank."""
+    torchrun(str(ROOT / "tests" / "parallel_worker.py"), f"sequence_{family}", "fsdp",
              str(tmp_path), layout, nproc=nproc)  # fmt: skip
     for rank in range(nproc):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        print(f"LTX-Video {layout} rank {rank}", result)
+        print(f"{family} {layout} rank {rank}", result)
         assert result["loss"] == pytest.approx(result["reference_loss"], rel=1e-6)
         assert result["engine_vs_reference"] <= 1e-5 * result["max_grad"]
 

@@ -487,5 +487,11 @@ def _check_pretrained(config: Config) -> None:
             f"(parallel.sp={config.parallel.sp}, parallel.cp={config.parallel.cp}): its "
             "attention processor has no sequence-parallel counterpart yet; use sp=1 and cp=1"
         )
+    if not family.ring and config.parallel.cp != 1:
+        raise ValueError(
+            f"model.pretrained.family={family.name} splits its sequence with Ulysses only "
+            f"(parallel.sp), not round a ring (parallel.cp={config.parallel.cp}): its joint "
+            "attention over caption and video has no ring yet; use cp=1"
+        )
     if lora.rank and lora.target_modules is not None and not lora.target_modules:
         raise ValueError("config key lora.target_modules is empty: name the layers to adapt")

@@ -211,20 +211,124 @@ def _ltx_projections(attn: nn.Module, x: Tensor, rotary: tuple[Tensor, Tensor]):
     return tuple(t.unflatten(2, (attn.heads, -1)) for t in (query, key, attn.to_v(x)))
 
 
+class _GatherHeads(torch.autograd.Function):
+    """All-gather head chunks (dim 2) of what every rank then uses whole, each for its own share
+    of the heads further on: the backward sums the ranks' gradients of this rank's heads."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        chunks = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(chunks, x.contiguous(), group=group)
+        return torch.cat(chunks, dim=2)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        rank, size = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
+        return grad.chunk(size, dim=2)[rank].contiguous(), None
+
+
+class SplitJointAttention:
+    """A joint attention over the caption and the video (HunyuanVideo's double- and single-stream
+    processors, CogVideoX's) with the video's tokens split over a Ulysses group and the caption's
+    on every rank: each rank attends the whole video and the whole caption with its share of the
+    heads (the caption's padding masked where the model masks it), the video's outputs go back
+    by all-to-all and the caption's are gathered by head. The caption's own output projection
+    applies to it where there is one, else the shared one (CogVideoX's)."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        image_rotary_emb: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        video, text = self._projections(attn, hidden_states, encoder_hidden_states)
+        if image_rotary_emb is not None:
+            video[:2] = [apply_rotary_emb(x, image_rotary_emb, sequence_dim=1) for x in video[:2]]
+        rank, size = dist.get_rank(self.group), dist.get_world_size(self.group)
+        video = [_AllToAll.apply(x, self.group, 2, 1) for x in video]  # (B, N, H/sp, D)
+        text = [x.chunk(size, dim=2)[rank] for x in text]  # (B, L, H/sp, D)
+        frames, length = video[0].shape[1], text[0].shape[1]
+        key_mask = None
+        if attention_mask is not None:  # (B, 1, 1, local video + caption), the caption's last
+            caption_mask = attention_mask[:, 0, 0, -length:]
+            key_mask = torch.cat(
+                [caption_mask.new_ones(len(caption_mask), frames), caption_mask], 1
+            )
+        joint = [torch.cat(pair, dim=1) for pair in zip(video, text, strict=True)]
+        out = attention(*joint, key_mask=key_mask)
+        video_out, text_out = out.split([frames, length], dim=1)
+        video_out = _AllToAll.apply(video_out, self.group, 1, 2).flatten(2, 3).type_as(out)
+        text_out = _GatherHeads.apply(text_out, self.group).flatten(2, 3).type_as(out)
+        if getattr(attn, "to_out", None) is not None:
+            video_out = attn.to_out[1](attn.to_out[0](video_out))
+        if getattr(attn, "to_add_out", None) is not None:
+            text_out = attn.to_add_out(text_out)
+        elif getattr(attn, "to_out", None) is not None:
+            text_out = attn.to_out[1](attn.to_out[0](text_out))
+        return video_out, text_out
+
+    @staticmethod
+    def _projections(attn: nn.Module, video: Tensor, text: Tensor):
+        """(query, key, value) of the video's and of the caption's tokens, (B, N, H, D) each:
+        one projection for both (single-stream) or the caption's own (double-stream)."""
+
+        def heads(x: Tensor) -> Tensor:
+            return x.unflatten(2, (attn.heads, -1))
+
+        if attn.add_q_proj is None:
+            joint = torch.cat([video, text], dim=1)
+            q, k, v = heads(attn.to_q(joint)), heads(attn.to_k(joint)), heads(attn.to_v(joint))
+            q, k = attn.norm_q(q), attn.norm_k(k)
+            pairs = [x.split([video.shape[1], text.shape[1]], dim=1) for x in (q, k, v)]
+            return [pair[0] for pair in pairs], [pair[1] for pair in pairs]
+        q, k, v = heads(attn.to_q(video)), heads(attn.to_k(video)), heads(attn.to_v(video))
+        text_q, text_k = heads(attn.add_q_proj(text)), heads(attn.add_k_proj(text))
+        text_v = heads(attn.add_v_proj(text))
+        return (
+            [attn.norm_q(q), attn.norm_k(k), v],
+            [attn.norm_added_q(text_q), attn.norm_added_k(text_k), text_v],
+        )
+
+
 @dataclass(frozen=True)
 class TokenSplit:
     """Where a family's tokens split: the cut diffusers' own context-parallel plans make."""
 
-    blocks: str  # the block list whose self-attention becomes a SplitSelfAttention
-    takes_tokens: bool  # its call's hidden_states are tokens (else: after the patch embedding)
-    project: Callable[[nn.Module, Tensor, tuple[Tensor, Tensor]], tuple[Tensor, ...]]
+    blocks: tuple[str, ...]  # the block lists whose self-attention is replaced
+    attention: str  # the attribute of a block that holds its self-attention
+    # Where the tokens first exist whole: "input" (the call's hidden_states), "first_block" (the
+    # first block's input) or the name of the module whose output they are (after the caption's
+    # tokens when `caption_first`).
+    tokens: str
+    # The rotary table: the module that makes it, or the call's argument that brings it; and the
+    # dimension of its tokens.
+    rope: str
+    rope_tokens_dim: int
+    processor: Callable[[Callable[..., Tensor], object], object]  # (attend, group) -> processor
+    caption_first: bool = False
 
 
 # model/pretrained.py `Family.sequence_split` -> how that family's tokens split
 PRETRAINED_SPLITS = {
-    "wan": TokenSplit("blocks", takes_tokens=False, project=_wan_projections),
-    "ltx": TokenSplit("transformer_blocks", takes_tokens=True, project=_ltx_projections),
-}
+    "wan": TokenSplit(("blocks",), "attn1", "first_block", "rope", 1,
+                      lambda attend, group: SplitSelfAttention(attend, _wan_projections)),
+    "ltx": TokenSplit(("transformer_blocks",), "attn1", "input", "rope", 1,
+                      lambda attend, group: SplitSelfAttention(attend, _ltx_projections)),
+    "hunyuan": TokenSplit(("transformer_blocks", "single_transformer_blocks"), "attn",
+                          "x_embedder", "rope", 0, lambda attend, group: SplitJointAttention(group)),
+    "cogvideox": TokenSplit(("transformer_blocks",), "attn1", "patch_embed", "image_rotary_emb", 0,
+                            lambda attend, group: SplitJointAttention(group), caption_first=True),
+}  # fmt: skip
 
 
 def apply_pretrained_sequence_parallel(
@@ -232,45 +336,59 @@ def apply_pretrained_sequence_parallel(
 ) -> None:
     """Split a pretrained model's tokens over `group` in each of its experts: per-token timesteps
     and the rotary table (made from the grid the call names) are split on their way in, the
-    tokens where they first exist (the call's input, or the patch embedding's output), and the
-    output projection's tokens are gathered. Cross-attention (to the whole caption) and the MLPs
-    work on local tokens; `attend` (`sequence_attention`) is the self-attention."""
+    tokens where they first exist whole, and the output projection's tokens are gathered.
+    Cross-attention (to the whole caption) and the MLPs work on local tokens; the self-attention
+    sees the whole sequence through `attend` (`sequence_attention`), or (joint attention) through
+    its own Ulysses exchange over `group`."""
     split = PRETRAINED_SPLITS[model.family.sequence_split]
     size, rank = dist.get_world_size(group), dist.get_rank(group)
 
-    def local_chunk(x: Tensor) -> Tensor:
-        if x.shape[1] % size:
+    def local_chunk(x: Tensor, dim: int = 1) -> Tensor:
+        if x.shape[dim] % size:
             raise ValueError(
                 f"sequence parallelism over {size} ranks needs the number of spacetime tokens "
-                f"({x.shape[1]}) to be divisible by {size}; choose buckets that split evenly"
+                f"({x.shape[dim]}) to be divisible by {size}; choose buckets that split evenly"
             )
-        return x.chunk(size, 1)[rank]
+        return x.chunk(size, dim)[rank]
+
+    def shard_rope(tables: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return tuple(local_chunk(table, split.rope_tokens_dim) for table in tables)
 
     def shard_inputs(module, args, kwargs):
         if kwargs["timestep"].ndim == 2:  # one per token
             kwargs["timestep"] = local_chunk(kwargs["timestep"])
-        if split.takes_tokens:
+        if split.tokens == "input":
             kwargs["hidden_states"] = local_chunk(kwargs["hidden_states"])
+        if kwargs.get(split.rope) is not None:
+            kwargs[split.rope] = shard_rope(kwargs[split.rope])
         return args, kwargs
 
-    def shard_rope(module, args, output):
-        return tuple(local_chunk(table) for table in output)
-
-    def shard_embedded_tokens(module, args):
+    def shard_first_block_tokens(module, args):
         hidden_states, rotary_emb = args[0], args[3]
         if hidden_states.shape[1] == rotary_emb[0].shape[1]:
             return None  # split already: activation checkpointing recomputes the block
         return (local_chunk(hidden_states), *args[1:])
 
+    def shard_tokens(module, args, output: Tensor) -> Tensor:
+        if not split.caption_first:
+            return local_chunk(output)
+        caption = args[0].shape[1]  # patch_embed(caption, video)
+        return torch.cat([output[:, :caption], local_chunk(output[:, caption:])], dim=1)
+
     def gather_tokens(module, args, output: Tensor) -> Tensor:
         return _GatherTokens.apply(output, group)
 
     for transformer in model.experts:
-        blocks = getattr(transformer, split.blocks)
+        blocks = [block for name in split.blocks for block in getattr(transformer, name)]
         transformer.register_forward_pre_hook(shard_inputs, with_kwargs=True)
-        transformer.rope.register_forward_hook(shard_rope)
-        if not split.takes_tokens:
-            blocks[0].register_forward_pre_hook(shard_embedded_tokens)
+        if hasattr(transformer, split.rope):
+            getattr(transformer, split.rope).register_forward_hook(
+                lambda module, args, output: shard_rope(output)
+            )
+        if split.tokens == "first_block":
+            blocks[0].register_forward_pre_hook(shard_first_block_tokens)
+        elif split.tokens != "input":
+            getattr(transformer, split.tokens).register_forward_hook(shard_tokens)
         for block in blocks:
-            block.attn1.set_processor(SplitSelfAttention(attend, split.project))
+            getattr(block, split.attention).set_processor(split.processor(attend, group))
         transformer.proj_out.register_forward_hook(gather_tokens)
