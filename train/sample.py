@@ -262,6 +262,8 @@ class VideoGenerator:
     def connect_ends(
         self, prompt: str, first: np.ndarray, second: np.ndarray, seconds: float
     ) -> np.ndarray:
+        """connect for a model shown its given frames as channels: a window of 1 + tc n frames
+        (n new latent frames for `seconds`) between first's last frame and second's first."""
         tc = self.geometry.temporal_compression
         new_latents = max(1, math.ceil(self.frame_count(seconds) / tc))
         frames = self.geometry.pixel_frames(new_latents + 1)
