@@ -37,7 +37,7 @@ from model.flow import FlowConfig, sample_timesteps, training_loss
 from train.config import Config, OptimConfig, ParallelConfig
 from train.objectives import Loss
 from train.parallel import ParallelDims, build_engine
-from train.runtime import init_runtime, shutdown
+from train.runtime import end_finished_rank, init_runtime, shutdown
 from train.trainer import Trainer
 
 TEXT_DIM = 8
@@ -193,3 +193,4 @@ def main(check: str, backend: str, out: Path, layout: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "sp=2")
+    end_finished_rank()

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from model.attention import Segments, attention
 from train.parallel import ring
+from train.runtime import end_finished_rank
 
 TOKENS = 24  # 12, 8 or 6 per rank on 2, 3 or 4 ranks
 
@@ -62,3 +63,4 @@ def main(kernel: str, out: Path) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], Path(sys.argv[2]))
+    end_finished_rank()

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from train.parallel.ring import RingAttention
-from train.runtime import shutdown
+from train.runtime import end_finished_rank, shutdown
 from train.sample import load_over_ranks, parse, sample_to_mp4
 
 
@@ -29,3 +29,4 @@ def main(spec: dict) -> None:
 
 if __name__ == "__main__":
     main(json.loads(Path(sys.argv[1]).read_text()))
+    end_finished_rank()

@@ -24,7 +24,14 @@ from train.ema import EMA
 from train.logger import RunLogger
 from train.ownership import claim_run_dir
 from train.parallel import ParallelDims, build_engine
-from train.runtime import Runtime, init_runtime, launch_env, seed_everything, shutdown
+from train.runtime import (
+    Runtime,
+    end_finished_rank,
+    init_runtime,
+    launch_env,
+    seed_everything,
+    shutdown,
+)
 from train.signals import PREEMPTED_MARKER, Preempted, StopSignals, die_with_agent
 from train.stages import Stage, stage_type
 from train.state import DataPosition
@@ -158,3 +165,4 @@ register_configs()
 if __name__ == "__main__":
     die_with_agent()
     main()
+    end_finished_rank()

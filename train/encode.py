@@ -28,7 +28,7 @@ from train.build import sample_table
 from train.config import Config, register_configs, to_config
 from train.encoders import FrozenEncoders
 from train.latent_source import OnlineLatents, encoding_record, stored_latents_record
-from train.runtime import init_runtime, shutdown
+from train.runtime import end_finished_rank, init_runtime, shutdown
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -118,3 +118,4 @@ def main(argv: list[str] | None = None) -> dict | None:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     main()
+    end_finished_rank()

@@ -6,8 +6,10 @@ and the process group is created only when torchrun (or SLURM) says there are mo
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -104,6 +106,21 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def end_finished_rank() -> None:
+    """End a torchrun rank whose work has returned, past interpreter finalization. Its gloo
+    process groups stay alive from C++ after `shutdown` until the process ends, and their teardown
+    during finalization can abort a rank that has finished (SIGABRT, "terminate called without an
+    active exception": seen once, on a 4-rank worker after every rank had written its result).
+    Everything that must outlive the process (the W&B run, checkpoints, results) is finished and
+    flushed by then; a lone process (no torchrun) ends as usual."""
+    if launch_env()[1] == 1:
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def shutdown(finished: bool = False) -> None:

@@ -49,7 +49,7 @@ from train.config import Config, ParallelConfig
 from train.encoders import FrozenEncoders
 from train.parallel import ParallelDims
 from train.parallel.parallelize import split_sequences
-from train.runtime import Runtime, init_runtime, launch_env, shutdown
+from train.runtime import Runtime, end_finished_rank, init_runtime, launch_env, shutdown
 
 MAX_SECONDS = 60.0  # the longest video the command makes, as Sora
 MODES = ("t2v", "t2i", "i2v", "extend", "connect", "edit")
@@ -589,3 +589,4 @@ def main(argv: list[str]) -> Path:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    end_finished_rank()
