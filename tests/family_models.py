@@ -69,22 +69,33 @@ def tiny_ltx_transformer(seed: int = 0) -> LTXVideoTransformer3DModel:
     return randomised(LTXVideoTransformer3DModel(**TINY_LTX), seed)
 
 
+def in_memory(
+    model_class, sizes: dict, pretrained: PretrainedConfig, depth: int, patch_size: list[int],
+    schedule: torch.Tensor | None = None,
+) -> PretrainedVideoModel:  # fmt: skip
+    """A tiny transformer of `sizes` (every weight random, training) behind Tessera's call."""
+    transformer = randomised(model_class(**sizes), seed=0).train()
+    heads, head_dim = sizes["num_attention_heads"], sizes["attention_head_dim"]
+    geometry = ModelConfig(
+        depth=depth, width=heads * head_dim, num_heads=heads, patch_size=patch_size,
+        pretrained=pretrained,
+    )  # fmt: skip
+    family = FAMILIES[pretrained.family]
+    return PretrainedVideoModel(family, [transformer], geometry, pretrained, schedule)
+
+
 def tiny_ltx_model(in_channels: int, text_dim: int) -> PretrainedVideoModel:
     """The tiny LTX-Video transformer behind Tessera's call, built in memory, training."""
     sizes = TINY_LTX | {
         "in_channels": in_channels, "out_channels": in_channels, "caption_channels": text_dim
     }  # fmt: skip
-    transformer = randomised(LTXVideoTransformer3DModel(**sizes), seed=0).train()
-    heads, head_dim = TINY_LTX["num_attention_heads"], TINY_LTX["attention_head_dim"]
     pretrained = PretrainedConfig(
         family="ltx_video", in_channels=in_channels, text_dim=text_dim,
         latent_stride=list(LTX_STRIDE),
     )  # fmt: skip
-    geometry = ModelConfig(
-        depth=TINY_LTX["num_layers"], width=heads * head_dim, num_heads=heads,
-        patch_size=[1, 1, 1], pretrained=pretrained,
-    )  # fmt: skip
-    return PretrainedVideoModel(FAMILIES["ltx_video"], [transformer], geometry, pretrained)
+    return in_memory(
+        LTXVideoTransformer3DModel, sizes, pretrained, TINY_LTX["num_layers"], [1, 1, 1]
+    )
 
 
 def tiny_ltx_pipeline(seed: int = 0) -> LTXPipeline:
@@ -223,23 +234,12 @@ def tiny_cogvideox_model(in_channels: int, text_dim: int) -> PretrainedVideoMode
     sizes = TINY_COGVIDEOX | {
         "in_channels": in_channels, "out_channels": in_channels, "text_embed_dim": text_dim
     }  # fmt: skip
-    transformer = randomised(CogVideoXTransformer3DModel(**sizes), seed=0).train()
-    heads, head_dim = TINY_COGVIDEOX["num_attention_heads"], TINY_COGVIDEOX["attention_head_dim"]
     pretrained = PretrainedConfig(
         family="cogvideox", in_channels=in_channels, text_dim=text_dim,
         config={"sample_height": 8, "sample_width": 8},
     )  # fmt: skip
-    geometry = ModelConfig(
-        depth=2,
-        width=heads * head_dim,
-        num_heads=heads,
-        patch_size=[2, 2, 2],
-        pretrained=pretrained,
-    )
     schedule = tiny_cogvideox_pipeline().scheduler.alphas_cumprod.float()
-    return PretrainedVideoModel(
-        FAMILIES["cogvideox"], [transformer], geometry, pretrained, schedule
-    )
+    return in_memory(CogVideoXTransformer3DModel, sizes, pretrained, 2, [2, 2, 2], schedule)
 
 
 def cogvideox_overrides(folder: Path) -> list[str]:
@@ -289,14 +289,11 @@ def tiny_hunyuan_model(in_channels: int, text_dim: int) -> PretrainedVideoModel:
         "in_channels": in_channels, "out_channels": in_channels, "text_embed_dim": text_dim,
         "pooled_projection_dim": text_dim,
     }  # fmt: skip
-    transformer = randomised(HunyuanVideoTransformer3DModel(**sizes), seed=0).train()
-    heads, head_dim = TINY_HUNYUAN["num_attention_heads"], TINY_HUNYUAN["attention_head_dim"]
     pretrained = PretrainedConfig(
         family="hunyuan_video", in_channels=in_channels, text_dim=text_dim,
         config={"num_layers": 1, "num_single_layers": 1},
     )  # fmt: skip
-    geometry = ModelConfig(depth=2, width=heads * head_dim, num_heads=heads, pretrained=pretrained)
-    return PretrainedVideoModel(FAMILIES["hunyuan_video"], [transformer], geometry, pretrained)
+    return in_memory(HunyuanVideoTransformer3DModel, sizes, pretrained, 2, [1, 2, 2])
 
 
 def tiny_hunyuan_pipeline(seed: int = 0) -> HunyuanVideoPipeline:

@@ -58,20 +58,26 @@ def _all_to_all(x: Tensor, group, scatter_dim: int, gather_dim: int) -> Tensor:
     return torch.cat(outputs, dim=gather_dim)
 
 
-class _GatherTokens(torch.autograd.Function):
-    """All-gather token chunks (dim 1); the backward keeps this rank's chunk of the gradient."""
+class _Gather(torch.autograd.Function):
+    """All-gather chunks along `dim`. Its backward hands this rank its chunk of the gradient:
+    as it is where every rank computed the same thing from the whole (the gathered output and its
+    loss), or summed over the ranks first (`summed`) where each rank used the whole for its own
+    share of the work further on (the caption's heads of a joint attention)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        ctx.group = group
+    def forward(ctx, x: Tensor, group, dim: int, summed: bool) -> Tensor:
+        ctx.group, ctx.dim, ctx.summed = group, dim, summed
         chunks = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
         dist.all_gather(chunks, x.contiguous(), group=group)
-        return torch.cat(chunks, dim=1)
+        return torch.cat(chunks, dim=dim)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        grad = grad.contiguous()
+        if ctx.summed:
+            dist.all_reduce(grad, group=ctx.group)
         rank, size = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
-        return grad.chunk(size, dim=1)[rank].contiguous(), None
+        return grad.chunk(size, dim=ctx.dim)[rank].contiguous(), None, None, None
 
 
 class UlyssesAttention:
@@ -144,7 +150,7 @@ def apply_sequence_parallel(model: nn.Module, group, attend: Callable[..., Tenso
         return x, local_cond(cond, layout), local_layout(layout)
 
     def gather_tokens(module, args, output: Tensor) -> Tensor:
-        return _GatherTokens.apply(output, group)
+        return _Gather.apply(output, group, 1, False)
 
     model.patch_embed.register_forward_hook(shard_tokens)
     for block in model.blocks:
@@ -211,25 +217,6 @@ def _ltx_projections(attn: nn.Module, x: Tensor, rotary: tuple[Tensor, Tensor]):
     return tuple(t.unflatten(2, (attn.heads, -1)) for t in (query, key, attn.to_v(x)))
 
 
-class _GatherHeads(torch.autograd.Function):
-    """All-gather head chunks (dim 2) of what every rank then uses whole, each for its own share
-    of the heads further on: the backward sums the ranks' gradients of this rank's heads."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        ctx.group = group
-        chunks = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(chunks, x.contiguous(), group=group)
-        return torch.cat(chunks, dim=2)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        rank, size = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
-        return grad.chunk(size, dim=2)[rank].contiguous(), None
-
-
 class SplitJointAttention:
     """A joint attention over the caption and the video (HunyuanVideo's double- and single-stream
     processors, CogVideoX's) with the video's tokens split over a Ulysses group and the caption's
@@ -268,7 +255,7 @@ class SplitJointAttention:
         out = attention(*joint, key_mask=key_mask)
         video_out, text_out = out.split([frames, length], dim=1)
         video_out = _AllToAll.apply(video_out, self.group, 1, 2).flatten(2, 3).type_as(out)
-        text_out = _GatherHeads.apply(text_out, self.group).flatten(2, 3).type_as(out)
+        text_out = _Gather.apply(text_out, self.group, 2, True).flatten(2, 3).type_as(out)
         if getattr(attn, "to_out", None) is not None:
             video_out = attn.to_out[1](attn.to_out[0](video_out))
         if getattr(attn, "to_add_out", None) is not None:
@@ -376,7 +363,7 @@ def apply_pretrained_sequence_parallel(
         return torch.cat([output[:, :caption], local_chunk(output[:, caption:])], dim=1)
 
     def gather_tokens(module, args, output: Tensor) -> Tensor:
-        return _GatherTokens.apply(output, group)
+        return _Gather.apply(output, group, 1, False)
 
     for transformer in model.experts:
         blocks = [block for name in split.blocks for block in getattr(transformer, name)]
